@@ -1,0 +1,210 @@
+"""The ``synthbrain`` command line.
+
+Bad arguments give one line on stderr and exit code 2, with nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["main", "build_parser"]
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for (exit code 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
+        raise UsageError(message)
+
+
+def _add_condition_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--age", type=float, required=True, help="age in years (18-95; the model saw 20-82)")
+    p.add_argument("--sex", required=True, help="F or M")
+    p.add_argument("--diagnosis", default="CN", help="CN, MCI or AD (default CN)")
+    p.add_argument(
+        "--volume",
+        action="append",
+        default=[],
+        metavar="NAME=FRACTION",
+        help="explicit volume target as a fraction of intracranial volume, e.g. hippocampus=0.004 (repeatable)",
+    )
+
+
+def condition_from_args(args: argparse.Namespace):
+    from .condition import Condition
+
+    volumes = {}
+    for item in args.volume:
+        if "=" not in item:
+            raise UsageError(f"--volume expects NAME=FRACTION, got {item!r}")
+        key, value = item.split("=", 1)
+        volumes[key.strip()] = value.strip()
+    return Condition(age=args.age, sex=args.sex, diagnosis=args.diagnosis, volumes=volumes)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .brain import sidecar_path
+    from .io import nifti_suffix
+    from .pipeline import load_generator
+
+    cond = condition_from_args(args)
+    if args.n < 1:
+        raise UsageError(f"--n must be at least 1, got {args.n}")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be a non-negative integer, got {args.seed}")
+    out = Path(args.out)
+    suffix = nifti_suffix(out)
+    stem = out.name[: -len(suffix)]
+    paths = [out] if args.n == 1 else [out.with_name(f"{stem}_{i:03d}{suffix}") for i in range(args.n)]
+    existing = [str(p) for p in paths + [sidecar_path(p) for p in paths] if p.exists()]
+    if existing and not args.force:
+        raise UsageError(f"refusing to overwrite {existing[0]} (use --force)")
+    gen = load_generator(args.model, device=args.device)
+    for i, path in enumerate(paths):
+        brain = gen.generate(cond, seed=args.seed + i, steps=args.steps, guidance_scale=args.guidance_scale,
+                             progress=not args.quiet)
+        brain.save(path)
+        print(f"wrote {path} and {sidecar_path(path)} (seed {args.seed + i}; synthetic, not for clinical use)")
+    return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from .data import prepare_ixi
+
+    data = prepare_ixi(args.ixi, args.out, workers=args.workers, limit=args.limit, progress=not args.quiet)
+    counts = {s: len(data.subset(s)) for s in ("train", "val", "test")}
+    print(f"prepared {len(data.rows)} subjects in {data.root} (split {counts})")
+    return 0
+
+
+def _cmd_train_autoencoder(args: argparse.Namespace) -> int:
+    from .train.autoencoder import AETrainConfig, train_autoencoder
+
+    cfg = AETrainConfig(data_dir=args.data, run_dir=args.run, steps=args.steps, batch_size=args.batch_size,
+                        lr=args.lr, bf16=not args.no_bf16, seed=args.seed, max_minutes=args.max_minutes)
+    state = train_autoencoder(cfg, progress=not args.quiet)
+    print(f"autoencoder at step {state['step']} in {args.run}/last.pt")
+    return 0
+
+
+def _cmd_train_diffusion(args: argparse.Namespace) -> int:
+    from .train.diffusion import LDMTrainConfig, train_diffusion
+
+    cfg = LDMTrainConfig(data_dir=args.data, ae_run=args.ae_run, run_dir=args.run, steps=args.steps,
+                         batch_size=args.batch_size, lr=args.lr, bf16=not args.no_bf16, seed=args.seed,
+                         max_minutes=args.max_minutes)
+    state = train_diffusion(cfg, progress=not args.quiet)
+    print(f"diffusion UNet at step {state['step']} in {args.run}/last.pt")
+    return 0
+
+
+def _cmd_package(args: argparse.Namespace) -> int:
+    from .train.package import package_model
+
+    folder = package_model(args.ae_run, args.ldm_run, args.out, name=args.name, version=args.version,
+                           steps=args.sampling_steps, guidance_scale=args.guidance_scale)
+    print(f"packaged model in {folder}")
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from .pipeline import available_models, models_dir
+
+    for name in available_models():
+        print(name)
+    if not available_models():
+        print(f"no models in {models_dir()}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .data.prepare import default_cache_dir
+    from .pipeline import DEFAULT_MODEL
+    from .version import __version__
+
+    parser = _Parser(prog="synthbrain", description="Synthetic 3D T1 brain MRI. Every output is synthetic: not for clinical use.")
+    parser.add_argument("--version", action="version", version=f"synthbrain {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    g = sub.add_parser("generate", help="generate brains for an age, sex and diagnosis")
+    _add_condition_args(g)
+    g.add_argument("--seed", type=int, default=0, help="seed of the first brain (then seed+1, ...)")
+    g.add_argument("--n", type=int, default=1, help="number of brains (files get _000, _001, ...)")
+    g.add_argument("--out", required=True, help="output NIfTI path (.nii.gz or .nii); a .json sidecar is written beside it")
+    g.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or folder (default {DEFAULT_MODEL})")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    g.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's)")
+    g.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (default: the model's)")
+    g.add_argument("--force", action="store_true", help="overwrite existing files")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("prepare", help="register and resample IXI onto the model grid (resumable)")
+    p.add_argument("--ixi", default=None, help="IXI folder (default ../shared/data/ixi or $SYNTHBRAIN_IXI)")
+    p.add_argument("--out", default=str(default_cache_dir() / "ixi-2mm"), help="output folder (outside the repo)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--limit", type=int, default=None, help="only the first N subjects")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_prepare)
+
+    for verb, func, steps, bs, lr in (("train-autoencoder", _cmd_train_autoencoder, 2000, 1, 1e-3),
+                                      ("train-diffusion", _cmd_train_diffusion, 2000, 8, 2e-4)):
+        t = sub.add_parser(verb, help=f"train the {'first' if 'auto' in verb else 'second'} stage (resumes from RUN/last.pt); use torchrun for several GPUs")
+        t.add_argument("--data", default=str(default_cache_dir() / "ixi-2mm"), help="prepared data folder")
+        t.add_argument("--run", required=True, help="run folder for checkpoints and losses.csv")
+        if "diffusion" in verb:
+            t.add_argument("--ae-run", required=True, help="the autoencoder's run folder")
+        t.add_argument("--steps", type=int, default=steps)
+        t.add_argument("--batch-size", type=int, default=bs)
+        t.add_argument("--lr", type=float, default=lr)
+        t.add_argument("--seed", type=int, default=0)
+        t.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this many minutes")
+        t.add_argument("--no-bf16", action="store_true", help="train in float32")
+        t.add_argument("--quiet", action="store_true")
+        t.set_defaults(func=func)
+
+    k = sub.add_parser("package", help="write a model folder (safetensors fp16 + config.json) from training runs")
+    k.add_argument("--ae-run", required=True)
+    k.add_argument("--ldm-run", required=True)
+    k.add_argument("--out", required=True)
+    k.add_argument("--name", default=DEFAULT_MODEL)
+    k.add_argument("--version", default="0.1.0")
+    k.add_argument("--sampling-steps", type=int, default=20)
+    k.add_argument("--guidance-scale", type=float, default=1.0)
+    k.set_defaults(func=_cmd_package)
+
+    m = sub.add_parser("models", help="list the shipped models")
+    m.set_defaults(func=_cmd_models)
+
+    try:
+        from .anatomy.cli import add_parsers
+    except ImportError:
+        pass
+    else:
+        add_parsers(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    warnings.simplefilter("default")
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        return int(args.func(args) or 0)
+    except (UsageError, ValueError, TypeError, FileNotFoundError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"synthbrain: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("synthbrain: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

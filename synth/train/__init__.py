@@ -1,0 +1,1 @@
+"""Training of both stages (CPU or CUDA; one process or many through torchrun)."""

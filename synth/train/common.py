@@ -1,0 +1,117 @@
+"""Shared training machinery: distributed set-up, mixed precision, resumable checkpoints, logs."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..io import atomic_path
+
+__all__ = ["DistContext", "setup_distributed", "autocast", "Checkpointer", "LossLog", "EMA", "cosine_lr"]
+
+
+@dataclass
+class DistContext:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str = "auto") -> DistContext:
+    """Initialise DDP when launched by ``torchrun`` (``WORLD_SIZE`` > 1), else a single process.
+
+    One process per GPU on CUDA (NCCL); gloo on CPU.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return DistContext(rank, world, dev)
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on CPU (avx512_bf16) and CUDA; a no-op when disabled."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def cosine_lr(step: int, total: int, lr: float, lr_min: float, warmup: int = 50) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    p = min(1.0, (step - warmup) / max(1, total - warmup))
+    return lr_min + 0.5 * (lr - lr_min) * (1 + torch.cos(torch.tensor(p * torch.pi)).item())
+
+
+class EMA:
+    """Exponential moving average of a model's weights (used for sampling)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float = 0.999):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))  # warm up the average
+        for e, p in zip(self.model.parameters(), model.parameters()):
+            e.mul_(d).add_(p.detach(), alpha=1 - d)
+        for e, b in zip(self.model.buffers(), model.buffers()):
+            e.copy_(b)
+
+
+class Checkpointer:
+    """Atomic ``last.pt`` in a run folder; ``resume()`` returns the saved state or ``None``."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "last.pt"
+
+    def save(self, state: dict[str, Any]) -> None:
+        with atomic_path(self.path) as tmp:
+            torch.save(state, tmp)
+
+    def resume(self) -> dict[str, Any] | None:
+        if not self.path.is_file():
+            return None
+        return torch.load(self.path, map_location="cpu", weights_only=False)
+
+
+class LossLog:
+    """Append-only CSV of training metrics (flushed every line, survives a crash)."""
+
+    def __init__(self, path: str | Path, fields: list[str]):
+        self.path = Path(path)
+        self.fields = ["step", "time_s", *fields]
+        new = not self.path.is_file()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "a", newline="")
+        self._w = csv.DictWriter(self._f, fieldnames=self.fields)
+        if new:
+            self._w.writeheader()
+        self._t0 = time.time()
+
+    def log(self, step: int, **metrics: float) -> None:
+        self._w.writerow({"step": step, "time_s": round(time.time() - self._t0, 1), **{k: f"{v:.6g}" for k, v in metrics.items()}})
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()

@@ -1,0 +1,245 @@
+"""Train the second stage: a conditional ``DiffusionModelUNet`` on autoencoder latents.
+
+DDPM training (Ho et al. 2020): ``x_t = sqrt(a_t) z0 + sqrt(1 - a_t) eps`` and the UNet predicts
+``eps`` (MSE). Conditioning as in the reference 1 mm model (Pinaya et al. 2022): the covariate
+vector is both the cross-attention context and constant input channels. With probability
+``p_uncond`` the vector is replaced by zeros (its presence flag too), which trains the
+unconditional model that classifier-free guidance needs (Ho & Salimans 2022).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..condition import VOLUME_KEYS
+from ..data.prepare import PreparedData
+from ..models.networks import build_autoencoder, build_unet, count_parameters
+from ..normative import NormativeModel
+from .common import EMA, Checkpointer, LossLog, autocast, cosine_lr, setup_distributed
+
+__all__ = ["LDMTrainConfig", "train_diffusion", "DEFAULT_UNET", "DEFAULT_COVARIATES", "encode_dataset", "covariate_matrix"]
+
+DEFAULT_COVARIATES = ["age", "sex", "brain", "lateral_ventricles", "hippocampus"]
+DEFAULT_UNET: dict[str, Any] = {
+    "spatial_dims": 3,
+    "out_channels": 4,
+    "channels": [32, 64, 128],
+    "attention_levels": [False, True, True],
+    "num_res_blocks": 1,
+    "num_head_channels": [0, 32, 32],
+    "norm_num_groups": 16,
+    "with_conditioning": True,
+    "transformer_num_layers": 1,
+}
+DEFAULT_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "schedule": "scaled_linear_beta",
+    "beta_start": 0.0015,
+    "beta_end": 0.0205,
+    "prediction_type": "epsilon",
+}
+
+
+@dataclass
+class LDMTrainConfig:
+    data_dir: str
+    ae_run: str
+    run_dir: str
+    steps: int = 2000
+    batch_size: int = 8
+    lr: float = 2e-4
+    lr_min: float = 2e-5
+    p_uncond: float = 0.15
+    bf16: bool = True
+    seed: int = 0
+    ckpt_every: int = 100
+    max_minutes: float | None = None
+    covariates: list[str] = field(default_factory=lambda: list(DEFAULT_COVARIATES))
+    unet: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_UNET))
+    scheduler: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_SCHEDULER))
+
+
+def covariate_matrix(rows: list[dict], covariates: list[str], ranges: dict[str, list[float]]) -> np.ndarray:
+    """(N, K + 1) conditioning vectors: covariates scaled to [0, 1] by ``ranges``, then a 1 flag."""
+    out = []
+    for r in rows:
+        vals = []
+        for name in covariates:
+            if name == "age":
+                v = r["age"]
+            elif name == "sex":
+                v = 1.0 if r["sex"] == "M" else 0.0
+            elif name in VOLUME_KEYS:
+                v = r[name] / r["icv"]
+            else:
+                raise ValueError(f"unknown covariate {name!r}; expected age, sex or one of {VOLUME_KEYS}")
+            lo, hi = ranges.get(name, (0.0, 1.0))
+            vals.append((v - lo) / (hi - lo))
+        out.append(vals + [1.0])
+    return np.asarray(out, np.float32)
+
+
+def covariate_ranges(rows: list[dict], covariates: list[str]) -> dict[str, list[float]]:
+    """Ranges mapping each covariate of the training rows to about [0, 1]."""
+    ranges: dict[str, list[float]] = {}
+    for name in covariates:
+        if name == "age":
+            ranges[name] = [20.0, 82.0]
+        elif name == "sex":
+            ranges[name] = [0.0, 1.0]
+        else:
+            v = np.array([r[name] / r["icv"] for r in rows])
+            lo, hi = float(v.min()), float(v.max())
+            pad = max(0.05 * (hi - lo), 1e-4 * max(abs(hi), 1e-6))  # never a zero-width range
+            ranges[name] = [lo - pad, hi + pad]
+    return ranges
+
+
+@torch.no_grad()
+def encode_dataset(ae: torch.nn.Module, volumes: np.ndarray, device: torch.device, bf16: bool) -> np.ndarray:
+    """Latent means of (N, 1, X, Y, Z) volumes and of their left-right mirrors: (2N, C, x, y, z)."""
+    out = []
+    for flip in (False, True):
+        for v in volumes:
+            x = torch.from_numpy(v[None]).to(device)
+            if flip:
+                x = torch.flip(x, dims=[2])
+            with autocast(device, bf16):
+                h = ae.encoder(x)
+                mu = ae.quant_conv_mu(h)
+            out.append(mu.float().cpu().numpy()[0])
+    return np.stack(out)
+
+
+def load_autoencoder_run(ae_run: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    state = torch.load(Path(ae_run) / "last.pt", map_location="cpu", weights_only=False)
+    ae_kwargs = state["config"]["autoencoder"]
+    ae = build_autoencoder(ae_kwargs)
+    ae.load_state_dict(state["ema_state_dict"])
+    return ae.to(device).eval().requires_grad_(False), ae_kwargs
+
+
+def train_diffusion(cfg: LDMTrainConfig, *, progress: bool = True, rows: list[dict] | None = None,
+                    volumes: np.ndarray | None = None) -> dict:
+    """Train (or resume) the latent diffusion UNet; returns its final state (with model config).
+
+    Args:
+        cfg: Training configuration. ``ae_run`` is the autoencoder's run folder (its EMA weights
+            encode the data); ``run_dir`` holds ``last.pt``, ``losses.csv`` and the latent cache.
+        rows, volumes: Optional subject rows and (N, 1, X, Y, Z) volumes instead of ``data_dir``.
+    """
+    from monai.networks.schedulers import DDPMScheduler
+    from tqdm.auto import tqdm
+
+    ctx = setup_distributed()
+    torch.manual_seed(cfg.seed + ctx.rank)
+    rng = np.random.default_rng(cfg.seed + ctx.rank)
+    run = Path(cfg.run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    ae, ae_kwargs = load_autoencoder_run(cfg.ae_run, ctx.device)
+
+    if rows is None:
+        data = PreparedData.load(cfg.data_dir)
+        rows = data.subset("train", labelled=True)
+        volumes = None
+    cache = run / "latents.npz"
+    if cache.is_file():
+        latents = np.load(cache)["latents"]
+    else:
+        if volumes is None:
+            volumes = np.stack([data.t1(r)[None] for r in rows]).astype(np.float32)
+        latents = encode_dataset(ae, volumes, ctx.device, cfg.bf16)
+        if ctx.is_main:
+            np.savez(cache, latents=latents)
+    del ae
+    latent_scale = float(1.0 / latents.std())
+    ranges = covariate_ranges(rows, cfg.covariates)
+    cond = covariate_matrix(rows, cfg.covariates, ranges)
+    cond = np.concatenate([cond, cond])  # mirrored copies share their subject's condition
+    n_cond = cond.shape[1]
+    latent_ch = latents.shape[1]
+    unet_kwargs = dict(cfg.unet, in_channels=latent_ch + n_cond, out_channels=latent_ch, cross_attention_dim=n_cond)
+    unet = build_unet(unet_kwargs).to(ctx.device)
+    ema = EMA(unet, decay=0.999)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
+    sched = DDPMScheduler(**{k: v for k, v in cfg.scheduler.items()})
+    alphas = sched.alphas_cumprod.to(ctx.device)
+    ckpt = Checkpointer(run)
+    start = 0
+    state = ckpt.resume()
+    if state is not None:
+        unet.load_state_dict(state["state_dict"])
+        ema.model.load_state_dict(state["ema_state_dict"])
+        opt.load_state_dict(state["optimizer"])
+        start = state["step"]
+        rng = np.random.default_rng(cfg.seed + ctx.rank + start)
+    net = torch.nn.parallel.DistributedDataParallel(unet) if ctx.world_size > 1 else unet
+    model_config = {
+        "autoencoder": ae_kwargs,
+        "unet": unet_kwargs,
+        "scheduler": cfg.scheduler,
+        "covariates": cfg.covariates,
+        "covariate_ranges": ranges,
+        "latent_scale": latent_scale,
+        "normative": NormativeModel.fit(rows).to_dict(),
+    }
+    log = LossLog(run / "losses.csv", ["loss", "lr"]) if ctx.is_main else None
+    z_all = torch.from_numpy(latents * latent_scale)
+    c_all = torch.from_numpy(cond)
+    t0 = time.time()
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="diffusion", disable=not (progress and ctx.is_main))
+    step = start
+    for step in bar:
+        lr = cosine_lr(step, cfg.steps, cfg.lr, cfg.lr_min)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = torch.from_numpy(rng.integers(0, len(z_all), size=cfg.batch_size))
+        z0 = z_all[idx].to(ctx.device)
+        c = c_all[idx].clone()
+        c[torch.from_numpy(rng.random(cfg.batch_size) < cfg.p_uncond)] = 0.0
+        c = c.to(ctx.device)
+        t = torch.from_numpy(rng.integers(0, sched.num_train_timesteps, size=cfg.batch_size)).to(ctx.device)
+        noise = torch.from_numpy(rng.standard_normal(z0.shape).astype(np.float32)).to(ctx.device)
+        a = alphas[t].view(-1, 1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        x = torch.cat([zt, c[:, :, None, None, None].expand(-1, -1, *zt.shape[2:])], dim=1)
+        with autocast(ctx.device, cfg.bf16):
+            pred = net(x, timesteps=t, context=c[:, None, :])
+        loss = F.mse_loss(pred.float(), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        ema.update(unet, step)
+        if ctx.is_main:
+            log.log(step + 1, loss=loss.item(), lr=lr)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        done = step + 1 == cfg.steps
+        out_of_time = cfg.max_minutes is not None and (time.time() - t0) > cfg.max_minutes * 60
+        if ctx.is_main and ((step + 1) % cfg.ckpt_every == 0 or done or out_of_time):
+            ckpt.save(_state(unet, ema, opt, step + 1, cfg, model_config))
+        if out_of_time:
+            break
+    if log:
+        log.close()
+    final = _state(unet, ema, opt, step + 1 if cfg.steps > start else start, cfg, model_config)
+    final["params"] = count_parameters(unet)
+    return final
+
+
+def _state(unet, ema, opt, step, cfg, model_config) -> dict:
+    return {
+        "state_dict": unet.state_dict(),
+        "ema_state_dict": ema.model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "step": step,
+        "config": asdict(cfg),
+        "model_config": model_config,
+    }

@@ -1,0 +1,79 @@
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from synth.cli import main
+from synth.grid import Grid
+
+
+def _gen(tiny_model_dir, out, *extra):
+    return main(["generate", "--age", "72", "--sex", "F", "--diagnosis", "AD", "--seed", "3", "--out", str(out),
+                 "--model", str(tiny_model_dir), "--quiet", *extra])
+
+
+def test_generate_writes_nifti_and_sidecar(tiny_model_dir, tmp_path):
+    out = tmp_path / "brain.nii.gz"
+    assert _gen(tiny_model_dir, out) == 0
+    img = nib.load(str(out))
+    grid = Grid((32, 32, 32), 2.0, (-31, -31, -31))
+    assert np.allclose(img.affine, grid.affine) and nib.aff2axcodes(img.affine) == ("R", "A", "S")
+    descrip = img.header["descrip"].tobytes().decode()
+    assert "SYNTHETIC" in descrip and "not for clinical use" in descrip
+    meta = json.loads((tmp_path / "brain.json").read_text())
+    assert meta["condition"] == {"age": 72.0, "sex": "F", "diagnosis": "AD", "volumes": {}}
+    assert meta["seed"] == 3 and meta["model"] == "tiny-test-model" and meta["synth_version"]
+    assert "NOT FOR CLINICAL USE" in meta["notice"]
+
+
+def test_generate_n_brains_with_consecutive_seeds(tiny_model_dir, tmp_path):
+    assert _gen(tiny_model_dir, tmp_path / "b.nii.gz", "--n", "2") == 0
+    seeds = [json.loads((tmp_path / f"b_{i:03d}.json").read_text())["seed"] for i in range(2)]
+    assert seeds == [3, 4]
+    a, b = (nib.load(str(tmp_path / f"b_{i:03d}.nii.gz")).get_fdata() for i in range(2))
+    assert not np.array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--age", "200", "--sex", "F"], "`age` must be within 18-95 years"),
+        (["--age", "abc", "--sex", "F"], "invalid float value"),
+        (["--age", "70", "--sex", "Q"], "`sex` must be one of F, M"),
+        (["--age", "70", "--sex", "F", "--diagnosis", "PD"], "`diagnosis` must be one of CN, MCI, AD"),
+        (["--age", "70", "--sex", "F", "--volume", "hippocampus"], "--volume expects NAME=FRACTION"),
+        (["--age", "70", "--sex", "F", "--volume", "hippocampus=0.9"], "fraction of intracranial volume"),
+        (["--age", "70", "--sex", "F", "--n", "0"], "--n must be at least 1"),
+        (["--age", "70", "--sex", "F", "--seed", "-1"], "--seed must be a non-negative integer"),
+        (["--age", "70", "--sex", "F", "--steps", "0"], "`steps` must be within"),
+        (["--sex", "F"], "required: --age"),
+    ],
+)
+def test_bad_arguments_one_line_exit_2_nothing_written(tiny_model_dir, tmp_path, capsys, argv, message):
+    out = tmp_path / "x.nii.gz"
+    code = main(["generate", *argv, "--out", str(out), "--model", str(tiny_model_dir), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and err.count("\n") == 1 and err.startswith("synthbrain: error:")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_output_suffix_and_overwrite(tiny_model_dir, tmp_path, capsys):
+    assert _gen(tiny_model_dir, tmp_path / "x.png") == 2
+    assert "expected a NIfTI path" in capsys.readouterr().err
+    out = tmp_path / "x.nii.gz"
+    assert _gen(tiny_model_dir, out) == 0
+    before = out.read_bytes()
+    assert _gen(tiny_model_dir, out) == 2
+    assert "refusing to overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == before
+    assert _gen(tiny_model_dir, out, "--force") == 0
+
+
+def test_unknown_model_and_device(tmp_path, capsys, tiny_model_dir):
+    assert main(["generate", "--age", "70", "--sex", "F", "--out", str(tmp_path / "a.nii.gz"), "--model", "nope"]) == 2
+    assert "no model named" in capsys.readouterr().err
+    assert _gen(tiny_model_dir, tmp_path / "a.nii.gz", "--device", "tpu") == 2
+    assert "`device` must be" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
