@@ -1,0 +1,187 @@
+"""End to end in a real browser: `streamlit run viewer/app.py` driven by headless Chromium (Playwright).
+
+Needs Debian's ``chromium`` at /usr/bin/chromium (``apt-get install -y chromium``) and the
+``playwright`` Python package; never ``playwright install`` (it downloads a browser). Skips with a
+reason when either is missing.
+
+Environment:
+    SYNTHBRAIN_E2E_MODELS: a models folder to serve instead of a fresh tiny model (e.g. assets/models).
+    SYNTHBRAIN_E2E_MODEL: the model to pick in that folder (default: the app's default).
+    SYNTHBRAIN_UPDATE_SCREENSHOT=1: write docs/viewer.png (off by default, so CI leaves the tree clean).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOT = ROOT / "docs" / "viewer.png"
+
+pytestmark = pytest.mark.e2e
+
+if not CHROMIUM.exists():
+    pytest.skip(f"{CHROMIUM} not found: apt-get install -y chromium", allow_module_level=True)
+playwright_sync = pytest.importorskip("playwright.sync_api", reason="pip install playwright (never `playwright install`)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"streamlit exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                if r.read().strip() == b"ok":
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"streamlit did not answer at {url} within {timeout:g} s")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    models = os.environ.get("SYNTHBRAIN_E2E_MODELS")
+    if not models:
+        sys.path.insert(0, str(ROOT))
+        from synth.testing import make_tiny_model
+
+        models = tmp_path_factory.mktemp("models")
+        make_tiny_model(Path(models) / "tiny-test-model")
+    port = _free_port()
+    env = {**os.environ, "SYNTHBRAIN_MODELS": str(models), "PYTHONUNBUFFERED": "1"}
+    log = tmp_path_factory.mktemp("streamlit") / "streamlit.log"
+    cmd = [
+        sys.executable, "-m", "streamlit", "run", "viewer/app.py", "--server.headless", "true",
+        "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
+    ]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, proc)
+        yield url
+    finally:
+        # Always stop the server and anything it started (its own process group).
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        if proc.returncode not in (0, -signal.SIGTERM, -signal.SIGKILL):
+            print(log.read_text()[-4000:])
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    with playwright_sync.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"], headless=True)
+        context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+        pg = context.new_page()
+        pg.set_default_timeout(60_000)
+        outside = []
+        pg.on("request", lambda r: outside.append(r.url) if not r.url.startswith((server, "data:", "blob:", "about:")) else None)
+        pg.outside_requests = outside
+        try:
+            yield pg
+        finally:
+            context.close()
+            browser.close()
+
+
+def _tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name, exact=True).click()
+
+
+def test_viewer_end_to_end(page, server, tmp_path):
+    timings = {}
+    t = time.perf_counter()
+    page.goto(server)
+    page.get_by_text("SynthBrain viewer").first.wait_for()
+    page.get_by_text("not for clinical use").first.wait_for()
+    page.get_by_text("expressed through morphometry").first.wait_for()
+    timings["page"] = time.perf_counter() - t
+
+    if os.environ.get("SYNTHBRAIN_E2E_MODEL"):
+        page.get_by_text("Advanced").click()
+        page.get_by_label("Model").click()
+        page.get_by_role("option", name=os.environ["SYNTHBRAIN_E2E_MODEL"]).click()
+
+    # Move the age slider with the keyboard: 65 -> 70.
+    age = page.get_by_role("slider", name="Age (years)")
+    age.focus()
+    for _ in range(5):
+        age.press("ArrowRight")
+    page.wait_for_function("() => document.querySelector('input[aria-label=\"Age (years)\"]').value === '70'")
+
+    t = time.perf_counter()
+    page.get_by_role("button", name="Generate").click()
+    slices = page.locator('[data-testid="stImage"] img')
+    slices.nth(2).wait_for(timeout=110_000)
+    timings["first brain"] = time.perf_counter() - t
+    page.get_by_text("age 70, F, CN, seed 0").first.wait_for()
+    assert slices.count() == 3
+
+    # Slice slider: each key press redraws the axial image (timed from key press to new picture).
+    z = page.get_by_role("slider", name="Axial (z)")
+    z.focus()
+    redraws = []
+    for _ in range(3):
+        before = slices.nth(0).get_attribute("src")
+        t = time.perf_counter()
+        z.press("ArrowLeft")
+        page.wait_for_function(
+            "(b) => { const i = document.querySelector('[data-testid=\"stImage\"] img');"
+            " return i && i.src !== b && i.complete; }",
+            arg=before,
+        )
+        redraws.append(time.perf_counter() - t)
+    timings["slice redraw in the browser (median)"] = sorted(redraws)[1]
+    server_ms = page.get_by_text("slices drawn in").first.inner_text()
+
+    if os.environ.get("SYNTHBRAIN_UPDATE_SCREENSHOT") == "1":
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SCREENSHOT), full_page=False)
+
+    # 3D: the stpyvista (trame / vtk.js) view.
+    _tab(page, "3D")
+    frame = page.locator("iframe#stpyvistaframe")
+    frame.wait_for()
+    page.frame_locator("iframe#stpyvistaframe").locator("canvas").first.wait_for()
+
+    # Compare: same seed, age 50 vs 80, and the difference map.
+    _tab(page, "Compare")
+    page.get_by_role("button", name="Compare", exact=True).click()
+    page.get_by_text("B − A (±").first.wait_for(timeout=110_000)
+    assert page.locator('[data-testid="stImage"] img').count() == 3  # A, B and B − A
+
+    # Download the T1 NIfTI and open it.
+    _tab(page, "Downloads")
+    with page.expect_download() as dl:
+        page.get_by_role("button", name="T1 (NIfTI)").click()
+    target = tmp_path / dl.value.suggested_filename
+    dl.value.save_as(target)
+    import nibabel as nib
+
+    img = nib.load(str(target))
+    assert len(img.shape) == 3 and b"SYNTHETIC" in img.header["descrip"].tobytes()
+
+    assert not page.outside_requests, f"the page reached outside the server: {page.outside_requests[:5]}"
+    print("e2e timings (s):", {k: round(v, 2) for k, v in timings.items()}, "| server:", server_ms.split("·")[-1].strip())

@@ -1,0 +1,191 @@
+"""The Streamlit viewer, run headlessly with ``streamlit.testing.v1.AppTest`` on the tiny model."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+pytest.importorskip("streamlit")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+from synth.testing import make_tiny_model  # noqa: E402
+
+APP = str(ROOT / "viewer" / "app.py")
+TIMEOUT = 180
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    make_tiny_model(root / "tiny-test-model")
+    return root
+
+
+@pytest.fixture
+def app(models_dir, monkeypatch):
+    monkeypatch.setenv("SYNTHBRAIN_MODELS", str(models_dir))
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def _generate(at, **values):
+    for key, value in values.items():
+        _widget(at, key).set_value(value)
+    at.sidebar.button(key="generate").click()
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def _widget(at, key):
+    for kind in ("slider", "radio", "number_input", "toggle", "selectbox"):
+        for w in at.get(kind):
+            if getattr(w, "key", None) == key:
+                return w
+    raise KeyError(key)
+
+
+def _errors(at) -> list[str]:
+    return [e.value for e in at.error]
+
+
+def _open_tab(at, label: str):
+    at.session_state["tab"] = label
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def test_page_shows_notice_controls_and_no_brain_yet(app):
+    assert any("not for clinical use" in w.value for w in app.warning)
+    assert any("morphometry" in c.value for c in app.caption)
+    for key in ("age", "sex", "diagnosis", "seed", "model", "use_targets", "steps", "guidance"):
+        _widget(app, key)
+    assert app.sidebar.button(key="generate")
+    assert app.sidebar.button(key="new_seed")
+    assert app.session_state["model"] == "tiny-test-model"
+    assert any("Generate" in i.value for i in app.info)
+    assert not app.get("image")
+
+
+def test_generate_shows_three_slices(app):
+    _generate(app, age=70.0, sex="M", diagnosis="AD", seed=5)
+    assert not _errors(app)
+    assert len(app.get("image")) == 3
+    brain = app.session_state["result"].brain
+    assert (brain.condition.age, brain.condition.sex, brain.condition.diagnosis, brain.seed) == (70.0, "M", "AD", 5)
+    assert brain.image.shape == (32, 32, 32)
+    assert any("age 70, M, AD, seed 5" in m.value for m in app.markdown)
+
+
+def test_slice_slider_moves_the_cursor(app):
+    _generate(app, seed=1)
+    app.slider(key="slice_z").set_value(3)
+    app.run()
+    assert not app.exception
+    assert app.session_state["cursor"][2] == 3
+    assert any("Voxel (16, 16, 3)" in c.value for c in app.caption)
+
+
+def test_same_request_hits_the_cache(app, models_dir, monkeypatch):
+    _generate(app, seed=11)
+    first = app.session_state["result"]
+    again = AppTest.from_file(APP, default_timeout=TIMEOUT)  # a second session
+    again.run()
+    _generate(again, seed=11)
+    second = again.session_state["result"]
+    # A cache hit: same pixels and the same creation time (a recomputation would stamp a new one).
+    np.testing.assert_array_equal(first.brain.image, second.brain.image)
+    assert first.brain.provenance["created"] == second.brain.provenance["created"]
+    _generate(again, seed=12)
+    assert not np.array_equal(again.session_state["result"].brain.image, first.brain.image)
+
+
+def test_new_seed_button_draws_a_seed(app):
+    before = app.session_state["seed"]
+    app.sidebar.button(key="new_seed").click()
+    app.run()
+    assert app.session_state["seed"] != before
+
+
+def test_bad_volume_target_shows_an_error_not_a_traceback(app):
+    _widget(app, "use_targets").set_value(True)
+    app.run()
+    _widget(app, "vol_hippocampus").set_value(0.5)
+    _generate(app)
+    errors = _errors(app)
+    assert errors and "hippocampus" in errors[0] and "0.001-0.012" in errors[0]
+    assert "result" not in app.session_state
+
+
+def test_explicit_targets_reach_the_brain(app):
+    _widget(app, "use_targets").set_value(True)
+    app.run()
+    assert app.session_state["vol_hippocampus"] > 0  # filled from the condition
+    _widget(app, "vol_hippocampus").set_value(0.004)
+    _generate(app)
+    assert not _errors(app)
+    assert app.session_state["result"].brain.targets["hippocampus"] == pytest.approx(0.004)
+
+
+def test_age_outside_training_range_warns(app):
+    _generate(app, age=90.0)
+    assert any("outside the training ages" in w.value for w in app.warning)
+    assert len(app.get("image")) == 3
+
+
+def test_no_model_shows_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("SYNTHBRAIN_MODELS", str(tmp_path))
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.run()
+    assert not at.exception
+    assert any("No model found" in e for e in _errors(at))
+
+
+@pytest.mark.parametrize("tab", ["3D", "Morphometry", "Downloads"])
+def test_tabs_draw_without_errors(app, tab):
+    _generate(app, seed=2)
+    _open_tab(app, tab)
+    assert not _errors(app)
+    opened = [t for t in app.tabs if t.label == tab][0]
+    assert opened.children
+
+
+def test_downloads_offer_nifti_json_and_png(app):
+    _generate(app, seed=2)
+    _open_tab(app, "Downloads")
+    keys = {b.key for b in app.get("download_button")}
+    assert {"dl_nifti", "dl_json", "dl_png", "dl_labels", "dl_usdz", "dl_stl", "dl_glb"} <= keys
+
+
+def test_compare_shows_both_brains_and_the_difference(app):
+    _generate(app, seed=4)
+    _open_tab(app, "Compare")
+    app.button(key="compare_go").click()
+    app.run()
+    assert not app.exception and not _errors(app)
+    ra, rb, ga, gb = app.session_state["compare"]
+    assert (ra.condition.age, rb.condition.age) == (50.0, 80.0)
+    assert ra.seed == rb.seed == 4
+    assert len(app.get("image")) == 3  # A, B and the difference map
+
+
+def test_age_sweep_makes_a_gif(app):
+    _generate(app, seed=6)
+    _open_tab(app, "Age sweep")
+    _widget(app, "sweep_frames").set_value(3)
+    app.button(key="sweep_go").click()
+    app.run()
+    assert not app.exception and not _errors(app)
+    gif, name = app.session_state["sweep"]
+    assert gif[:6] == b"GIF89a" and name.endswith(".gif")
+    assert [b.key for b in app.get("download_button")] == ["dl_gif"]
