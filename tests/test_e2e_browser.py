@@ -57,14 +57,23 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> No
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     models = os.environ.get("SYNTHBRAIN_E2E_MODELS")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if not models:
         sys.path.insert(0, str(ROOT))
+        from synth import Grid
         from synth.testing import make_tiny_model
 
         models = tmp_path_factory.mktemp("models")
         make_tiny_model(Path(models) / "tiny-test-model")
+        try:
+            from synth.anatomy.testing import make_tiny_segmenter
+        except ImportError:
+            pass
+        else:  # a tiny segmenter on the tiny model's grid, so labels and surfaces appear
+            make_tiny_segmenter(Path(models) / "tiny-test-segmenter", Grid((32, 32, 32), 2.0, (-31.0, -31.0, -31.0)), steps=5)
+            env["SYNTHBRAIN_SEGMENTER"] = "tiny-test-segmenter"
+    env["SYNTHBRAIN_MODELS"] = str(models)
     port = _free_port()
-    env = {**os.environ, "SYNTHBRAIN_MODELS": str(models), "PYTHONUNBUFFERED": "1"}
     log = tmp_path_factory.mktemp("streamlit") / "streamlit.log"
     cmd = [
         sys.executable, "-m", "streamlit", "run", "viewer/app.py", "--server.headless", "true",
@@ -104,6 +113,22 @@ def page(server):
         finally:
             context.close()
             browser.close()
+
+
+def _drawn(element, timeout: float = 30.0) -> bool:
+    """Whether ``element``'s picture shows something besides its background (WebGL has drawn)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pixels = np.asarray(Image.open(io.BytesIO(element.screenshot())).convert("L"), float)
+        if pixels.std() > 3.0:
+            return True
+        time.sleep(0.5)
+    return False
 
 
 def _tab(page, name: str) -> None:
@@ -162,9 +187,11 @@ def test_viewer_end_to_end(page, server, tmp_path):
 
     # 3D: the stpyvista (trame / vtk.js) view.
     _tab(page, "3D")
+    page.get_by_text("Isosurface", exact=True).click()  # drawn for any brain, labelled or not
     frame = page.locator("iframe#stpyvistaframe")
     frame.wait_for()
     page.frame_locator("iframe#stpyvistaframe").locator("canvas").first.wait_for()
+    assert _drawn(frame), "the 3D view stayed blank"
 
     # Compare: same seed, age 50 vs 80, and the difference map.
     _tab(page, "Compare")

@@ -15,22 +15,29 @@ if str(ROOT) not in sys.path:
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
+from synth import Grid  # noqa: E402
 from synth.testing import make_tiny_model  # noqa: E402
 
 APP = str(ROOT / "viewer" / "app.py")
 TIMEOUT = 180
 
 
+TINY_GRID = Grid((32, 32, 32), 2.0, (-31.0, -31.0, -31.0))  # synth.testing.tiny_config's grid
+
+
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     make_tiny_model(root / "tiny-test-model")
+    anatomy = pytest.importorskip("synth.anatomy.testing")
+    anatomy.make_tiny_segmenter(root / "tiny-test-segmenter", TINY_GRID, steps=5)
     return root
 
 
 @pytest.fixture
 def app(models_dir, monkeypatch):
     monkeypatch.setenv("SYNTHBRAIN_MODELS", str(models_dir))
+    monkeypatch.setenv("SYNTHBRAIN_SEGMENTER", "tiny-test-segmenter")
     at = AppTest.from_file(APP, default_timeout=TIMEOUT)
     at.run()
     assert not at.exception, at.exception
@@ -84,6 +91,9 @@ def test_generate_shows_three_slices(app):
     brain = app.session_state["result"].brain
     assert (brain.condition.age, brain.condition.sex, brain.condition.diagnosis, brain.seed) == (70.0, "M", "AD", 5)
     assert brain.image.shape == (32, 32, 32)
+    labels = app.session_state["result"].labels
+    assert labels is not None and labels.shape == brain.image.shape  # segmented by the tiny segmenter
+    assert _widget(app, "overlay").value is True
     assert any("age 70, M, AD, seed 5" in m.value for m in app.markdown)
 
 
@@ -160,11 +170,32 @@ def test_tabs_draw_without_errors(app, tab):
     assert opened.children
 
 
-def test_downloads_offer_nifti_json_and_png(app):
+def test_downloads_offer_every_format(app):
     _generate(app, seed=2)
     _open_tab(app, "Downloads")
-    keys = {b.key for b in app.get("download_button")}
-    assert {"dl_nifti", "dl_json", "dl_png", "dl_labels", "dl_usdz", "dl_stl", "dl_glb"} <= keys
+    buttons = {b.key: b for b in app.get("download_button")}
+    assert {"dl_nifti", "dl_json", "dl_png", "dl_labels", "dl_usd", "dl_usdz", "dl_stl", "dl_glb"} <= set(buttons)
+    assert not any(b.disabled for b in buttons.values())
+
+
+def test_3d_shows_structures_when_labelled(app):
+    _generate(app, seed=2)
+    _open_tab(app, "3D")
+    assert _widget(app, "view3d_mode").options == ["Structures", "Isosurface", "Volume rendering"]
+    assert app.multiselect(key="visible_structures").value  # the structures present
+    _widget(app, "view3d_mode").set_value("Volume rendering")
+    app.run()
+    assert not app.exception and not _errors(app)
+    assert len(app.get("image")) == 1  # the server-side volume rendering
+
+
+def test_morphometry_measures_the_labels(app):
+    _generate(app, seed=2)
+    _open_tab(app, "Morphometry")
+    assert not _errors(app)
+    table = app.dataframe[0].value
+    assert list(table["volume"]) == [k.replace("_", " ") for k in ("brain", "gm", "wm", "lateral_ventricles", "hippocampus")]
+    assert table["measured %ICV"].notna().any()
 
 
 def test_compare_shows_both_brains_and_the_difference(app):
@@ -189,3 +220,18 @@ def test_age_sweep_makes_a_gif(app):
     gif, name = app.session_state["sweep"]
     assert gif[:6] == b"GIF89a" and name.endswith(".gif")
     assert [b.key for b in app.get("download_button")] == ["dl_gif"]
+
+
+def test_a_failing_panel_shows_an_error_not_a_traceback(app, monkeypatch):
+    from viewer import render
+
+    _generate(app, seed=7)
+
+    def broken(*args, **kwargs):
+        raise KeyError("simulated bug")
+
+    monkeypatch.setattr(render, "orthogonal_views", broken)
+    app.slider(key="slice_z").set_value(2)
+    app.run()
+    assert not app.exception
+    assert any("Something went wrong" in e and "simulated bug" in e for e in _errors(app))

@@ -323,3 +323,39 @@ def test_export_rejects_unknown_or_unbacked_formats(generated):
     if service.anatomy() is not None:
         with pytest.raises(ValueError, match="segmentation"):
             service.export_files(result.brain, ["labels"])
+
+
+def test_export_labels_and_surfaces_say_synthetic(generated, tmp_path):
+    anat = pytest.importorskip("synth.anatomy")
+    from synth.anatomy.testing import phantom
+
+    import nibabel as nib
+    import trimesh
+
+    _, result, _ = generated
+    _, labels = phantom(result.brain.image.shape)
+    meshes = service.brain_meshes(labels, result.brain.affine)
+    assert set(meshes) == {"CSF", "Brain-Stem", "Corpus-Callosum"}
+    files = service.export_files(result.brain, ["labels", "usd", "usdz", "stl", "glb"], labels=labels, meshes=meshes)
+    paths = {}
+    for fmt, (name, data, _) in files.items():
+        paths[fmt] = tmp_path / name
+        paths[fmt].write_bytes(data)
+    lab = nib.load(paths["labels"])
+    assert b"SYNTHETIC" in lab.header["descrip"].tobytes() and np.array_equal(np.asarray(lab.dataobj), labels)
+    assert paths["usd"].suffix == ".usdc" and paths["usdz"].suffix == ".usdz"
+    assert anat.validate_usd(paths["usdz"]) == []
+    from pxr import Usd
+
+    stage = Usd.Stage.Open(str(paths["usd"]))
+    assert "NOT FOR CLINICAL USE" in str(stage.GetDefaultPrim().GetCustomData())
+    assert len(trimesh.load(paths["stl"]).faces) > 0
+    assert len(trimesh.load(paths["glb"]).geometry) == 3
+    with pytest.raises(ValueError, match="mesh"):
+        service.export_files(result.brain, ["stl"], labels=labels)
+
+
+def test_brain_meshes_of_an_empty_map_explain():
+    pytest.importorskip("synth.anatomy")
+    with pytest.raises(ValueError, match="empty"):
+        service.brain_meshes(np.zeros((4, 4, 4), np.uint8), np.eye(4))

@@ -27,6 +27,7 @@ __all__ = [
     "anatomy",
     "anatomy_error",
     "anatomy_missing",
+    "brain_meshes",
     "default_model",
     "export_files",
     "label_colors",
@@ -182,7 +183,10 @@ def run_generation(
     if segmenter is not None:
         t = time.perf_counter()
         try:
-            labels = np.asarray(segmenter.segment(brain.image))
+            if hasattr(segmenter, "segment_volume"):  # any grid: resampled to the segmenter's and back
+                labels = np.asarray(segmenter.segment_volume(brain.image, brain.affine, source="the generated brain")[0])
+            else:
+                labels = np.asarray(segmenter.segment(brain.image))
             if labels.shape != brain.image.shape:
                 raise ValueError(f"segmentation shape {labels.shape} differs from the image's {brain.image.shape}")
             if labels.min(initial=0) >= 0 and labels.max(initial=0) < 256:
@@ -259,6 +263,20 @@ def anatomy_missing(*names: str) -> str:
         return anatomy_error()
     missing = [n for n in names if not hasattr(anat, n)]
     return f"synth.anatomy does not provide {', '.join(missing)} yet" if missing else ""
+
+
+def brain_meshes(labels: np.ndarray, affine: np.ndarray, **kwargs) -> dict[str, Any]:
+    """``synth.anatomy.structure_meshes`` of the structures present in ``labels`` (absent ones are
+    expected in a synthetic brain's label map, so their warnings are silenced)."""
+    anat = anatomy()
+    if anat is None:
+        raise RuntimeError(anatomy_error())
+    present = [int(v) for v in np.unique(labels) if v > 0]
+    if not present:
+        raise ValueError("the label map is empty: no structure to mesh")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return anat.structure_meshes(labels, affine, present, **kwargs)
 
 
 def label_colors(structures) -> dict[int, tuple]:
@@ -397,6 +415,9 @@ def export_files(
         raise ValueError(f"unknown export format(s) {unknown}; supported: {', '.join(EXPORT_FORMATS)}")
     stem = _stem(brain)
     meta = brain.metadata()
+    anat = anatomy()
+    if labels is not None and anat is not None:
+        meta["volumes_mm3"] = anat.measure_volumes(labels, voxel_volume_mm3=float(abs(np.linalg.det(brain.affine[:3, :3]))))
     out: dict[str, tuple[str, bytes, str]] = {}
     with tempfile.TemporaryDirectory(prefix="synthbrain-export-", dir=workdir) as tmp:
         tmp = Path(tmp)
