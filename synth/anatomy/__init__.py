@@ -1,0 +1,42 @@
+"""Anatomy of every brain: labels, volumes, surface meshes and 3D export.
+
+Every output of this package describes a SYNTHETIC brain (or a user's own image) and is NOT FOR
+CLINICAL USE.
+
+Example:
+    >>> import synth, synth.anatomy as anat                                  # doctest: +SKIP
+    >>> brain = synth.load_generator().generate(synth.Condition(72, "F", "AD"), seed=3)  # doctest: +SKIP
+    >>> labels = anat.load_segmenter().segment(brain.image)                  # doctest: +SKIP
+    >>> anat.export_brain("out/", brain)          # NIfTI labels, USD, STL, PLY, OBJ, GLB  # doctest: +SKIP
+"""
+
+from .export import export_meshes, export_usd, save_labels, validate_usd
+from .labels import MUSE_NAMES, STRUCTURES, TOTALS, Structure, label_table, muse_to_compact, structure_by_name
+from .meshes import outer_surface, structure_meshes
+from .segmenter import DEFAULT_SEGMENTER, Segmenter, load_segmenter
+from .volumes import dice_scores, measure_volumes, morphometry
+from .workflow import EXPORT_FORMATS, export_brain
+
+__all__ = [
+    "DEFAULT_SEGMENTER",
+    "EXPORT_FORMATS",
+    "MUSE_NAMES",
+    "STRUCTURES",
+    "TOTALS",
+    "Segmenter",
+    "Structure",
+    "dice_scores",
+    "export_brain",
+    "export_meshes",
+    "export_usd",
+    "label_table",
+    "load_segmenter",
+    "measure_volumes",
+    "morphometry",
+    "muse_to_compact",
+    "outer_surface",
+    "save_labels",
+    "structure_by_name",
+    "structure_meshes",
+    "validate_usd",
+]
