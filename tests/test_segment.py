@@ -118,6 +118,14 @@ def test_segment_nifti_returns_labels_on_the_input_grid(tmp_path, mni_segmenter)
     assert labels.max() <= len(STRUCTURES)
 
 
+def test_segment_nifti_warns_on_a_whole_head(tmp_path, mni_segmenter):
+    affine = np.array([[-1.5, 0, 0, 90.0], [0, 1.5, 0, -126.0], [0, 0, 1.5, -72.0], [0, 0, 0, 1]])
+    path = save_nifti(tmp_path / "head.nii.gz", np.full((120, 144, 112), 300.0, np.float32), affine)
+    with pytest.warns(UserWarning, match="looks like a whole head"):
+        labels, _ = mni_segmenter.segment_nifti(path)
+    assert labels.shape == (120, 144, 112)
+
+
 def test_segment_rejects_wrong_grid(mni_segmenter):
     with pytest.raises(ValueError, match=r"must be on the model grid \(80, 96, 80\)"):
         mni_segmenter.segment(np.zeros((64, 64, 64), np.float32))

@@ -142,8 +142,9 @@ class Segmenter:
         device: ``auto`` (CUDA, MPS, then CPU), ``cpu``, ``cuda`` ...
         flip_tta: Average the prediction with that of the left-right mirrored image (labels swapped);
             about twice the time, a little more accurate and symmetric.
-        bf16: Run the network under bfloat16 autocast (CPU with avx512_bf16, CUDA); faster, test
-            Dice within 0.002 of float32 on the shipped model.
+        bf16: Run the network under bfloat16 autocast (CPU with avx512_bf16, CUDA); about twice as
+            fast on CPU; on 8 IXI test subjects the shipped model's mean Dice moved by 0.0002
+            (at most 0.0012 for one subject).
     """
 
     def __init__(self, config: SegmenterConfig, network: torch.nn.Module, *, device="auto", flip_tta: bool = True,
@@ -214,9 +215,11 @@ class Segmenter:
             ValueError: not a readable NIfTI, not 3D, or a field of view that is not a brain's.
         """
         data, affine = load_nifti(path, canonical=False)
-        return self.segment_volume(data, affine, source=str(path))
+        return self.segment_volume(data, affine, source=str(path), _stacklevel=3)
 
-    def segment_volume(self, data: np.ndarray, affine: np.ndarray, source: str = "image") -> tuple[np.ndarray, np.ndarray]:
+    def segment_volume(
+        self, data: np.ndarray, affine: np.ndarray, source: str = "image", *, _stacklevel: int = 2
+    ) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`segment_nifti` for an in-memory (X, Y, Z) volume with its voxel -> RAS ``affine``.
 
         An image already on the model grid with intensities in [0, 1] (a generated brain) is
@@ -238,7 +241,7 @@ class Segmenter:
             raise ValueError(f"{source} is empty (all zero) inside the model's field of view")
         image = np.clip(image / max(float(np.percentile(image[inside], 99.5)), 1e-6), 0.0, 1.0)
         if inside.sum() * self.grid.voxel_volume > 2.6e6:  # mm^3; a stripped adult brain is < ~2 L
-            warnings.warn(f"{source} looks like a whole head, not a skull-stripped brain: labels will be poor", stacklevel=2)
+            warnings.warn(f"{source} looks like a whole head, not a skull-stripped brain: labels will be poor", stacklevel=_stacklevel)
         labels = self.segment(image.astype(np.float32))
         if on_grid:
             return labels, affine
