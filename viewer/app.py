@@ -73,8 +73,9 @@ def get_segmenter(root: str, name: str | None, device: str = DEVICE):
     if anat is None:
         return None
     name = name or anat.DEFAULT_SEGMENTER
-    folder = Path(root) / name
-    segmenter = anat.load_segmenter(folder if folder.is_dir() else name, device=device)
+    # The models folder first, then the shipped assets (SYNTHBRAIN_MODELS may hold only generators).
+    folders = [p for p in (Path(root) / name, ROOT / "assets" / "models" / name) if p.is_dir()]
+    segmenter = anat.load_segmenter(folders[0] if folders else name, device=device)
     service.settle_heap()
     return segmenter
 
@@ -340,9 +341,9 @@ def view3d_ui() -> None:
     result: service.Generated = st.session_state.result
     brain = result.brain
     anat = service.anatomy()
-    why_not = service.anatomy_missing("structure_meshes") or result.note
+    why_not = service.anatomy_missing("structure_meshes")
     if not why_not and result.labels is None:
-        why_not = "No segmentation for this brain."
+        why_not = result.note or "No segmentation for this brain."
     can_surface = not why_not
     modes = (["Structures"] if can_surface else []) + ["Isosurface", "Volume rendering"]
     if not can_surface:
@@ -623,6 +624,8 @@ def main() -> None:
         f"**{_describe(request)}** · model `{request.model}` on {result.brain.provenance.get('device', '?')} · "
         f"{result.brain.provenance.get('steps')} steps · {secs}"
     )
+    if result.note:
+        st.caption(f"Note: {result.note}")
     tabs = st.tabs(TABS, key="tab", on_change="rerun")
     panels = [slices_ui, view3d_ui, morphometry_ui, compare_ui, sweep_ui, downloads_ui]
     for tab, panel in zip(tabs, panels):

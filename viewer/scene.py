@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -25,6 +26,8 @@ def _pyvista():
     except ImportError as exc:  # pragma: no cover - pyvista is a requirement
         raise RuntimeError("the 3D view needs pyvista: pip install pyvista 'stpyvista[trame]' trame-pyvista") from exc
     pv.OFF_SCREEN = True
+    # stpyvista 0.2.1 still calls Plotter.export_html (deprecated in pyvista 0.49); nothing to act on.
+    warnings.filterwarnings("ignore", message="Plotter.export_html is deprecated")
     return pv
 
 

@@ -183,10 +183,10 @@ def run_generation(
     if segmenter is not None:
         t = time.perf_counter()
         try:
-            if hasattr(segmenter, "segment_volume"):  # any grid: resampled to the segmenter's and back
-                labels = np.asarray(segmenter.segment_volume(brain.image, brain.affine, source="the generated brain")[0])
-            else:
-                labels = np.asarray(segmenter.segment(brain.image))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                labels = _segment(segmenter, brain)
+            note = "; ".join(dict.fromkeys(str(w.message) for w in caught))
             if labels.shape != brain.image.shape:
                 raise ValueError(f"segmentation shape {labels.shape} differs from the image's {brain.image.shape}")
             if labels.min(initial=0) >= 0 and labels.max(initial=0) < 256:
@@ -195,6 +195,12 @@ def run_generation(
             labels, note = None, f"segmentation failed: {type(exc).__name__}: {exc}"
         seconds["segment"] = time.perf_counter() - t
     return Generated(brain, labels, seconds, note)
+
+
+def _segment(segmenter, brain: synth.SyntheticBrain) -> np.ndarray:
+    if hasattr(segmenter, "segment_volume"):  # any grid: resampled to the segmenter's and back
+        return np.asarray(segmenter.segment_volume(brain.image, brain.affine, source="the generated brain")[0])
+    return np.asarray(segmenter.segment(brain.image))
 
 
 # -- one generation at a time per device ------------------------------------------------------
