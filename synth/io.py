@@ -52,6 +52,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600 files; honour the umask instead
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)

@@ -58,3 +58,14 @@ def test_load_nifti_errors(tmp_path):
     nib.save(nib.Nifti1Image(np.zeros((2, 2, 2, 3), np.float32), np.eye(4)), str(tmp_path / "4d.nii.gz"))
     with pytest.raises(ValueError, match="expected a 3D volume"):
         load_nifti(tmp_path / "4d.nii.gz")
+
+
+def test_atomic_write_honours_umask(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        path = write_json(tmp_path / "a.json", {"x": 1})
+    finally:
+        os.umask(old)
+    assert (path.stat().st_mode & 0o777) == 0o644
