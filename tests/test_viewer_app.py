@@ -106,7 +106,7 @@ def test_slice_slider_moves_the_cursor(app):
     assert any("Voxel (16, 16, 3)" in c.value for c in app.caption)
 
 
-def test_same_request_hits_the_cache(app, models_dir, monkeypatch):
+def test_same_request_hits_the_cache(app):
     _generate(app, seed=11)
     first = app.session_state["result"]
     again = AppTest.from_file(APP, default_timeout=TIMEOUT)  # a second session

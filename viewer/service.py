@@ -475,12 +475,3 @@ def settle_heap() -> int:
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
-
-
-def timed(fn: Callable, *args, **kwargs) -> tuple[Any, float]:
-    """``(fn(*args, **kwargs), seconds)``."""
-    import time
-
-    t = time.perf_counter()
-    result = fn(*args, **kwargs)
-    return result, time.perf_counter() - t

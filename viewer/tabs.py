@@ -1,0 +1,337 @@
+"""The viewer's tabs: slices, 3D, morphometry, compare, age sweep and downloads.
+
+Each panel reads the current brain from ``st.session_state`` and draws with the Streamlit-free
+helpers of ``render``, ``scene`` and ``service``. Panels with sliders are fragments, so moving a
+slider reruns only that panel.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import streamlit as st
+
+import synth
+from viewer import render, scene, service
+from viewer.resources import USER_ERRORS, describe, generate, get_generator, guarded, models_root, settle_once
+
+TABS = ["Slices", "3D", "Morphometry", "Compare", "Age sweep", "Downloads"]
+
+
+def _cursor(shape) -> list[int]:
+    cur = st.session_state.cursor
+    if cur is None or len(cur) != 3 or any(not 0 <= c < s for c, s in zip(cur, shape)):
+        cur = [s // 2 for s in shape]
+    return list(cur)
+
+
+def _lut(result):
+    anat = service.anatomy()
+    if anat is None or result.labels is None:
+        return None
+    return render.label_lut(service.label_colors(anat.STRUCTURES))
+
+
+@st.fragment
+@guarded
+def slices_ui() -> None:
+    """Orthogonal slices; a slider move reruns only this fragment."""
+    result: service.Generated = st.session_state.result
+    image = result.brain.image
+    shape = image.shape
+    cur = _cursor(shape)
+    cols = st.columns(3)
+    names = {"sagittal": ("x", 0), "coronal": ("y", 1), "axial": ("z", 2)}
+    for col, (plane, (axis_name, i)) in zip(cols, names.items()):
+        key = f"slice_{axis_name}"
+        if key not in st.session_state or not 0 <= st.session_state[key] < shape[i]:
+            st.session_state[key] = cur[i]
+        cur[i] = col.slider(f"{plane.capitalize()} ({axis_name})", 0, shape[i] - 1, key=key)
+    st.session_state.cursor = cur
+    o1, o2, o3, o4 = st.columns([1, 1, 2, 1], vertical_alignment="bottom")
+    lut = _lut(result)
+    overlay = o1.toggle("Labels", value=lut is not None, key="overlay", disabled=lut is None,
+                        help=None if lut is not None else service.anatomy_error() or result.note or "no segmentation")
+    opacity = o2.slider("Opacity", 0.0, 1.0, 0.4, 0.05, key="opacity", disabled=not overlay)
+    window = o3.slider("Intensity window", 0.0, 1.0, (0.0, 1.0), 0.01, key="window")
+    crosshair = o4.toggle("Crosshair", value=True, key="crosshair")
+    t = time.perf_counter()
+    try:
+        views = render.orthogonal_views(
+            image, cur, window=window, labels=result.labels if overlay else None, lut=lut,
+            opacity=opacity, crosshair=crosshair,
+        )
+    except ValueError as exc:
+        st.error(f"Cannot draw the slices: {exc}")
+        return
+    st.session_state.slice_view = {"window": window, "overlay": overlay, "opacity": opacity, "crosshair": crosshair}
+    for col, plane in zip(st.columns(3), ("axial", "coronal", "sagittal")):
+        col.image(views[plane], caption=plane, width="stretch", output_format="PNG")
+    ms = (time.perf_counter() - t) * 1000  # slicing, colouring and PNG encoding of the three planes
+    mm = result.brain.affine @ np.array([*cur, 1.0])
+    st.caption(
+        f"Voxel ({cur[0]}, {cur[1]}, {cur[2]}) = MNI ({mm[0]:.0f}, {mm[1]:.0f}, {mm[2]:.0f}) mm · "
+        f"neurological view (right is right) · slices drawn in {ms:.1f} ms"
+    )
+
+
+def _meshes(result: service.Generated):
+    """Per-structure surfaces of the current brain, computed once per brain (session state)."""
+    anat = service.anatomy()
+    if anat is None or result.labels is None:
+        return None
+    if st.session_state.get("meshes") is None:
+        with st.spinner("Extracting surfaces…"):
+            st.session_state.meshes = service.brain_meshes(result.labels, result.brain.affine)
+    return st.session_state.meshes
+
+
+@st.fragment
+@guarded
+def view3d_ui() -> None:
+    result: service.Generated = st.session_state.result
+    brain = result.brain
+    anat = service.anatomy()
+    why_not = service.anatomy_missing("structure_meshes")
+    if not why_not and result.labels is None:
+        why_not = result.note or "No segmentation for this brain."
+    can_surface = not why_not
+    modes = (["Structures"] if can_surface else []) + ["Isosurface", "Volume rendering"]
+    if not can_surface:
+        st.info(
+            why_not
+            + " Structure surfaces are unavailable; the isosurface and volume rendering work without labels."
+        )
+    mode = st.radio("View", modes, horizontal=True, key="view3d_mode")
+    try:
+        if mode == "Volume rendering":
+            c1, c2, c3 = st.columns(3)
+            window = c1.slider("Rendered intensities", 0.0, 1.0, (0.15, 1.0), 0.05, key="volume_window")
+            azimuth = c2.slider("Turn (degrees)", -180, 180, 0, 15, key="volume_azimuth")
+            elevation = c3.slider("Tilt (degrees)", -90, 90, 20, 10, key="volume_elevation")
+            with st.spinner("Rendering…"):
+                picture = scene.render_volume(brain.image, brain.affine, window=window, azimuth=azimuth, elevation=elevation)
+            st.image(picture, caption="volume rendering (VTK, drawn on the server)", width="stretch")
+            settle_once("3d")
+            return
+        if mode == "Structures":
+            meshes = _meshes(result)
+            colors = {s.name: s.rgb for s in anat.STRUCTURES}
+            names = [n for n in meshes if getattr(meshes[n], "n_points", 0) > 0]
+            shown = [n for n in names if n != "CSF"] or names  # CSF wraps everything else
+            visible = st.multiselect("Visible structures", names, default=shown, key="visible_structures")
+            outer = None
+            if hasattr(anat, "outer_surface") and st.toggle("Outer brain surface", value=False, key="show_outer"):
+                outer = anat.outer_surface(brain.image, brain.affine)
+            plotter = scene.surface_plotter(meshes, colors, visible, outer=outer)
+        else:
+            level = st.slider("Intensity level", 0.05, 0.95, 0.3, 0.05, key="iso_level",
+                              help="The surface where the T1 intensity crosses this value")
+            plotter = scene.isosurface_plotter(brain.image, brain.affine, level)
+    except USER_ERRORS as exc:
+        st.error(f"Cannot build the 3D view: {exc}")
+        return
+    try:
+        from stpyvista import stpyvista
+    except Exception as exc:  # stpyvista registers a component and needs a running server
+        st.warning(f"3D view unavailable here: {exc}")
+        return
+    stpyvista(plotter, key="view3d")
+    settle_once("3d")  # pyvista, VTK and trame are imported by now
+    st.caption("Drag to rotate, scroll to zoom. Drawn in your browser by vtk.js; nothing loads from the internet.")
+
+
+def morphometry_ui() -> None:
+    result: service.Generated = st.session_state.result
+    brain = result.brain
+    gen = get_generator(models_root(), st.session_state.request.model)
+    if gen.normative is None:
+        st.info("This model has no normative model: only the requested volumes are shown.")
+    try:
+        rows = service.morphometry_rows(brain, gen.normative, result.labels)
+    except USER_ERRORS as exc:
+        st.error(f"Cannot measure this brain: {exc}")
+        return
+    if result.labels is None:
+        st.info(service.anatomy_error() or result.note or "No segmentation: measured volumes unavailable.")
+    table = [
+        {
+            "volume": r["volume"].replace("_", " "),
+            "requested %ICV": _pct(r["requested"]), "measured %ICV": _pct(r["measured"]),
+            "healthy expected %ICV": _pct(r["expected"]),
+            "healthy 95 % range": "" if r["low"] is None else f"{r['low'] * 100:.3g}–{r['high'] * 100:.3g}",
+            "z (measured)": None if r["z"] is None else round(r["z"], 2),
+        }
+        for r in rows
+    ]
+    st.dataframe(table, hide_index=True, width="stretch")
+    if gen.normative is not None:
+        curves = service.normative_curves(gen.normative, brain.condition.sex)
+        fig = service.morphometry_figure(rows, curves, brain.condition.age, brain.condition.sex)
+        st.pyplot(fig, width="stretch")
+    if result.labels is not None:
+        with st.expander("Every structure"):
+            voxel = float(abs(np.linalg.det(brain.affine[:3, :3])))
+            st.dataframe(service.structure_rows(result.labels, voxel), hide_index=True, width="stretch")
+
+
+def _pct(v):
+    return None if v is None else round(float(v) * 100, 4)
+
+
+def compare_ui() -> None:
+    request: service.Request = st.session_state.request
+    c = request.condition
+    preset = st.radio("Compare", ["Age 50 vs 80", "CN vs AD", "Custom"], horizontal=True, key="compare_preset")
+    if preset == "Age 50 vs 80":
+        a, b = {"age": 50.0, "diagnosis": c.diagnosis}, {"age": 80.0, "diagnosis": c.diagnosis}
+    elif preset == "CN vs AD":
+        a, b = {"age": c.age, "diagnosis": "CN"}, {"age": c.age, "diagnosis": "AD"}
+    else:
+        k1, k2, k3, k4 = st.columns(4)
+        a = {"age": k1.number_input("A: age", 18.0, 95.0, 50.0, 1.0, key="cmp_age_a"),
+             "diagnosis": k2.selectbox("A: diagnosis", synth.DIAGNOSES, key="cmp_dx_a")}
+        b = {"age": k3.number_input("B: age", 18.0, 95.0, 80.0, 1.0, key="cmp_age_b"),
+             "diagnosis": k4.selectbox("B: diagnosis", synth.DIAGNOSES, index=2, key="cmp_dx_b")}
+    st.caption(
+        f"Same seed ({request.seed}), sex and model; explicit volume targets are dropped so that "
+        "age and diagnosis act. The difference map shows B − A (red: B brighter)."
+    )
+    if st.button("Compare", type="primary", key="compare_go"):
+        try:
+            ra = request.with_condition(volumes={}, **a)
+            rb = request.with_condition(volumes={}, **b)
+            bar = st.progress(0.0)
+            try:
+                ga, gb = generate(ra, bar, "A"), generate(rb, bar, "B")
+            finally:
+                bar.empty()
+        except USER_ERRORS as exc:
+            st.error(f"Cannot compare: {exc}")
+            return
+        st.session_state.compare = (ra, rb, ga, gb)
+    if "compare" not in st.session_state:
+        return
+    ra, rb, ga, gb = st.session_state.compare
+    _compare_view(ra, rb, ga, gb)
+
+
+@st.fragment
+@guarded
+def _compare_view(ra, rb, ga, gb) -> None:
+    img_a, img_b = ga.brain.image, gb.brain.image
+    p1, p2 = st.columns([1, 2])
+    plane = p1.radio("Plane", list(render.PLANES), horizontal=True, key="cmp_plane")
+    axis = render.PLANES[plane]
+    n = img_a.shape[axis]
+    idx = p2.slider("Slice", 0, n - 1, n // 2, key=f"cmp_slice_{plane}")
+    pos = [s // 2 for s in img_a.shape]
+    pos[axis] = idx
+    sa = render.render_slice(img_a, plane, pos, crosshair=False)
+    sb = render.render_slice(img_b, plane, pos, crosshair=False)
+    diff, vmax = render.difference_map(render.take_slice(img_a, plane, idx), render.take_slice(img_b, plane, idx))
+    diff = np.repeat(np.repeat(diff, 3, axis=0), 3, axis=1)
+    cols = st.columns(3)
+    cols[0].image(sa, caption=f"A: {describe(ra)}", width="stretch")
+    cols[1].image(sb, caption=f"B: {describe(rb)}", width="stretch")
+    cols[2].image(diff, caption=f"B − A (±{vmax:.3g} intensity)", width="stretch")
+    rows = [
+        {"volume": k.replace("_", " "), "A requested %ICV": _pct(ga.brain.targets.get(k)),
+         "B requested %ICV": _pct(gb.brain.targets.get(k)),
+         "B/A": None if not ga.brain.targets.get(k) else round(gb.brain.targets[k] / ga.brain.targets[k], 3)}
+        for k in synth.VOLUME_KEYS
+    ]
+    st.dataframe(rows, hide_index=True)
+
+
+def sweep_ui() -> None:
+    request: service.Request = st.session_state.request
+    c1, c2, c3, c4 = st.columns([3, 1, 2, 1])
+    ages = c1.slider("Ages", float(synth.AGE_RANGE[0]), float(synth.AGE_RANGE[1]), (30.0, 80.0), 1.0, format="%.0f", key="sweep_ages")
+    frames = c2.number_input("Frames", 2, 24, 6, key="sweep_frames")
+    plane = c3.radio("Plane", list(render.PLANES), horizontal=True, key="sweep_plane")
+    fps = c4.number_input("Frames/s", 0.5, 20.0, 2.0, 0.5, key="sweep_fps")
+    st.caption(f"Seed {request.seed}, {request.condition.sex}, {request.condition.diagnosis}; explicit volume targets are dropped.")
+    if st.button("Render the sweep", type="primary", key="sweep_go"):
+        try:
+            if ages[1] <= ages[0]:
+                raise ValueError("the age range is empty: pick two different ages")
+            todo = np.linspace(ages[0], ages[1], int(frames)).round(1)
+            bar = st.progress(0.0)
+            images = []
+            try:
+                for i, age in enumerate(todo):
+                    g = generate(request.with_condition(age=float(age), volumes={}), bar, f"Frame {i + 1}/{len(todo)} (age {age:g})")
+                    img = g.brain.image
+                    pos = [s // 2 for s in img.shape]
+                    frame = render.render_slice(img, plane, pos, crosshair=False)
+                    images.append(render.stamp(frame, f"age {age:g} - SYNTHETIC"))
+            finally:
+                bar.empty()
+            st.session_state.sweep = (render.gif_bytes(images, fps=fps), f"{service._stem(st.session_state.result.brain)}_agesweep_{plane}.gif")
+        except USER_ERRORS as exc:
+            st.error(f"Cannot render the sweep: {exc}")
+            return
+    if "sweep" in st.session_state:
+        gif, name = st.session_state.sweep
+        st.image(gif, caption="age sweep (synthetic)", width=360)
+        st.download_button("Download GIF", gif, file_name=name, mime="image/gif", key="dl_gif", on_click="ignore")
+
+
+def _slices_png() -> bytes:
+    result: service.Generated = st.session_state.result
+    view = st.session_state.get("slice_view", {})
+    views = render.orthogonal_views(
+        result.brain.image, _cursor(result.brain.image.shape), window=view.get("window", (0.0, 1.0)),
+        labels=result.labels if view.get("overlay") else None, lut=_lut(result),
+        opacity=view.get("opacity", 0.4), crosshair=view.get("crosshair", True),
+    )
+    picture = render.stamp(render.montage([views["axial"], views["coronal"], views["sagittal"]]))
+    return render.png_bytes(picture, {"Description": synth.SYNTHETIC_NOTICE, "Software": f"SynthBrain {synth.__version__}"})
+
+
+def downloads_ui() -> None:
+    result: service.Generated = st.session_state.result
+    brain = result.brain
+    stem = service._stem(brain)
+    st.caption("Every file says it is synthetic: NIfTI `descrip`, JSON provenance, USD/mesh metadata, PNG text chunk.")
+
+    ready_meshes = st.session_state.get("meshes")  # the callables below run outside the script
+
+    def lazy(fmt):
+        def make():
+            meshes = None
+            if fmt in ("usd", "usdz", "stl", "glb"):
+                meshes = ready_meshes or service.brain_meshes(result.labels, brain.affine)
+            return service.export_files(brain, [fmt], labels=result.labels, meshes=meshes)[fmt][1]
+        return make
+
+    c = st.columns(4)
+    c[0].download_button("T1 (NIfTI)", lazy("nifti"), file_name=f"{stem}_T1w.nii.gz", mime="application/gzip", key="dl_nifti", on_click="ignore")
+    c[1].download_button("Provenance (JSON)", lazy("json"), file_name=f"{stem}_provenance.json", mime="application/json", key="dl_json", on_click="ignore")
+    c[2].download_button("Slices (PNG)", _slices_png, file_name=f"{stem}_slices.png", mime="image/png", key="dl_png", on_click="ignore")
+    no_labels = "" if result.labels is not None else (result.note or "no segmentation for this brain")
+    why_labels = service.anatomy_missing("save_labels") or no_labels
+    why_meshes = service.anatomy_missing("structure_meshes", "export_usd", "export_meshes") or no_labels
+    c[3].download_button("Labels (NIfTI)", lazy("labels"), file_name=f"{stem}_labels.nii.gz", mime="application/gzip",
+                         key="dl_labels", on_click="ignore", disabled=bool(why_labels), help=why_labels or None)
+    m = st.columns(4)
+    for col, fmt, label, mime in (
+        (m[0], "usdz", "Surfaces (USDZ)", "model/vnd.usdz+zip"),
+        (m[1], "usd", "Surfaces (USD)", "application/octet-stream"),
+        (m[2], "stl", "Surfaces (STL)", "model/stl"),
+        (m[3], "glb", "Surfaces (GLB)", "model/gltf-binary"),
+    ):
+        ext = "usdc" if fmt == "usd" else fmt
+        col.download_button(label, lazy(fmt), file_name=f"{stem}.{ext}", mime=mime, key=f"dl_{fmt}", on_click="ignore",
+                            disabled=bool(why_meshes), help=why_meshes or None)
+    if why_labels or why_meshes:
+        st.info(f"Label and surface exports unavailable: {why_labels or why_meshes}")
+    with st.expander("Provenance"):
+        st.json(brain.metadata())
+
+
+
+
+PANELS = [slices_ui, view3d_ui, morphometry_ui, compare_ui, sweep_ui, downloads_ui]
