@@ -13,7 +13,7 @@ apt_install() {  # Debian packages, only the missing ones
 }
 # Off-screen rendering for meshes (VTK through EGL / Mesa); the e2e test drives Debian's chromium.
 apt_install libegl1 libgl1 libgl1-mesa-dri libxrender1
-if [ "${1:-}" = dev ]; then apt_install chromium; fi
+if [ "${1:-}" = dev ]; then apt_install chromium fonts-liberation; fi
 if [ ! -x .venv/bin/python ]; then
   $PY -m venv .venv 2>/dev/null || { apt_install python3-venv; $PY -m venv .venv; }
 fi

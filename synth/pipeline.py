@@ -37,8 +37,19 @@ def models_dir() -> Path:
 
 
 def available_models() -> list[str]:
+    """Names of the generator models in :func:`models_dir` (segmenters and other folders excluded)."""
+    import json
+
     root = models_dir()
-    return sorted(p.name for p in root.iterdir() if (p / "config.json").is_file()) if root.is_dir() else []
+    names = []
+    for p in sorted(root.iterdir()) if root.is_dir() else []:
+        try:
+            cfg = json.loads((p / "config.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(cfg, dict) and "unet" in cfg and "autoencoder" in cfg:
+            names.append(p.name)
+    return names
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:

@@ -84,7 +84,10 @@ def test_generate_needs_a_condition(tiny_generator):
 
 def test_load_by_name_from_models_dir(tiny_model_dir, monkeypatch):
     monkeypatch.setenv("SYNTHBRAIN_MODELS", str(tiny_model_dir.parent))
-    assert "tiny-test-model" in synth.available_models()
+    other = tiny_model_dir.parent / "a-segmenter"
+    other.mkdir(exist_ok=True)
+    (other / "config.json").write_text('{"kind": "segmenter"}')
+    assert synth.available_models() == ["tiny-test-model"]
     gen = synth.load_generator("tiny-test-model", device="cpu")
     assert gen.config.name == "tiny-test-model"
     with pytest.raises(FileNotFoundError, match="shipped models: tiny-test-model"):
