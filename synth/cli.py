@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       ("train-diffusion", _cmd_train_diffusion, 2000, 8, 2e-4)):
         t = sub.add_parser(verb, help=f"train the {'first' if 'auto' in verb else 'second'} stage (resumes from RUN/last.pt); use torchrun for several GPUs")
         t.add_argument("--data", default=str(default_cache_dir() / "ixi-2mm"), help="prepared data folder")
-        t.add_argument("--run", required=True, help="run folder for checkpoints and losses.csv")
+        t.add_argument("--run-dir", "--run", dest="run", required=True, help="run folder for checkpoints and losses.csv")
         if "diffusion" in verb:
             t.add_argument("--ae-run", required=True, help="the autoencoder's run folder")
         t.add_argument("--steps", type=int, default=steps)

@@ -23,3 +23,31 @@ def tiny_generator(tiny_model_dir):
     import synth
 
     return synth.load_generator(tiny_model_dir, device="cpu")
+
+
+def write_prepared(root: Path, ages=(25, 30, 45, 50, 65, 75), size: int = 32, split: str = "test"):
+    """A small prepared-data folder (phantom 'brains') in the layout of ``synthbrain prepare``."""
+    import csv
+
+    import numpy as np
+
+    from synth.data.prepare import TABLE_FIELDS, PreparedData
+    from synth.io import save_nifti
+
+    rng = np.random.default_rng(0)
+    g = np.stack(np.meshgrid(*[np.linspace(-1, 1, size)] * 3, indexing="ij"))
+    rows = []
+    for i, age in enumerate(ages):
+        mask = (g**2).sum(0) < 0.7
+        t1 = (mask * (0.5 + 0.3 * np.sin(5 * g[0] + i) + rng.normal(0, 0.02, mask.shape))).clip(0, 1)
+        mrid = f"SYN{i:03d}-XX-0000"
+        save_nifti(root / "volumes" / f"{mrid}_t1.nii.gz", t1.astype(np.float32), np.eye(4))
+        save_nifti(root / "volumes" / f"{mrid}_labels.nii.gz", mask.astype(np.uint8), np.eye(4))
+        rows.append({"mrid": mrid, "subject_id": mrid[:6], "split": split, "age": age, "sex": "FM"[i % 2],
+                     "icv": 1.5e6, "brain": 1.3e6 - 2e3 * age, "gm": 7e5, "wm": 5e5,
+                     "lateral_ventricles": 1e4 + 300 * age, "hippocampus": 8e3, "reg_ncc": 0.95})
+    with open(root / "subjects.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=TABLE_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    return PreparedData.load(root)

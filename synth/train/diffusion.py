@@ -157,7 +157,10 @@ def train_diffusion(cfg: LDMTrainConfig, *, progress: bool = True, rows: list[di
             volumes = np.stack([data.t1(r)[None] for r in rows]).astype(np.float32)
         latents = encode_dataset(ae, volumes, ctx.device, cfg.bf16)
         if ctx.is_main:
-            np.savez(cache, latents=latents)
+            from ..io import atomic_path
+
+            with atomic_path(cache) as tmp:
+                np.savez(tmp, latents=latents)
     del ae
     latent_scale = float(1.0 / latents.std())
     ranges = covariate_ranges(rows, cfg.covariates)
