@@ -87,7 +87,8 @@ def _cmd_train_autoencoder(args: argparse.Namespace) -> int:
     from .train.autoencoder import AETrainConfig, train_autoencoder
 
     cfg = AETrainConfig(data_dir=args.data, run_dir=args.run, steps=args.steps, batch_size=args.batch_size,
-                        lr=args.lr, bf16=not args.no_bf16, seed=args.seed, max_minutes=args.max_minutes)
+                        lr=args.lr, bf16=not args.no_bf16, seed=args.seed, max_minutes=args.max_minutes,
+                        init_from=args.init_from, decoder_only=args.decoder_only)
     state = train_autoencoder(cfg, progress=not args.quiet)
     print(f"autoencoder at step {state['step']} in {args.run}/last.pt")
     return 0
@@ -160,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--run-dir", "--run", dest="run", required=True, help="run folder for checkpoints and losses.csv")
         if "diffusion" in verb:
             t.add_argument("--ae-run", required=True, help="the autoencoder's run folder")
+        else:
+            t.add_argument("--init-from", default=None, help="start from this run's EMA weights (when RUN has no checkpoint)")
+            t.add_argument("--decoder-only", action="store_true",
+                           help="freeze the encoder and fine-tune the decoder (keeps the latent space of a trained diffusion model)")
         t.add_argument("--steps", type=int, default=steps)
         t.add_argument("--batch-size", type=int, default=bs)
         t.add_argument("--lr", type=float, default=lr)

@@ -123,3 +123,19 @@ def test_packaged_model_generates(tmp_path):
 
     with safe_open(str(folder / "unet.safetensors"), "pt") as f:
         assert all(f.get_tensor(k).dtype in (torch.float16, torch.int64) for k in f.keys())
+
+
+def test_decoder_only_finetune_keeps_the_encoder(tmp_path):
+    vols, _ = phantoms()
+    base = AETrainConfig(data_dir="", run_dir=str(tmp_path / "ae"), steps=10, bf16=False, autoencoder=dict(TINY_AE))
+    first = train_autoencoder(base, volumes=vols, progress=False)
+    ft = AETrainConfig(data_dir="", run_dir=str(tmp_path / "ft"), steps=30, lr=3e-3, bf16=False,
+                       autoencoder=dict(TINY_AE), init_from=str(tmp_path / "ae"), decoder_only=True)
+    tuned = train_autoencoder(ft, volumes=vols, progress=False)
+    for k, v in first["ema_state_dict"].items():
+        if k.startswith(("encoder.", "quant_conv_mu.", "quant_conv_log_sigma.")):
+            assert torch.equal(tuned["state_dict"][k], v), k
+    assert any(not torch.equal(tuned["state_dict"][k], v) for k, v in first["ema_state_dict"].items() if k.startswith("decoder."))
+    with open(tmp_path / "ft" / "losses.csv") as f:
+        l1 = [float(r["l1"]) for r in csv.DictReader(f)]
+    assert np.mean(l1[-5:]) < np.mean(l1[:5])

@@ -54,6 +54,27 @@ class AETrainConfig:
     max_minutes: float | None = None
     splits: tuple[str, ...] = ("train",)
     autoencoder: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_AE))
+    init_from: str | None = None
+    decoder_only: bool = False
+
+
+class _DecoderOnly(torch.nn.Module):
+    """Frozen encoder, trainable decoder: ``x -> decode(mu(x))``.
+
+    Fine-tunes the decoder on the latent means the diffusion model learned to produce, so the
+    latent space (and any diffusion model trained on it) stays valid.
+    """
+
+    def __init__(self, ae: torch.nn.Module):
+        super().__init__()
+        self.ae = ae
+        for m in (ae.encoder, ae.quant_conv_mu, ae.quant_conv_log_sigma):
+            m.requires_grad_(False)
+
+    def forward(self, x):
+        with torch.no_grad():
+            mu = self.ae.quant_conv_mu(self.ae.encoder(x))
+        return self.ae.decode(mu), mu, torch.ones_like(mu)
 
 
 def gradient_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -94,8 +115,12 @@ def train_autoencoder(cfg: AETrainConfig, *, volumes: np.ndarray | None = None, 
     if volumes is None:
         volumes = load_volumes(PreparedData.load(cfg.data_dir), cfg.splits)
     model = build_autoencoder(cfg.autoencoder).to(ctx.device)
+    if cfg.init_from:
+        init = torch.load(Path(cfg.init_from) / "last.pt", map_location="cpu", weights_only=False)
+        model.load_state_dict(init["ema_state_dict"])
+    wrapped = _DecoderOnly(model) if cfg.decoder_only else model
     ema = EMA(model, decay=0.995)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     ckpt = Checkpointer(cfg.run_dir)
     start = 0
     state = ckpt.resume()
@@ -105,7 +130,7 @@ def train_autoencoder(cfg: AETrainConfig, *, volumes: np.ndarray | None = None, 
         opt.load_state_dict(state["optimizer"])
         start = state["step"]
         rng = np.random.default_rng(cfg.seed + ctx.rank + start)
-    net = torch.nn.parallel.DistributedDataParallel(model) if ctx.world_size > 1 else model
+    net = torch.nn.parallel.DistributedDataParallel(wrapped) if ctx.world_size > 1 else wrapped
     log = LossLog(Path(cfg.run_dir) / "losses.csv", ["loss", "l1", "grad", "kl", "lr"]) if ctx.is_main else None
     t0 = time.time()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="autoencoder", disable=not (progress and ctx.is_main))
@@ -123,7 +148,7 @@ def train_autoencoder(cfg: AETrainConfig, *, volumes: np.ndarray | None = None, 
         recon, mu, sigma = recon.float(), mu.float(), sigma.float()
         l1 = F.l1_loss(recon, x)
         gl = gradient_l1(recon, x)
-        kl = kl_loss(mu, sigma)
+        kl = kl_loss(mu, sigma) if not cfg.decoder_only else torch.zeros(())
         loss = l1 + cfg.grad_weight * gl + cfg.kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
