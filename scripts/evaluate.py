@@ -11,7 +11,6 @@ volume-fidelity study; writes the JSON and, with --figures, the README's compari
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..grid import Grid
-from .segmenter import NUM_CLASSES, SegmenterConfig, build_network
+from .segmenter import NUM_CLASSES, SegmenterConfig
 
 __all__ = ["PHANTOM_CLASSES", "phantom", "tiny_network", "make_tiny_segmenter"]
 

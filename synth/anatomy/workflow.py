@@ -123,5 +123,5 @@ def export_brain(
             raise ValueError("the label map is empty: no structure to mesh")
         for f in mesh_fmts:
             target = out / f"{name}.{f}"
-            files[f] = export_usd(target, meshes, meta) if f"." + f in USD_FORMATS else export_meshes(target, meshes, meta)
+            files[f] = export_usd(target, meshes, meta) if "." + f in USD_FORMATS else export_meshes(target, meshes, meta)
     return files

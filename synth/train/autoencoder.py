@@ -9,7 +9,6 @@ generation time.
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 
 from ..data.prepare import PreparedData
 from ..models.networks import build_autoencoder, count_parameters
-from .common import EMA, Checkpointer, LossLog, autocast, cosine_lr, setup_distributed
+from .common import EMA, Checkpointer, LossLog, StepClock, autocast, setup_distributed
 
 __all__ = ["AETrainConfig", "train_autoencoder", "DEFAULT_AE", "gradient_l1", "kl_loss", "load_volumes"]
 
@@ -132,13 +131,11 @@ def train_autoencoder(cfg: AETrainConfig, *, volumes: np.ndarray | None = None, 
         rng = np.random.default_rng(cfg.seed + ctx.rank + start)
     net = torch.nn.parallel.DistributedDataParallel(wrapped) if ctx.world_size > 1 else wrapped
     log = LossLog(Path(cfg.run_dir) / "losses.csv", ["loss", "l1", "grad", "kl", "lr"]) if ctx.is_main else None
-    t0 = time.time()
+    clock = StepClock(cfg.steps, cfg.lr, cfg.lr_min, cfg.ckpt_every, cfg.max_minutes)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="autoencoder", disable=not (progress and ctx.is_main))
     step = start
     for step in bar:
-        lr = cosine_lr(step, cfg.steps, cfg.lr, cfg.lr_min)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        lr = clock.set_lr(opt, step)
         idx = rng.integers(0, len(volumes), size=cfg.batch_size)
         x = torch.from_numpy(volumes[idx]).to(ctx.device)
         if rng.random() < 0.5:  # left-right flip: brains are close to symmetric
@@ -158,9 +155,8 @@ def train_autoencoder(cfg: AETrainConfig, *, volumes: np.ndarray | None = None, 
         if ctx.is_main:
             log.log(step + 1, loss=loss.item(), l1=l1.item(), grad=gl.item(), kl=kl.item(), lr=lr)
             bar.set_postfix(l1=f"{l1.item():.4f}", grad=f"{gl.item():.4f}")
-        done = step + 1 == cfg.steps
-        out_of_time = cfg.max_minutes is not None and (time.time() - t0) > cfg.max_minutes * 60
-        if ctx.is_main and ((step + 1) % cfg.ckpt_every == 0 or done or out_of_time):
+        save, out_of_time = clock.after(step)
+        if ctx.is_main and save:
             ckpt.save(_state(model, ema, opt, step + 1, cfg))
         if out_of_time:
             break

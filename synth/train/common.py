@@ -15,7 +15,7 @@ import torch
 
 from ..io import atomic_path
 
-__all__ = ["DistContext", "setup_distributed", "autocast", "Checkpointer", "LossLog", "EMA", "cosine_lr"]
+__all__ = ["DistContext", "setup_distributed", "autocast", "Checkpointer", "LossLog", "EMA", "cosine_lr", "StepClock"]
 
 
 @dataclass
@@ -60,6 +60,28 @@ def cosine_lr(step: int, total: int, lr: float, lr_min: float, warmup: int = 50)
         return lr * (step + 1) / warmup
     p = min(1.0, (step - warmup) / max(1, total - warmup))
     return lr_min + 0.5 * (lr - lr_min) * (1 + torch.cos(torch.tensor(p * torch.pi)).item())
+
+
+class StepClock:
+    """The per-step schedule shared by both trainers: learning rate, checkpoints, time limit."""
+
+    def __init__(self, steps: int, lr: float, lr_min: float, ckpt_every: int, max_minutes: float | None):
+        self.steps, self.lr, self.lr_min = steps, lr, lr_min
+        self.ckpt_every, self.max_minutes = ckpt_every, max_minutes
+        self.t0 = time.time()
+
+    def set_lr(self, opt: torch.optim.Optimizer, step: int) -> float:
+        """Cosine schedule with warm-up; writes the rate into ``opt`` and returns it."""
+        lr = cosine_lr(step, self.steps, self.lr, self.lr_min)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        return lr
+
+    def after(self, step: int) -> tuple[bool, bool]:
+        """``(checkpoint now, stop now)`` once ``step`` (0-based) is done."""
+        out_of_time = self.max_minutes is not None and (time.time() - self.t0) > self.max_minutes * 60
+        save = (step + 1) % self.ckpt_every == 0 or step + 1 == self.steps or out_of_time
+        return save, out_of_time
 
 
 class EMA:

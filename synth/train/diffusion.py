@@ -9,7 +9,6 @@ unconditional model that classifier-free guidance needs (Ho & Salimans 2022).
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from ..condition import VOLUME_KEYS
 from ..data.prepare import PreparedData
 from ..models.networks import build_autoencoder, build_unet, count_parameters
 from ..normative import NormativeModel
-from .common import EMA, Checkpointer, LossLog, autocast, cosine_lr, setup_distributed
+from .common import EMA, Checkpointer, LossLog, StepClock, autocast, setup_distributed
 
 __all__ = ["LDMTrainConfig", "train_diffusion", "DEFAULT_UNET", "DEFAULT_COVARIATES", "encode_dataset", "covariate_matrix"]
 
@@ -196,13 +195,11 @@ def train_diffusion(cfg: LDMTrainConfig, *, progress: bool = True, rows: list[di
     log = LossLog(run / "losses.csv", ["loss", "lr"]) if ctx.is_main else None
     z_all = torch.from_numpy(latents * latent_scale)
     c_all = torch.from_numpy(cond)
-    t0 = time.time()
+    clock = StepClock(cfg.steps, cfg.lr, cfg.lr_min, cfg.ckpt_every, cfg.max_minutes)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="diffusion", disable=not (progress and ctx.is_main))
     step = start
     for step in bar:
-        lr = cosine_lr(step, cfg.steps, cfg.lr, cfg.lr_min)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        lr = clock.set_lr(opt, step)
         idx = torch.from_numpy(rng.integers(0, len(z_all), size=cfg.batch_size))
         z0 = z_all[idx].to(ctx.device)
         c = c_all[idx].clone()
@@ -224,9 +221,8 @@ def train_diffusion(cfg: LDMTrainConfig, *, progress: bool = True, rows: list[di
         if ctx.is_main:
             log.log(step + 1, loss=loss.item(), lr=lr)
             bar.set_postfix(loss=f"{loss.item():.4f}")
-        done = step + 1 == cfg.steps
-        out_of_time = cfg.max_minutes is not None and (time.time() - t0) > cfg.max_minutes * 60
-        if ctx.is_main and ((step + 1) % cfg.ckpt_every == 0 or done or out_of_time):
+        save, out_of_time = clock.after(step)
+        if ctx.is_main and save:
             ckpt.save(_state(unet, ema, opt, step + 1, cfg, model_config))
         if out_of_time:
             break
