@@ -6,6 +6,7 @@
 Variants, each in a fresh process (so peak memory is its own), same weights, same initial noise:
   baseline  monai.inferers.LatentDiffusionInferer.sample, DDIMScheduler 50 steps, float32
   ours      synth BrainGenerator.generate: DDIM with the model's default steps, bf16 autocast
+Both use the model's default classifier-free guidance scale (MONAI's ``cfg`` argument).
 Quality is checked by comparing the two brains of the same seed: PSNR and correlation inside the
 brain, and the sharpness (mean gradient magnitude) of each.
 """
@@ -66,9 +67,11 @@ def _run_variant(args) -> None:
                     c = context[:, 0, :, None, None, None].expand(-1, -1, *x.shape[2:])
                     return self.unet(torch.cat([x, c], 1), timesteps=timesteps, context=context)
 
+            gs = float(gen.config.sampling.get("guidance_scale", 1.0))
+            cfg = {"cfg": gs, "cfg_fill_value": 0.0} if gs != 1.0 else {}  # null condition = all zeros
             with torch.no_grad():
                 out = inferer.sample(noise, gen.autoencoder, ConcatAndCrossAttend(gen.unet), scheduler=sched,
-                                     conditioning=context, mode="crossattn", verbose=False)
+                                     conditioning=context, mode="crossattn", verbose=False, **cfg)
             t1 = time.perf_counter()
             img = out.clamp(0, 1)[0, 0].numpy()
         t2 = time.perf_counter()
