@@ -63,13 +63,13 @@ def _figure_age_sweep(sweep, path: Path) -> None:
         ax.set_title(f"{a} y", fontsize=9)
         ax.set_axis_off()
     ax1 = fig.add_subplot(2, 2, 3)
-    ax1.plot(sweep["ages"], sweep["ventricles_ml"], "o-")
+    ax1.plot(sweep["ages"], [100 * v for v in sweep["ventricles_frac"]], "o-")
     ax1.set_xlabel("requested age (years)")
-    ax1.set_ylabel("lateral ventricles (mL)")
+    ax1.set_ylabel("lateral ventricles (% of ICV)")
     ax2 = fig.add_subplot(2, 2, 4)
-    ax2.plot(sweep["ages"], sweep["brain_ml"], "o-", color="C1")
+    ax2.plot(sweep["ages"], [100 * v for v in sweep["brain_frac"]], "o-", color="C1")
     ax2.set_xlabel("requested age (years)")
-    ax2.set_ylabel("brain (mL)")
+    ax2.set_ylabel("brain (% of ICV)")
     fig.suptitle(f"One seed ({sweep['seed']}, {sweep['sex']}) across ages - SYNTHETIC, not for clinical use", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
@@ -118,8 +118,9 @@ def main() -> int:
               f"mismatched {c['mismatched_mean']:.4f}; own band best: {c['best_match_is_own_band']}")
     if "sweep" not in args.skip:
         sw = ev.age_sweep(gen, seg)
-        print(f"3b. one seed 25->80 y: ventricles {['%.1f' % v for v in sw['ventricles_ml']]} mL (r={sw['ventricles_r_age']:.2f}), "
-              f"brain {['%.0f' % v for v in sw['brain_ml']]} mL (r={sw['brain_r_age']:.2f})")
+        print(f"3b. one seed 25->80 y, % of ICV: ventricles {['%.2f' % (100 * v) for v in sw['ventricles_frac']]} "
+              f"(r={sw['ventricles_r_age']:.2f}), brain {['%.1f' % (100 * v) for v in sw['brain_frac']]} (r={sw['brain_r_age']:.2f}); "
+              f"mL: ventricles {['%.1f' % v for v in sw['ventricles_ml']]}, ICV {['%.0f' % v for v in sw['icv_ml']]}")
         if args.figures:
             _figure_age_sweep(sw, Path(args.figures) / "age_sweep.png")
         res["age_sweep"] = {k: v for k, v in sw.items() if k != "images"}

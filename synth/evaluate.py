@@ -110,31 +110,36 @@ def condition_following(gen: BrainGenerator, data: PreparedData, splits=("test",
 
 def age_sweep(gen: BrainGenerator, segmenter=None, seed: int = 0, sex: str = "F",
               ages=(25, 35, 45, 55, 65, 75, 80)) -> dict[str, Any]:
-    """One seed across ages; ventricle and brain volumes of each brain (segmenter if given).
+    """One seed across ages; ventricle and brain volumes of each brain, in mL and as fractions of ICV.
 
+    The model is conditioned on fractions of ICV, so the fractions are the measure that counts.
     Without a segmenter, ventricles are approximated by dark (CSF-like, < 0.3) voxels in a
-    central box around the lateral ventricles and the brain by voxels above 0.05.
+    central box and the brain (and ICV) by voxels above 0.05.
     """
-    out = {"seed": seed, "sex": sex, "ages": list(ages), "ventricles_ml": [], "brain_ml": [], "images": []}
+    out = {"seed": seed, "sex": sex, "ages": list(ages), "ventricles_ml": [], "brain_ml": [], "icv_ml": [],
+           "ventricles_frac": [], "brain_frac": [], "images": []}
     for a in ages:
         b = gen.generate(Condition(age=a, sex=sex), seed=seed)
         if segmenter is not None:
             from .anatomy import measure_volumes
 
             v = measure_volumes(segmenter.segment(b.image))
-            vent, brain = v["lateral_ventricles"], v["brain"]
+            vent, brain, icv = v["lateral_ventricles"], v["brain"], v["icv"]
         else:
             img = b.image
             box = img[25:55, 35:75, 35:65]
             vent = float(((box < 0.3) & (box > 0.0)).sum() * 8.0)
-            brain = float((img > 0.05).sum() * 8.0)
+            brain = icv = float((img > 0.05).sum() * 8.0)
         out["ventricles_ml"].append(vent / 1000)
         out["brain_ml"].append(brain / 1000)
+        out["icv_ml"].append(icv / 1000)
+        out["ventricles_frac"].append(vent / icv)
+        out["brain_frac"].append(brain / icv)
         out["images"].append(b.image)
-    out["ventricles_increase"] = bool(pearson_r(ages, out["ventricles_ml"]) > 0.8)
-    out["brain_decrease"] = bool(pearson_r(ages, out["brain_ml"]) < -0.8)
-    out["ventricles_r_age"] = pearson_r(ages, out["ventricles_ml"])
-    out["brain_r_age"] = pearson_r(ages, out["brain_ml"])
+    out["ventricles_r_age"] = pearson_r(ages, out["ventricles_frac"])
+    out["brain_r_age"] = pearson_r(ages, out["brain_frac"])
+    out["ventricles_increase"] = bool(out["ventricles_r_age"] > 0.8)
+    out["brain_decrease"] = bool(out["brain_r_age"] < -0.8)
     return out
 
 
