@@ -3,6 +3,7 @@
 import csv
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -138,3 +139,15 @@ def test_decoder_only_finetune_keeps_the_encoder(tmp_path):
     with open(tmp_path / "ft" / "losses.csv") as f:
         l1 = [float(r["l1"]) for r in csv.DictReader(f)]
     assert np.mean(l1[-5:]) < np.mean(l1[:5])
+
+
+def test_covariates_can_include_a_diagnosis():
+    from synth.train.diffusion import covariate_matrix, covariate_ranges
+
+    _, rows = phantoms(n=3)
+    rows[1]["diagnosis"] = "AD"
+    names = ["age", "diagnosis_CN", "diagnosis_AD"]
+    m = covariate_matrix(rows, names, covariate_ranges(rows, names))
+    assert m[:, 1].tolist() == [1.0, 0.0, 1.0] and m[:, 2].tolist() == [0.0, 1.0, 0.0] and (m[:, -1] == 1).all()
+    with pytest.raises(ValueError, match="unknown covariate 'weight'"):
+        covariate_matrix(rows, ["weight"], {})

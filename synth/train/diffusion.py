@@ -77,8 +77,10 @@ def covariate_matrix(rows: list[dict], covariates: list[str], ranges: dict[str, 
                 v = 1.0 if r["sex"] == "M" else 0.0
             elif name in VOLUME_KEYS:
                 v = r[name] / r["icv"]
+            elif name.startswith("diagnosis_"):  # one-hot, for cohorts whose rows carry a diagnosis
+                v = 1.0 if r.get("diagnosis", "CN") == name.split("_", 1)[1] else 0.0
             else:
-                raise ValueError(f"unknown covariate {name!r}; expected age, sex or one of {VOLUME_KEYS}")
+                raise ValueError(f"unknown covariate {name!r}; expected age, sex, diagnosis_<CN|MCI|AD> or one of {VOLUME_KEYS}")
             lo, hi = ranges.get(name, (0.0, 1.0))
             vals.append((v - lo) / (hi - lo))
         out.append(vals + [1.0])
@@ -91,7 +93,7 @@ def covariate_ranges(rows: list[dict], covariates: list[str]) -> dict[str, list[
     for name in covariates:
         if name == "age":
             ranges[name] = [20.0, 82.0]
-        elif name == "sex":
+        elif name == "sex" or name.startswith("diagnosis_"):
             ranges[name] = [0.0, 1.0]
         else:
             v = np.array([r[name] / r["icv"] for r in rows])
