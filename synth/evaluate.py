@@ -44,11 +44,8 @@ def reconstruction(gen: BrainGenerator, data: PreparedData, split: str = "test",
     for r in rows:
         x = data.t1(r)
         mask = data.labels(r) > 0
-        t = torch.from_numpy(x[None, None]).to(gen.device)
-        amp = torch.autocast(gen.device.type, dtype=torch.bfloat16) if bf16 else torch.autocast(gen.device.type, enabled=False)
-        with amp:  # the latent mean: what the diffusion model was trained to produce (no sampling)
-            z = gen.autoencoder.quant_conv_mu(gen.autoencoder.encoder(t))
-        recon = gen.decode(z.float(), bf16=bf16)
+        # The latent mean: what the diffusion model was trained to produce (no sampling).
+        recon = gen.decode(gen.encode(x, bf16=bf16), bf16=bf16)
         per.append({"mrid": r["mrid"], "psnr": psnr(x, recon, mask), "ssim": ssim(x, recon, mask)})
     return {
         "split": split,

@@ -20,7 +20,7 @@ from .condition import Condition
 from .grid import Grid
 from .io import SYNTHETIC_NOTICE
 from .models.config import ModelConfig
-from .models.networks import build_autoencoder, build_unet
+from .models.networks import autocast, build_autoencoder, build_unet, latent_mean
 from .normative import NormativeModel, target_volumes
 from .version import __version__
 
@@ -183,7 +183,7 @@ class BrainGenerator:
         cond = self.encode_condition(condition).to(self.device)
         use_cfg = guidance_scale != 1.0 and self.config.null_condition
         cond_in = torch.cat([torch.zeros_like(cond), cond]) if use_cfg else cond
-        amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else _null()
+        amp = autocast(self.device, bf16)
         total = len(scheduler.timesteps)
         for i, t in enumerate(scheduler.timesteps):
             z_in = torch.cat([z, z]) if use_cfg else z
@@ -200,10 +200,16 @@ class BrainGenerator:
         return z / self.config.latent_scale
 
     @torch.no_grad()
+    def encode(self, image: np.ndarray, bf16: bool = False) -> torch.Tensor:
+        """The (unscaled) latent mean of an (X, Y, Z) volume in [0, 1] on the model grid."""
+        x = torch.from_numpy(np.asarray(image, np.float32)[None, None]).to(self.device)
+        with autocast(self.device, bf16):
+            return latent_mean(self.autoencoder, x).float()
+
+    @torch.no_grad()
     def decode(self, latent: torch.Tensor, bf16: bool = False) -> np.ndarray:
         """Decode a latent to an (X, Y, Z) float32 volume in [0, 1]."""
-        amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else _null()
-        with amp:
+        with autocast(self.device, bf16):
             img = self.autoencoder.decode_stage_2_outputs(latent)
         return img.float().clamp_(0, 1)[0, 0].cpu().numpy()
 
@@ -268,14 +274,6 @@ class BrainGenerator:
             "notice": SYNTHETIC_NOTICE,
         }
         return SyntheticBrain(image, affine, condition, int(seed), self.targets(condition), provenance)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def load_generator(name_or_path: str | Path = DEFAULT_MODEL, device: str = "auto") -> BrainGenerator:

@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 
-__all__ = ["build_autoencoder", "build_unet", "count_parameters"]
+__all__ = ["autocast", "build_autoencoder", "build_unet", "count_parameters", "latent_mean"]
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on CPU (avx512_bf16) and CUDA; a no-op when disabled."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def latent_mean(ae: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The mean of q(z|x) of an ``AutoencoderKL``: the latent the diffusion model is trained on."""
+    return ae.quant_conv_mu(ae.encoder(x))
 
 
 def build_autoencoder(kwargs: dict[str, Any]) -> torch.nn.Module:

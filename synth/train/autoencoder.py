@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.prepare import PreparedData
-from ..models.networks import build_autoencoder, count_parameters
+from ..models.networks import build_autoencoder, count_parameters, latent_mean
 from .common import EMA, Checkpointer, LossLog, StepClock, autocast, setup_distributed
 
 __all__ = ["AETrainConfig", "train_autoencoder", "DEFAULT_AE", "gradient_l1", "kl_loss", "load_volumes"]
@@ -72,7 +72,7 @@ class _DecoderOnly(torch.nn.Module):
 
     def forward(self, x):
         with torch.no_grad():
-            mu = self.ae.quant_conv_mu(self.ae.encoder(x))
+            mu = latent_mean(self.ae, x)
         return self.ae.decode(mu), mu, torch.ones_like(mu)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import csv
 import os
@@ -14,6 +13,7 @@ from typing import Any
 import torch
 
 from ..io import atomic_path
+from ..models.networks import autocast
 
 __all__ = ["DistContext", "setup_distributed", "autocast", "Checkpointer", "LossLog", "EMA", "cosine_lr", "StepClock"]
 
@@ -46,13 +46,6 @@ def setup_distributed(device: str = "auto") -> DistContext:
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return DistContext(rank, world, dev)
-
-
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CPU (avx512_bf16) and CUDA; a no-op when disabled."""
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def cosine_lr(step: int, total: int, lr: float, lr_min: float, warmup: int = 50) -> float:

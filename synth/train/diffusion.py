@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..condition import VOLUME_KEYS
 from ..data.prepare import PreparedData
-from ..models.networks import build_autoencoder, build_unet, count_parameters
+from ..models.networks import build_autoencoder, build_unet, count_parameters, latent_mean
 from ..normative import NormativeModel
 from .common import EMA, Checkpointer, LossLog, StepClock, autocast, setup_distributed
 
@@ -113,8 +113,7 @@ def encode_dataset(ae: torch.nn.Module, volumes: np.ndarray, device: torch.devic
             if flip:
                 x = torch.flip(x, dims=[2])
             with autocast(device, bf16):
-                h = ae.encoder(x)
-                mu = ae.quant_conv_mu(h)
+                mu = latent_mean(ae, x)
             out.append(mu.float().cpu().numpy()[0])
     return np.stack(out)
 
