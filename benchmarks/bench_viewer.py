@@ -1,0 +1,86 @@
+#!/usr/bin/env python
+"""The viewer's server-side work on CPU: time to a first brain, and one slice redraw.
+
+    python benchmarks/bench_viewer.py [--model synthbrain-ldm-2mm] [--repeats 5]
+
+Times the functions the app itself calls (`viewer.service.run_generation`, `viewer.render`):
+  first brain  generate + segment + the three slice views as PNG (model loads excluded: the app
+               loads them once, while the user sets the condition)    target <= 5 s
+  redraw       three slice views with label overlay and crosshair as PNG (what a slider move costs)
+               target <= 100 ms, against the baseline: the same three slices drawn as a matplotlib
+               figure and saved as PNG
+The browser adds transfer and drawing on top (the end-to-end test prints those figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="synthbrain-ldm-2mm")
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args()
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    import synth
+    from synth.anatomy import STRUCTURES, load_segmenter
+    from viewer import render, service
+
+    t = time.perf_counter()
+    gen = synth.load_generator(args.model, device="cpu")
+    seg = load_segmenter(device="cpu")
+    load_s = time.perf_counter() - t
+    request = service.parse_request(model=args.model, age=70, sex="F", diagnosis="AD", seed=0)
+    lut = render.label_lut(service.label_colors(STRUCTURES))
+
+    def views(image, labels, pos):
+        return [render.png_bytes(v) for v in render.orthogonal_views(image, pos, labels=labels, lut=lut).values()]
+
+    firsts = []
+    for _ in range(max(1, args.repeats // 2)):
+        t = time.perf_counter()
+        out = service.run_generation(gen, request, segmenter=seg)
+        views(out.brain.image, out.labels, [s // 2 for s in out.brain.image.shape])
+        firsts.append(time.perf_counter() - t)
+    image, labels = out.brain.image, out.labels
+
+    ours, base = [], []
+    for i in range(args.repeats):
+        pos = (30 + i, 40 + i, 35 + i)
+        t = time.perf_counter()
+        views(image, labels, pos)
+        ours.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        fig, axes = plt.subplots(1, 3, figsize=(9, 3))
+        for ax, sl in zip(axes, (image[pos[0]].T, image[:, pos[1]].T, image[:, :, pos[2]].T)):
+            ax.imshow(sl, cmap="gray", origin="lower", vmin=0, vmax=1)
+        fig.savefig(io.BytesIO(), format="png")
+        plt.close(fig)
+        base.append(time.perf_counter() - t)
+
+    print(f"machine: {os.cpu_count()} cores; date {time.strftime('%Y-%m-%d')}; model loads (once) {load_s:.2f} s")
+    print(f"first brain (generate + segment + 3 views): median {statistics.median(firsts):.2f} s (target <= 5 s)")
+    print(f"slice redraw, 3 views + overlay as PNG:     median {1000 * statistics.median(ours):.1f} ms (target <= 100 ms)")
+    print(f"baseline, matplotlib figure as PNG:         median {1000 * statistics.median(base):.1f} ms "
+          f"({statistics.median(base) / statistics.median(ours):.1f}x slower)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
