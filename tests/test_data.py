@@ -44,3 +44,10 @@ def test_prepare_two_subjects(tmp_path):
         assert np.all(np.abs(com - [0, -18, 8]) < 12)
     again = prepare_ixi(IXI, tmp_path / "prep", workers=1, limit=2, progress=False)  # resumes
     assert [r["mrid"] for r in again.rows] == [r["mrid"] for r in data.rows]
+
+
+def test_prepared_data_missing(tmp_path):
+    from synth.data.prepare import PreparedData
+
+    with pytest.raises(FileNotFoundError, match="run `synthbrain prepare` first"):
+        PreparedData.load(tmp_path)

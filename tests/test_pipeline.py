@@ -111,3 +111,47 @@ def test_model_config_cross_checks(tiny_model_dir):
     cfg["unet"]["in_channels"] = 3
     with pytest.raises(ValueError, match="in_channels must be 8"):
         ModelConfig(**cfg)
+
+
+def test_covariate_without_a_value_is_named(tiny_model_dir):
+    from synth.models import ModelConfig
+
+    cfg = ModelConfig.load(tiny_model_dir)
+    cfg.normative = None  # no normative model: volumes must be given explicitly
+    nets = synth.load_generator(tiny_model_dir, device="cpu")
+    gen = synth.BrainGenerator(cfg, nets.autoencoder, nets.unet, device="cpu")
+    with pytest.raises(ValueError, match="model covariate 'brain' has no value"):
+        gen.encode_condition(Condition(age=50, sex="F"))
+    v = gen.encode_condition(Condition(age=50, sex="F", volumes={"brain": 0.85, "lateral_ventricles": 0.02, "hippocampus": 0.005}))
+    assert v.shape == (1, 6)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"conditioning": "film"}, "`conditioning` must be crossattn\\+concat, crossattn or concat"),
+        ({"unet_cross_attention_dim": 4}, "cross_attention_dim must be 6"),
+    ],
+)
+def test_model_config_rejects_inconsistent_wiring(tiny_model_dir, change, match):
+    from synth.models import ModelConfig
+
+    cfg = ModelConfig.load(tiny_model_dir).to_dict()
+    if "conditioning" in change:
+        cfg["conditioning"] = change["conditioning"]
+    else:
+        cfg["unet"]["cross_attention_dim"] = change["unet_cross_attention_dim"]
+    with pytest.raises(ValueError, match=match):
+        ModelConfig(**cfg)
+
+
+def test_model_folder_without_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="expected config.json"):
+        synth.BrainGenerator.from_folder(tmp_path)
+
+
+def test_brain_save_rejects_other_suffixes(tiny_generator, tmp_path):
+    brain = tiny_generator.generate(Condition(age=40, sex="F"), seed=0)
+    with pytest.raises(ValueError, match="expected a NIfTI path"):
+        brain.save(tmp_path / "brain.png")
+    assert list(tmp_path.iterdir()) == []
