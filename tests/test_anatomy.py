@@ -126,12 +126,16 @@ def test_morphometry_errors():
     [MNI_2MM.affine, np.array([[-1.5, 0, 0, 60.0], [0, 1.5, 0, -50.0], [0, 0, 1.5, -40.0], [0, 0, 0, 1]])],
     ids=["mni-ras", "las-1.5mm"],
 )
-def test_mesh_lies_at_world_position(affine):
+@pytest.mark.parametrize("decimation", ["pro", "quadric"])
+def test_mesh_lies_at_world_position(affine, decimation):
     shape = (80, 96, 80)
     centre, radius = np.array([20.0, -10.0, 30.0]), 12.0
     labels = ball(shape, affine, centre, radius).astype(np.uint8) * 10
-    meshes = structure_meshes(labels, affine, ["Left-Hippocampus"])
+    full = structure_meshes(labels, affine, ["Left-Hippocampus"], decimate=0)["Left-Hippocampus"]
+    meshes = structure_meshes(labels, affine, ["Left-Hippocampus"], decimation=decimation)
     mesh = meshes["Left-Hippocampus"]
+    assert mesh.n_open_edges == 0  # decimation keeps the surface closed
+    assert 0.4 * full.n_cells <= mesh.n_cells <= 0.6 * full.n_cells  # half the triangles removed
     d = np.linalg.norm(mesh.points - centre, axis=1)
     assert np.allclose(mesh.points.mean(0), centre, atol=0.6)
     assert abs(d.mean() - radius) < 0.6 and d.std() < 0.5
@@ -157,6 +161,8 @@ def test_structure_meshes_errors():
         structure_meshes(labels, np.eye(4), [31])
     with pytest.raises(ValueError, match="`decimate`"):
         structure_meshes(labels, np.eye(4), decimate=1.0)
+    with pytest.raises(ValueError, match="`decimation` must be one of pro, quadric"):
+        structure_meshes(labels, np.eye(4), decimation="clustering")
     with pytest.raises(ValueError, match="3D"):
         structure_meshes(labels[0], np.eye(4))
     with pytest.raises(ValueError, match="`affine`"):
