@@ -105,6 +105,8 @@ def main() -> int:
               f"SSIM {r['ssim_mean']:.3f} (target >= 0.92)")
         for s in r["per_subject"]:
             print(f"     {s['mrid']}: {s['psnr']:.2f} dB, SSIM {s['ssim']:.3f}")
+        for ref in r["reference"]:
+            print(f"   reference, {ref['method']}: PSNR {ref['psnr_mean']:.2f} dB, SSIM {ref['ssim_mean']:.3f}")
     if "sharpness" not in args.skip:
         s, pairs = ev.sample_sharpness(gen, data, log=lambda m: None)
         res["sharpness"] = s

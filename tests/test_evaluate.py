@@ -18,6 +18,16 @@ def test_reconstruction_reports_per_subject(tiny_generator, tiny_data):
     assert r["n"] == 6 and len(r["per_subject"]) == 6
     assert all(np.isfinite(s["psnr"]) and -1 <= s["ssim"] <= 1 for s in r["per_subject"])
     assert r["psnr_mean"] == pytest.approx(np.mean([s["psnr"] for s in r["per_subject"]]))
+    x2, x4 = (ref["psnr_mean"] for ref in r["reference"])
+    assert [ref["factor"] for ref in r["reference"]] == [2, 4] and x2 > x4  # coarser grid, more lost
+
+
+def test_resampled_keeps_smooth_images_and_blurs_detail():
+    ramp = np.broadcast_to(np.linspace(0, 1, 16, dtype=np.float32)[:, None, None], (16, 12, 8)).copy()
+    out = ev.resampled(ramp, 2)
+    assert out.shape == ramp.shape and np.abs(out - ramp)[2:-2].max() < 1e-5  # linear: kept inside
+    checker = (np.indices((16, 12, 8)).sum(0) % 2).astype(np.float32)
+    assert np.allclose(ev.resampled(checker, 2), 0.5)  # one-voxel detail: gone
 
 
 def test_sharpness_and_condition_following(tiny_generator, tiny_data):
