@@ -23,6 +23,24 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def _number(kind, minimum: float, inclusive: bool, what: str):
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if v < minimum or (not inclusive and v == minimum):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return v
+
+    return parse
+
+
+_positive_int = _number(int, 0, False, "a positive integer")
+_nonnegative_int = _number(int, 0, True, "an integer >= 0")
+_nonnegative_float = _number(float, 0.0, True, "a number >= 0")
+
+
 def _add_condition_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--age", type=float, required=True, help="age in years (18-95; the model saw 20-82)")
     p.add_argument("--sex", required=True, help="F or M")
@@ -84,11 +102,25 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_autoencoder(args: argparse.Namespace) -> int:
-    from .train.autoencoder import AETrainConfig, train_autoencoder
+    import torch
 
+    from .train.autoencoder import DEFAULT_AE, AETrainConfig, train_autoencoder
+
+    arch = dict(DEFAULT_AE)
+    if args.init_from:  # the architecture of the run it starts from
+        arch = dict(torch.load(Path(args.init_from) / "last.pt", map_location="cpu", weights_only=False)["config"]["autoencoder"])
+    if args.channels:
+        if any(c % arch["norm_num_groups"] for c in args.channels):
+            raise UsageError(f"--channels must be multiples of {arch['norm_num_groups']} (the GroupNorm groups), got {args.channels}")
+        arch.update(channels=list(args.channels), attention_levels=[False] * len(args.channels))
+    if args.latent_channels:
+        arch["latent_channels"] = args.latent_channels
+    if args.res_blocks:
+        arch["num_res_blocks"] = args.res_blocks
     cfg = AETrainConfig(data_dir=args.data, run_dir=args.run, steps=args.steps, batch_size=args.batch_size,
                         lr=args.lr, bf16=not args.no_bf16, seed=args.seed, max_minutes=args.max_minutes,
-                        init_from=args.init_from, decoder_only=args.decoder_only)
+                        init_from=args.init_from, decoder_only=args.decoder_only, autoencoder=arch,
+                        adv_weight=args.adv_weight, adv_start=args.adv_start)
     state = train_autoencoder(cfg, progress=not args.quiet)
     print(f"autoencoder at step {state['step']} in {args.run}/last.pt")
     return 0
@@ -165,6 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
             t.add_argument("--init-from", default=None, help="start from this run's EMA weights (when RUN has no checkpoint)")
             t.add_argument("--decoder-only", action="store_true",
                            help="freeze the encoder and fine-tune the decoder (keeps the latent space of a trained diffusion model)")
+            t.add_argument("--channels", type=_positive_int, nargs="+", default=None,
+                           help="channels per level (default 16 32 64, or --init-from's); each level after the first halves the grid")
+            t.add_argument("--latent-channels", type=_positive_int, default=None, help="latent channels (default 4)")
+            t.add_argument("--res-blocks", type=_positive_int, default=None, help="residual blocks per level (default 1)")
+            t.add_argument("--adv-weight", type=_nonnegative_float, default=0.0,
+                           help="weight of the PatchDiscriminator's adversarial loss (0 = off; the MONAI tutorials use 0.01)")
+            t.add_argument("--adv-start", type=_nonnegative_int, default=0, help="step at which the adversarial loss starts")
         t.add_argument("--steps", type=int, default=steps)
         t.add_argument("--batch-size", type=int, default=bs)
         t.add_argument("--lr", type=float, default=lr)

@@ -3,6 +3,7 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from synth.cli import main
 from synth.grid import Grid
@@ -57,6 +58,42 @@ def test_bad_arguments_one_line_exit_2_nothing_written(tiny_model_dir, tmp_path,
     assert code == 2
     assert message in err and err.count("\n") == 1 and err.startswith("synthbrain: error:")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--channels", "0", "16"], "argument --channels: expected a positive integer, got '0'"),
+        (["--latent-channels", "x"], "argument --latent-channels: expected a positive integer, got 'x'"),
+        (["--adv-weight", "-1"], "argument --adv-weight: expected a number >= 0, got '-1'"),
+        (["--adv-start", "1.5"], "argument --adv-start: expected an integer >= 0, got '1.5'"),
+        (["--channels", "16", "24"], "--channels must be multiples of 16 (the GroupNorm groups), got [16, 24]"),
+    ],
+)
+def test_bad_training_arguments_exit_2_before_any_run_folder(tmp_path, capsys, argv, message):
+    code = main(["train-autoencoder", "--run-dir", str(tmp_path / "run"), "--data", str(tmp_path), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_train_autoencoder_architecture_and_adversarial_flags_reach_the_run(tmp_path):
+    from .conftest import write_prepared
+
+    write_prepared(tmp_path / "data", split="train")
+    run = tmp_path / "run"
+    code = main(["train-autoencoder", "--run-dir", str(run), "--data", str(tmp_path / "data"), "--steps", "2", "--quiet",
+                 "--no-bf16", "--channels", "16", "16", "--latent-channels", "2", "--adv-weight", "0.1"])
+    assert code == 0
+    state = torch.load(run / "last.pt", weights_only=False)
+    assert state["step"] == 2 and "discriminator" in state
+    assert state["config"]["autoencoder"]["channels"] == [16, 16] and state["config"]["autoencoder"]["latent_channels"] == 2
+    assert state["config"]["adv_weight"] == 0.1
+    # --init-from takes the architecture of the run it starts from.
+    assert main(["train-autoencoder", "--run-dir", str(tmp_path / "ft"), "--data", str(tmp_path / "data"), "--steps", "1",
+                 "--quiet", "--no-bf16", "--init-from", str(run), "--decoder-only"]) == 0
+    ft = torch.load(tmp_path / "ft" / "last.pt", weights_only=False)
+    assert ft["config"]["autoencoder"]["channels"] == [16, 16] and ft["config"]["decoder_only"]
 
 
 def test_bad_output_suffix_and_overwrite(tiny_model_dir, tmp_path, capsys):

@@ -141,6 +141,59 @@ def test_decoder_only_finetune_keeps_the_encoder(tmp_path):
     assert np.mean(l1[-5:]) < np.mean(l1[:5])
 
 
+TINY_DISC = {"spatial_dims": 3, "in_channels": 1, "out_channels": 1, "channels": 4, "num_layers_d": 2, "norm": "INSTANCE"}
+
+
+def test_adversarial_patch_loss_starts_late_trains_the_discriminator_and_resumes(tmp_path):
+    vols, _ = phantoms()
+    run = tmp_path / "adv"
+    cfg = AETrainConfig(data_dir="", run_dir=str(run), steps=8, lr=3e-3, bf16=False, ckpt_every=4,
+                        autoencoder=dict(TINY_AE), adv_weight=0.1, adv_start=3, discriminator=dict(TINY_DISC))
+    state = train_autoencoder(cfg, volumes=vols, progress=False)
+    with open(run / "losses.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["adv"]) for r in rows[:3]] == [0.0] * 3 and [float(r["disc"]) for r in rows[:3]] == [0.0] * 3
+    assert all(float(r["adv"]) > 0 and float(r["disc"]) > 0 for r in rows[3:])
+    saved = torch.load(run / "last.pt", weights_only=False)
+    assert saved["step"] == 8 and "discriminator" in saved and "disc_optimizer" in saved
+    assert set(state["discriminator"]) == set(saved["discriminator"])
+    # The discriminator is trained, not only used: the same seed with the loss never switched on
+    # (adv_start = steps) leaves it at its initial weights.
+    idle = AETrainConfig(data_dir="", run_dir=str(tmp_path / "idle"), steps=8, lr=3e-3, bf16=False,
+                         autoencoder=dict(TINY_AE), adv_weight=0.1, adv_start=8, discriminator=dict(TINY_DISC))
+    untouched = train_autoencoder(idle, volumes=vols, progress=False)["discriminator"]
+    moved = [k for k, v in saved["discriminator"].items() if v.is_floating_point() and not torch.equal(untouched[k], v)]
+    assert len(moved) > 0
+    # Resume: continues from step 8 with the saved discriminator.
+    cfg.steps = 10
+    assert train_autoencoder(cfg, volumes=vols, progress=False)["step"] == 10
+    # Without the adversarial term the same seed trains a different decoder.
+    plain = AETrainConfig(data_dir="", run_dir=str(tmp_path / "plain"), steps=8, lr=3e-3, bf16=False,
+                          autoencoder=dict(TINY_AE))
+    base = train_autoencoder(plain, volumes=vols, progress=False)
+    assert any(not torch.equal(base["state_dict"][k], saved["state_dict"][k]) for k in base["state_dict"] if k.startswith("decoder."))
+
+
+def test_adversarial_settings_are_checked():
+    with pytest.raises(ValueError, match="`adv_weight` and `adv_start` must be >= 0"):
+        AETrainConfig(data_dir="", run_dir="", adv_weight=-0.1)
+
+
+def test_loss_log_keeps_old_rows_when_a_resumed_run_adds_columns(tmp_path):
+    from synth.train.common import LossLog
+
+    log = LossLog(tmp_path / "losses.csv", ["loss", "lr"])
+    log.log(1, loss=0.5, lr=1e-3)
+    log.close()
+    log = LossLog(tmp_path / "losses.csv", ["loss", "adv", "lr"])
+    log.log(2, loss=0.4, adv=0.2, lr=1e-3)
+    log.close()
+    with open(tmp_path / "losses.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["step"] for r in rows] == ["1", "2"]
+    assert rows[0]["loss"] == "0.5" and rows[0]["adv"] == "" and rows[1]["adv"] == "0.2"
+
+
 def test_covariates_can_include_a_diagnosis():
     from synth.train.diffusion import covariate_matrix, covariate_ranges
 

@@ -2,9 +2,11 @@
 
 Loss (per volume): L1 reconstruction + ``grad_weight`` x L1 of the finite-difference gradients
 (keeps edges sharp; a cheap stand-in for a perceptual loss, which cannot be fetched here) +
-``kl_weight`` x KL(q(z|x) || N(0, I)) (Kingma & Welling 2014). Whole volumes, not patches:
-GroupNorm statistics of patches differ from those of the whole volume the decoder sees at
-generation time.
+``kl_weight`` x KL(q(z|x) || N(0, I)) (Kingma & Welling 2014) and, with ``adv_weight`` > 0, a
+least-squares adversarial loss from a MONAI ``PatchDiscriminator`` (Isola et al. 2017, as in the
+MONAI brain LDM tutorials) that switches on at step ``adv_start``, once the reconstruction is
+roughly right. Whole volumes, not patches: GroupNorm statistics of patches differ from those of
+the whole volume the decoder sees at generation time.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from ..data.prepare import PreparedData
 from ..models.networks import build_autoencoder, count_parameters, latent_mean
 from .common import EMA, Checkpointer, LossLog, StepClock, autocast, setup_distributed
 
-__all__ = ["AETrainConfig", "train_autoencoder", "DEFAULT_AE", "gradient_l1", "kl_loss", "load_volumes"]
+__all__ = ["AETrainConfig", "train_autoencoder", "DEFAULT_AE", "DEFAULT_DISCRIMINATOR", "gradient_l1", "kl_loss",
+           "load_volumes"]
 
 DEFAULT_AE: dict[str, Any] = {
     "spatial_dims": 3,
@@ -34,6 +37,15 @@ DEFAULT_AE: dict[str, Any] = {
     "attention_levels": [False, False, False],
     "with_encoder_nonlocal_attn": False,
     "with_decoder_nonlocal_attn": False,
+}
+
+DEFAULT_DISCRIMINATOR: dict[str, Any] = {
+    "spatial_dims": 3,
+    "in_channels": 1,
+    "out_channels": 1,
+    "channels": 32,
+    "num_layers_d": 3,
+    "norm": "INSTANCE",
 }
 
 
@@ -55,6 +67,14 @@ class AETrainConfig:
     autoencoder: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_AE))
     init_from: str | None = None
     decoder_only: bool = False
+    adv_weight: float = 0.0
+    adv_start: int = 0
+    disc_lr: float | None = None
+    discriminator: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_DISCRIMINATOR))
+
+    def __post_init__(self):
+        if self.adv_weight < 0 or self.adv_start < 0:
+            raise ValueError(f"`adv_weight` and `adv_start` must be >= 0, got {self.adv_weight} and {self.adv_start}")
 
 
 class _DecoderOnly(torch.nn.Module):
@@ -120,6 +140,14 @@ def train_autoencoder(cfg: AETrainConfig, *, volumes: np.ndarray | None = None, 
     wrapped = _DecoderOnly(model) if cfg.decoder_only else model
     ema = EMA(model, decay=0.995)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    disc = d_opt = adv = None
+    if cfg.adv_weight > 0:
+        from monai.losses import PatchAdversarialLoss
+        from monai.networks.nets import PatchDiscriminator
+
+        disc = PatchDiscriminator(**cfg.discriminator).to(ctx.device)
+        d_opt = torch.optim.Adam(disc.parameters(), lr=cfg.disc_lr or cfg.lr)
+        adv = PatchAdversarialLoss(criterion="least_squares")
     ckpt = Checkpointer(cfg.run_dir)
     start = 0
     state = ckpt.resume()
@@ -127,10 +155,14 @@ def train_autoencoder(cfg: AETrainConfig, *, volumes: np.ndarray | None = None, 
         model.load_state_dict(state["state_dict"])
         ema.model.load_state_dict(state["ema_state_dict"])
         opt.load_state_dict(state["optimizer"])
+        if disc is not None and "discriminator" in state:
+            disc.load_state_dict(state["discriminator"])
+            d_opt.load_state_dict(state["disc_optimizer"])
         start = state["step"]
         rng = np.random.default_rng(cfg.seed + ctx.rank + start)
     net = torch.nn.parallel.DistributedDataParallel(wrapped) if ctx.world_size > 1 else wrapped
-    log = LossLog(Path(cfg.run_dir) / "losses.csv", ["loss", "l1", "grad", "kl", "lr"]) if ctx.is_main else None
+    d_net = torch.nn.parallel.DistributedDataParallel(disc) if disc is not None and ctx.world_size > 1 else disc
+    log = LossLog(Path(cfg.run_dir) / "losses.csv", ["loss", "l1", "grad", "kl", "adv", "disc", "lr"]) if ctx.is_main else None
     clock = StepClock(cfg.steps, cfg.lr, cfg.lr_min, cfg.ckpt_every, cfg.max_minutes)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="autoencoder", disable=not (progress and ctx.is_main))
     step = start
@@ -147,31 +179,52 @@ def train_autoencoder(cfg: AETrainConfig, *, volumes: np.ndarray | None = None, 
         gl = gradient_l1(recon, x)
         kl = kl_loss(mu, sigma) if not cfg.decoder_only else torch.zeros(())
         loss = l1 + cfg.grad_weight * gl + cfg.kl_weight * kl
+        adversarial = disc is not None and step >= cfg.adv_start
+        g_adv = d_loss = torch.zeros(())
+        if adversarial:
+            disc.requires_grad_(False)
+            with autocast(ctx.device, cfg.bf16):
+                g_adv = adv(d_net(recon)[-1].float(), target_is_real=True, for_discriminator=False)
+            loss = loss + cfg.adv_weight * g_adv
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         ema.update(model, step)
+        if adversarial:
+            disc.requires_grad_(True)
+            with autocast(ctx.device, cfg.bf16):
+                fake = adv(d_net(recon.detach())[-1].float(), target_is_real=False, for_discriminator=True)
+                real = adv(d_net(x)[-1].float(), target_is_real=True, for_discriminator=True)
+            d_loss = 0.5 * (fake + real)
+            d_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            d_opt.step()
         if ctx.is_main:
-            log.log(step + 1, loss=loss.item(), l1=l1.item(), grad=gl.item(), kl=kl.item(), lr=lr)
+            log.log(step + 1, loss=loss.item(), l1=l1.item(), grad=gl.item(), kl=kl.item(), adv=g_adv.item(),
+                    disc=d_loss.item(), lr=lr)
             bar.set_postfix(l1=f"{l1.item():.4f}", grad=f"{gl.item():.4f}")
         save, out_of_time = clock.after(step)
         if ctx.is_main and save:
-            ckpt.save(_state(model, ema, opt, step + 1, cfg))
+            ckpt.save(_state(model, ema, opt, step + 1, cfg, disc, d_opt))
         if out_of_time:
             break
     if log:
         log.close()
-    final = _state(model, ema, opt, step + 1 if cfg.steps > start else start, cfg)
+    final = _state(model, ema, opt, step + 1 if cfg.steps > start else start, cfg, disc, d_opt)
     final["params"] = count_parameters(model)
     return final
 
 
-def _state(model, ema, opt, step, cfg) -> dict:
-    return {
+def _state(model, ema, opt, step, cfg, disc=None, d_opt=None) -> dict:
+    state = {
         "state_dict": model.state_dict(),
         "ema_state_dict": ema.model.state_dict(),
         "optimizer": opt.state_dict(),
         "step": step,
         "config": asdict(cfg),
     }
+    if disc is not None:
+        state["discriminator"] = disc.state_dict()
+        state["disc_optimizer"] = d_opt.state_dict()
+    return state

@@ -118,6 +118,8 @@ class LossLog:
         self.fields = ["step", "time_s", *fields]
         new = not self.path.is_file()
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not new:
+            self._migrate()
         self._f = open(self.path, "a", newline="")
         self._w = csv.DictWriter(self._f, fieldnames=self.fields)
         if new:
@@ -127,6 +129,23 @@ class LossLog:
     def log(self, step: int, **metrics: float) -> None:
         self._w.writerow({"step": step, "time_s": round(time.time() - self._t0, 1), **{k: f"{v:.6g}" for k, v in metrics.items()}})
         self._f.flush()
+
+    def _migrate(self) -> None:
+        """A resumed run that logs other columns (say, an added loss term): rewrite the file with
+        the new header, old rows kept and blank in the new columns (atomically)."""
+        with open(self.path, newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames == self.fields:
+                return
+            rows = list(reader)
+            old = [k for k in (reader.fieldnames or []) if k not in self.fields]
+        self.fields += old
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.fields)
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, self.path)
 
     def close(self) -> None:
         self._f.close()
