@@ -19,6 +19,7 @@ from synth.anatomy import (
     structure_by_name,
     structure_meshes,
 )
+from synth.anatomy.testing import phantom
 from synth.testing import toy_normative
 
 
@@ -144,6 +145,19 @@ def test_mesh_lies_at_world_position(affine, decimation):
     assert mesh.volume == pytest.approx(4 / 3 * np.pi * radius**3, rel=0.06)
     assert mesh.is_all_triangles
     assert int(mesh.field_data["label"][0]) == 10 and tuple(mesh.field_data["rgb"]) == (220, 216, 20)
+
+
+def test_threads_do_not_change_the_meshes():
+    labels = phantom((40, 48, 40))[1]
+    present = [int(v) for v in np.unique(labels) if v]
+    one = structure_meshes(labels, MNI_2MM.affine, present, workers=1)
+    two = structure_meshes(labels, MNI_2MM.affine, present, workers=2)
+    assert list(one) == list(two) and len(one) >= 3
+    for name in one:
+        assert np.array_equal(one[name].points, two[name].points) and np.array_equal(one[name].faces, two[name].faces)
+        assert one[name].field_data["name"][0] == name == two[name].field_data["name"][0]
+    with pytest.raises(ValueError, match="`workers` must be a positive integer"):
+        structure_meshes(labels, MNI_2MM.affine, workers=0)
 
 
 def test_empty_structure_warns_and_is_skipped():
