@@ -182,7 +182,8 @@ def train_autoencoder(cfg: AETrainConfig, *, volumes: np.ndarray | None = None, 
         adversarial = disc is not None and step >= cfg.adv_start
         g_adv = d_loss = torch.zeros(())
         if adversarial:
-            disc.requires_grad_(False)
+            # The discriminator's gradients from this pass are cleared before its own step. (Not
+            # toggling requires_grad keeps DDP's reducer happy: every parameter gets a gradient.)
             with autocast(ctx.device, cfg.bf16):
                 g_adv = adv(d_net(recon)[-1].float(), target_is_real=True, for_discriminator=False)
             loss = loss + cfg.adv_weight * g_adv
@@ -192,11 +193,11 @@ def train_autoencoder(cfg: AETrainConfig, *, volumes: np.ndarray | None = None, 
         opt.step()
         ema.update(model, step)
         if adversarial:
-            disc.requires_grad_(True)
-            with autocast(ctx.device, cfg.bf16):
-                fake = adv(d_net(recon.detach())[-1].float(), target_is_real=False, for_discriminator=True)
-                real = adv(d_net(x)[-1].float(), target_is_real=True, for_discriminator=True)
-            d_loss = 0.5 * (fake + real)
+            with autocast(ctx.device, cfg.bf16):  # one forward over fakes and reals (instance norm: no mixing)
+                logits = d_net(torch.cat([recon.detach(), x]))[-1].float()
+            fake, real = logits.split(len(x))
+            d_loss = 0.5 * (adv(fake, target_is_real=False, for_discriminator=True)
+                            + adv(real, target_is_real=True, for_discriminator=True))
             d_opt.zero_grad(set_to_none=True)
             d_loss.backward()
             d_opt.step()
