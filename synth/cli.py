@@ -108,7 +108,10 @@ def _cmd_train_autoencoder(args: argparse.Namespace) -> int:
 
     arch = dict(DEFAULT_AE)
     if args.init_from:  # the architecture of the run it starts from
-        arch = dict(torch.load(Path(args.init_from) / "last.pt", map_location="cpu", weights_only=False)["config"]["autoencoder"])
+        ckpt = Path(args.init_from) / "last.pt"
+        if not ckpt.is_file():
+            raise UsageError(f"--init-from expects a training run folder holding last.pt, got {args.init_from}")
+        arch = dict(torch.load(ckpt, map_location="cpu", weights_only=False)["config"]["autoencoder"])
     if args.channels:
         if any(c % arch["norm_num_groups"] for c in args.channels):
             raise UsageError(f"--channels must be multiples of {arch['norm_num_groups']} (the GroupNorm groups), got {args.channels}")

@@ -68,6 +68,7 @@ def test_bad_arguments_one_line_exit_2_nothing_written(tiny_model_dir, tmp_path,
         (["--adv-weight", "-1"], "argument --adv-weight: expected a number >= 0, got '-1'"),
         (["--adv-start", "1.5"], "argument --adv-start: expected an integer >= 0, got '1.5'"),
         (["--channels", "16", "24"], "--channels must be multiples of 16 (the GroupNorm groups), got [16, 24]"),
+        (["--init-from", "nope"], "--init-from expects a training run folder holding last.pt, got nope"),
     ],
 )
 def test_bad_training_arguments_exit_2_before_any_run_folder(tmp_path, capsys, argv, message):
