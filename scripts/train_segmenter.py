@@ -156,12 +156,13 @@ def main(argv=None) -> int:
     log = lambda msg: print(f"[{dt.datetime.now():%H:%M:%S}] {msg}", flush=True)  # noqa: E731
     if args.card_only:
         out = Path(args.out)
-        tr = read_json(out / "config.json")["training"]
+        saved = read_json(out / "config.json")
+        tr = saved["training"]
         net = build_network(cfg.network)
         state = {"step": tr["steps"], "elapsed_s": tr["minutes"] * 60}
         history = args.history or tr.get("history")
         if args.history:
-            write_json(out / "config.json", {**read_json(out / "config.json"), "training": {**tr, "history": history}})
+            write_json(out / "config.json", {**saved, "training": {**tr, "history": history}})
         card = model_card(cfg, tr["test_dice"], state, tr["subjects"], sum(p.numel() for p in net.parameters()),
                           (out / "model.safetensors").stat().st_size / 1e6, tr.get("date"), history)
         with atomic_path(out / "MODEL_CARD.md") as tmp:

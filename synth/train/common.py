@@ -140,12 +140,10 @@ class LossLog:
             rows = list(reader)
             old = [k for k in (reader.fieldnames or []) if k not in self.fields]
         self.fields += old
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", newline="") as f:
+        with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=self.fields)
             w.writeheader()
             w.writerows(rows)
-        os.replace(tmp, self.path)
 
     def close(self) -> None:
         self._f.close()
