@@ -141,6 +141,24 @@ def test_decoder_only_finetune_keeps_the_encoder(tmp_path):
     assert np.mean(l1[-5:]) < np.mean(l1[:5])
 
 
+def test_decoder_only_cached_latents_train_exactly_as_encoding_every_step(tmp_path):
+    vols, _ = phantoms()
+    vols[:, :, :6] *= np.linspace(0.3, 1.0, 6)[:, None, None]  # lopsided, so a mirrored latent differs
+    train_autoencoder(AETrainConfig(data_dir="", run_dir=str(tmp_path / "ae"), steps=5, bf16=False,
+                                    autoencoder=dict(TINY_AE)), volumes=vols, progress=False)
+    runs = {}
+    for cache in (True, False):
+        cfg = AETrainConfig(data_dir="", run_dir=str(tmp_path / f"ft-{cache}"), steps=12, lr=3e-3, bf16=False,
+                            batch_size=2, autoencoder=dict(TINY_AE), init_from=str(tmp_path / "ae"),
+                            decoder_only=True, cache_latents=cache)
+        state = train_autoencoder(cfg, volumes=vols, progress=False)
+        with open(tmp_path / f"ft-{cache}" / "losses.csv") as f:
+            runs[cache] = ([float(r["loss"]) for r in csv.DictReader(f)], state["state_dict"])
+    np.testing.assert_allclose(runs[True][0], runs[False][0], rtol=1e-4, atol=1e-6)
+    for k, v in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][k], v, rtol=1e-3, atol=1e-5)
+
+
 TINY_DISC = {"spatial_dims": 3, "in_channels": 1, "out_channels": 1, "channels": 4, "num_layers_d": 2, "norm": "INSTANCE"}
 
 

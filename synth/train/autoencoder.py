@@ -6,7 +6,8 @@ Loss (per volume): L1 reconstruction + ``grad_weight`` x L1 of the finite-differ
 least-squares adversarial loss from a MONAI ``PatchDiscriminator`` (Isola et al. 2017, as in the
 MONAI brain LDM tutorials) that switches on at step ``adv_start``, once the reconstruction is
 roughly right. Whole volumes, not patches: GroupNorm statistics of patches differ from those of
-the whole volume the decoder sees at generation time.
+the whole volume the decoder sees at generation time. A ``decoder_only`` run encodes every volume
+(and its mirror) once with the frozen encoder and trains on those latents (``cache_latents``).
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class AETrainConfig:
     autoencoder: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_AE))
     init_from: str | None = None
     decoder_only: bool = False
+    cache_latents: bool = True
     adv_weight: float = 0.0
     adv_start: int = 0
     disc_lr: float | None = None
@@ -90,10 +92,30 @@ class _DecoderOnly(torch.nn.Module):
         for m in (ae.encoder, ae.quant_conv_mu, ae.quant_conv_log_sigma):
             m.requires_grad_(False)
 
-    def forward(self, x):
-        with torch.no_grad():
-            mu = latent_mean(self.ae, x)
+    def forward(self, x, mu=None):
+        if mu is None:
+            with torch.no_grad():
+                mu = latent_mean(self.ae, x)
         return self.ae.decode(mu), mu, torch.ones_like(mu)
+
+    @torch.no_grad()
+    def encode_all(self, volumes: np.ndarray, device, bf16: bool) -> torch.Tensor:
+        """Latent means of every volume and of its left-right mirror: (2, N, C, x, y, z) on ``device``.
+
+        The encoder is frozen, so a decoder-only run encodes each volume once instead of every step;
+        each latent is computed exactly as the uncached step would (same autocast, one volume at a time).
+        """
+        out = []
+        for flip in (False, True):
+            mus = []
+            for v in volumes:
+                x = torch.from_numpy(v[None]).to(device)
+                if flip:
+                    x = torch.flip(x, dims=[2])
+                with autocast(device, bf16):
+                    mus.append(latent_mean(self.ae, x))
+            out.append(torch.cat(mus))
+        return torch.stack(out)
 
 
 def gradient_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -160,6 +182,7 @@ def train_autoencoder(cfg: AETrainConfig, *, volumes: np.ndarray | None = None, 
             d_opt.load_state_dict(state["disc_optimizer"])
         start = state["step"]
         rng = np.random.default_rng(cfg.seed + ctx.rank + start)
+    cached = wrapped.encode_all(volumes, ctx.device, cfg.bf16) if cfg.decoder_only and cfg.cache_latents else None
     net = torch.nn.parallel.DistributedDataParallel(wrapped) if ctx.world_size > 1 else wrapped
     d_net = torch.nn.parallel.DistributedDataParallel(disc) if disc is not None and ctx.world_size > 1 else disc
     log = LossLog(Path(cfg.run_dir) / "losses.csv", ["loss", "l1", "grad", "kl", "adv", "disc", "lr"]) if ctx.is_main else None
@@ -170,10 +193,11 @@ def train_autoencoder(cfg: AETrainConfig, *, volumes: np.ndarray | None = None, 
         lr = clock.set_lr(opt, step)
         idx = rng.integers(0, len(volumes), size=cfg.batch_size)
         x = torch.from_numpy(volumes[idx]).to(ctx.device)
-        if rng.random() < 0.5:  # left-right flip: brains are close to symmetric
+        flip = rng.random() < 0.5  # left-right flip: brains are close to symmetric
+        if flip:
             x = torch.flip(x, dims=[2])
         with autocast(ctx.device, cfg.bf16):
-            recon, mu, sigma = net(x)
+            recon, mu, sigma = net(x) if cached is None else net(x, mu=cached[int(flip)][torch.from_numpy(idx)])
         recon, mu, sigma = recon.float(), mu.float(), sigma.float()
         l1 = F.l1_loss(recon, x)
         gl = gradient_l1(recon, x)
