@@ -25,6 +25,12 @@ from synth.data.prepare import PreparedData, default_cache_dir  # noqa: E402
 from synth.io import write_json  # noqa: E402
 
 
+def _slice_at(shape) -> tuple[int, int, int]:
+    """Sagittal, coronal and axial slice indices: mid-brain, and just above the ventricles' centre
+    axially (slices 40, 48, 45 on the 80 x 96 x 80 MNI grid)."""
+    return shape[0] // 2, shape[1] // 2, round(0.5625 * shape[2])
+
+
 def _figure_real_vs_generated(pairs, path: Path) -> None:
     import matplotlib
 
@@ -36,7 +42,8 @@ def _figure_real_vs_generated(pairs, path: Path) -> None:
     fig, axes = plt.subplots(len(pick), 6, figsize=(12, 2.2 * len(pick)))
     for row, (r, real, b) in zip(axes, pick):
         for j, (img, who) in enumerate(((real, "real (IXI test)"), (b.image, "generated"))):
-            views = (img[:, :, 45].T, img[:, 48, :].T, img[40, :, :].T)
+            x, y, z = _slice_at(img.shape)
+            views = (img[:, :, z].T, img[:, y, :].T, img[x, :, :].T)
             for k, v in enumerate(views):
                 ax = row[j * 3 + k]
                 ax.imshow(v, cmap="gray", origin="lower", vmin=0, vmax=1)
@@ -59,7 +66,7 @@ def _figure_age_sweep(sweep, path: Path) -> None:
     fig = plt.figure(figsize=(2 * n, 4.6))
     for i, (a, img) in enumerate(zip(sweep["ages"], sweep["images"])):
         ax = fig.add_subplot(2, n, i + 1)
-        ax.imshow(img[:, :, 45].T, cmap="gray", origin="lower", vmin=0, vmax=1)
+        ax.imshow(img[:, :, _slice_at(img.shape)[2]].T, cmap="gray", origin="lower", vmin=0, vmax=1)
         ax.set_title(f"{a} y", fontsize=9)
         ax.set_axis_off()
     ax1 = fig.add_subplot(2, 2, 3)
@@ -85,6 +92,8 @@ def main() -> int:
     p.add_argument("--skip", nargs="*", default=[], choices=["reconstruction", "sharpness", "condition", "sweep", "fidelity"])
     p.add_argument("--fidelity-n", type=int, default=54)
     args = p.parse_args()
+    if args.figures:  # made before the long work, not after it
+        Path(args.figures).mkdir(parents=True, exist_ok=True)
 
     gen = synth.load_generator(args.model, device="auto")
     data = PreparedData.load(args.data)
@@ -98,6 +107,12 @@ def main() -> int:
     res: dict = {"model": gen.config.name, "model_version": gen.config.version, "device": str(gen.device),
                  "date": time.strftime("%Y-%m-%d")}
     t0 = time.time()
+
+    def save():  # after every section, so a failure later loses nothing measured
+        res["seconds"] = round(time.time() - t0, 1)
+        if args.out:
+            write_json(args.out, res)
+
     if "reconstruction" not in args.skip:
         r = ev.reconstruction(gen, data)
         res["reconstruction"] = r
@@ -107,10 +122,12 @@ def main() -> int:
             print(f"     {s['mrid']}: {s['psnr']:.2f} dB, SSIM {s['ssim']:.3f}")
         for ref in r["reference"]:
             print(f"   reference, {ref['method']}: PSNR {ref['psnr_mean']:.2f} dB, SSIM {ref['ssim_mean']:.3f}")
+        save()
     if "sharpness" not in args.skip:
         s, pairs = ev.sample_sharpness(gen, data, log=lambda m: None)
         res["sharpness"] = s
         print(f"2. sharpness: generated {s['generated_mean']:.4f} / real {s['real_mean']:.4f} = {s['ratio']:.3f} (target >= 0.9)")
+        save()
         if args.figures:
             _figure_real_vs_generated(pairs, Path(args.figures) / "real_vs_generated.png")
     if "condition" not in args.skip:
@@ -118,6 +135,7 @@ def main() -> int:
         res["condition_following"] = c
         print(f"3a. band-mean correlation generated vs real: matched {c['matched_mean']:.4f}, "
               f"mismatched {c['mismatched_mean']:.4f}; own band best: {c['best_match_is_own_band']}")
+        save()
     if "sweep" not in args.skip:
         sw = ev.age_sweep(gen, seg)
         print(f"3b. one seed 25->80 y, % of ICV: ventricles {['%.2f' % (100 * v) for v in sw['ventricles_frac']]} "
@@ -126,6 +144,7 @@ def main() -> int:
         if args.figures:
             _figure_age_sweep(sw, Path(args.figures) / "age_sweep.png")
         res["age_sweep"] = {k: v for k, v in sw.items() if k != "images"}
+        save()
     if "fidelity" not in args.skip and seg is not None:
         f = ev.fidelity(gen, seg, data, n=args.fidelity_n)
         res["fidelity"] = f
@@ -134,9 +153,7 @@ def main() -> int:
             print(f"4. {k}: generated r={v['pearson_r']:.2f}, median rel. error {v['median_rel_error']:.1%}; "
                   f"segmenter on real test r={real.get('pearson_r', float('nan')):.2f}, "
                   f"error {real.get('median_rel_error', float('nan')):.1%}")
-    res["seconds"] = round(time.time() - t0, 1)
-    if args.out:
-        write_json(args.out, res)
+    save()
     print(f"done in {res['seconds']} s")
     return 0
 

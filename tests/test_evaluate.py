@@ -42,3 +42,20 @@ def test_age_sweep_without_segmenter(tiny_generator):
     sw = ev.age_sweep(tiny_generator, None, ages=(25, 50, 80))
     assert len(sw["ventricles_ml"]) == 3 and len(sw["images"]) == 3
     assert isinstance(sw["ventricles_increase"], bool)
+
+
+def test_evaluate_script_makes_its_figure_folder_and_saves_json(tiny_model_dir, tiny_data, tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "evaluate.py"
+    figs, out = tmp_path / "not" / "yet" / "there", tmp_path / "eval.json"
+    run = subprocess.run([sys.executable, str(script), "--model", str(tiny_model_dir), "--data", str(tiny_data.root),
+                          "--out", str(out), "--figures", str(figs), "--skip", "condition", "sweep", "fidelity"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (figs / "real_vs_generated.png").stat().st_size > 0
+    res = json.loads(out.read_text())
+    assert res["reconstruction"]["n"] == 6 and res["sharpness"]["n"] == 6 and "1. autoencoder" in run.stdout
