@@ -89,7 +89,7 @@ def main() -> int:
     p.add_argument("--data", default=str(default_cache_dir() / "ixi-2mm"))
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--figures", default=None, help="folder for real_vs_generated.png and age_sweep.png")
-    p.add_argument("--skip", nargs="*", default=[], choices=["reconstruction", "sharpness", "condition", "sweep", "fidelity"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["reconstruction", "sharpness", "latent", "condition", "sweep", "fidelity"])
     p.add_argument("--fidelity-n", type=int, default=54)
     args = p.parse_args()
     if args.figures:  # made before the long work, not after it
@@ -130,6 +130,12 @@ def main() -> int:
         save()
         if args.figures:
             _figure_real_vs_generated(pairs, Path(args.figures) / "real_vs_generated.png")
+    if "latent" not in args.skip:
+        d = ev.latent_detail(gen, data)
+        res["latent_detail"] = d
+        print(f"   latent high-pass energy (std): real test scans {d['real_highpass']:.3f} ({d['real_std']:.2f}), "
+              f"sampled {d['sampled_highpass']:.3f} ({d['sampled_std']:.2f})")
+        save()
     if "condition" not in args.skip:
         c = ev.condition_following(gen, data)
         res["condition_following"] = c

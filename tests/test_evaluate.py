@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from synth import evaluate as ev
 
@@ -38,6 +39,17 @@ def test_sharpness_and_condition_following(tiny_generator, tiny_data):
     assert c["n_real"] == [2, 2, 2]
 
 
+def test_latent_detail_tells_fine_structure_from_smooth():
+    smooth = torch.linspace(0, 1, 16).repeat(1, 2, 16, 16, 1)  # (1, 2, 16, 16, 16) ramp
+    rough = smooth + 0.5 * torch.randn(smooth.shape, generator=torch.Generator().manual_seed(0))
+    assert ev.highpass_energy(smooth) < 0.01 < 0.1 < ev.highpass_energy(rough)
+
+
+def test_latent_detail_of_real_and_sampled(tiny_generator, tiny_data):
+    d = ev.latent_detail(tiny_generator, tiny_data, n=2)
+    assert d["n"] == 2 and all(np.isfinite(d[k]) and d[k] > 0 for k in ("real_highpass", "sampled_highpass", "real_std", "sampled_std"))
+
+
 def test_age_sweep_without_segmenter(tiny_generator):
     sw = ev.age_sweep(tiny_generator, None, ages=(25, 50, 80))
     assert len(sw["ventricles_ml"]) == 3 and len(sw["images"]) == 3
@@ -53,7 +65,7 @@ def test_evaluate_script_makes_its_figure_folder_and_saves_json(tiny_model_dir, 
     script = Path(__file__).resolve().parents[1] / "scripts" / "evaluate.py"
     figs, out = tmp_path / "not" / "yet" / "there", tmp_path / "eval.json"
     run = subprocess.run([sys.executable, str(script), "--model", str(tiny_model_dir), "--data", str(tiny_data.root),
-                          "--out", str(out), "--figures", str(figs), "--skip", "condition", "sweep", "fidelity"],
+                          "--out", str(out), "--figures", str(figs), "--skip", "latent", "condition", "sweep", "fidelity"],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert (figs / "real_vs_generated.png").stat().st_size > 0
