@@ -123,7 +123,7 @@ def _cmd_train_autoencoder(args: argparse.Namespace) -> int:
     cfg = AETrainConfig(data_dir=args.data, run_dir=args.run, steps=args.steps, batch_size=args.batch_size,
                         lr=args.lr, bf16=not args.no_bf16, seed=args.seed, max_minutes=args.max_minutes,
                         init_from=args.init_from, decoder_only=args.decoder_only, autoencoder=arch,
-                        adv_weight=args.adv_weight, adv_start=args.adv_start)
+                        adv_weight=args.adv_weight, adv_start=args.adv_start, kl_weight=args.kl_weight)
     state = train_autoencoder(cfg, progress=not args.quiet)
     print(f"autoencoder at step {state['step']} in {args.run}/last.pt")
     return 0
@@ -207,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
             t.add_argument("--adv-weight", type=_nonnegative_float, default=0.0,
                            help="weight of the PatchDiscriminator's adversarial loss (0 = off; the MONAI tutorials use 0.01)")
             t.add_argument("--adv-start", type=_nonnegative_int, default=0, help="step at which the adversarial loss starts")
+            t.add_argument("--kl-weight", type=_nonnegative_float, default=1e-6,
+                           help="weight of the KL term (default 1e-6; larger makes a smoother latent, easier to model)")
         t.add_argument("--steps", type=int, default=steps)
         t.add_argument("--batch-size", type=int, default=bs)
         t.add_argument("--lr", type=float, default=lr)

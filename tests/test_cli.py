@@ -67,6 +67,7 @@ def test_bad_arguments_one_line_exit_2_nothing_written(tiny_model_dir, tmp_path,
         (["--latent-channels", "x"], "argument --latent-channels: expected a positive integer, got 'x'"),
         (["--adv-weight", "-1"], "argument --adv-weight: expected a number >= 0, got '-1'"),
         (["--adv-start", "1.5"], "argument --adv-start: expected an integer >= 0, got '1.5'"),
+        (["--kl-weight", "-0.001"], "argument --kl-weight: expected a number >= 0, got '-0.001'"),
         (["--channels", "16", "24"], "--channels must be multiples of 16 (the GroupNorm groups), got [16, 24]"),
         (["--init-from", "nope"], "--init-from expects a training run folder holding last.pt, got nope"),
     ],
@@ -84,12 +85,13 @@ def test_train_autoencoder_architecture_and_adversarial_flags_reach_the_run(tmp_
     write_prepared(tmp_path / "data", split="train")
     run = tmp_path / "run"
     code = main(["train-autoencoder", "--run-dir", str(run), "--data", str(tmp_path / "data"), "--steps", "2", "--quiet",
-                 "--no-bf16", "--channels", "16", "16", "--latent-channels", "2", "--adv-weight", "0.1"])
+                 "--no-bf16", "--channels", "16", "16", "--latent-channels", "2", "--adv-weight", "0.1",
+                 "--kl-weight", "1e-4"])
     assert code == 0
     state = torch.load(run / "last.pt", weights_only=False)
     assert state["step"] == 2 and "discriminator" in state
     assert state["config"]["autoencoder"]["channels"] == [16, 16] and state["config"]["autoencoder"]["latent_channels"] == 2
-    assert state["config"]["adv_weight"] == 0.1
+    assert state["config"]["adv_weight"] == 0.1 and state["config"]["kl_weight"] == 1e-4
     # --init-from takes the architecture of the run it starts from.
     assert main(["train-autoencoder", "--run-dir", str(tmp_path / "ft"), "--data", str(tmp_path / "data"), "--steps", "1",
                  "--quiet", "--no-bf16", "--init-from", str(run), "--decoder-only"]) == 0
