@@ -120,10 +120,13 @@ def _cmd_train_autoencoder(args: argparse.Namespace) -> int:
         arch["latent_channels"] = args.latent_channels
     if args.res_blocks:
         arch["num_res_blocks"] = args.res_blocks
+    if args.latent_noise > 0 and not args.decoder_only:
+        raise UsageError(f"--latent-noise needs --decoder-only (the encoder must be frozen), got --latent-noise {args.latent_noise}")
     cfg = AETrainConfig(data_dir=args.data, run_dir=args.run, steps=args.steps, batch_size=args.batch_size,
                         lr=args.lr, bf16=not args.no_bf16, seed=args.seed, max_minutes=args.max_minutes,
                         init_from=args.init_from, decoder_only=args.decoder_only, autoencoder=arch,
-                        adv_weight=args.adv_weight, adv_start=args.adv_start, kl_weight=args.kl_weight)
+                        adv_weight=args.adv_weight, adv_start=args.adv_start, kl_weight=args.kl_weight,
+                        latent_noise=args.latent_noise)
     state = train_autoencoder(cfg, progress=not args.quiet)
     print(f"autoencoder at step {state['step']} in {args.run}/last.pt")
     return 0
@@ -207,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
             t.add_argument("--adv-weight", type=_nonnegative_float, default=0.0,
                            help="weight of the PatchDiscriminator's adversarial loss (0 = off; the MONAI tutorials use 0.01)")
             t.add_argument("--adv-start", type=_nonnegative_int, default=0, help="step at which the adversarial loss starts")
+            t.add_argument("--latent-noise", type=_nonnegative_float, default=0.0,
+                           help="with --decoder-only: Gaussian noise added to the latents, as a fraction of their std "
+                                "(a decoder robust to imperfect sampled latents)")
             t.add_argument("--kl-weight", type=_nonnegative_float, default=1e-6,
                            help="weight of the KL term (default 1e-6; larger makes a smoother latent, easier to model)")
         t.add_argument("--steps", type=int, default=steps)

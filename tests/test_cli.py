@@ -69,6 +69,7 @@ def test_bad_arguments_one_line_exit_2_nothing_written(tiny_model_dir, tmp_path,
         (["--adv-start", "1.5"], "argument --adv-start: expected an integer >= 0, got '1.5'"),
         (["--kl-weight", "-0.001"], "argument --kl-weight: expected a number >= 0, got '-0.001'"),
         (["--channels", "16", "24"], "--channels must be multiples of 16 (the GroupNorm groups), got [16, 24]"),
+        (["--latent-noise", "0.3"], "--latent-noise needs --decoder-only (the encoder must be frozen), got --latent-noise 0.3"),
         (["--init-from", "nope"], "--init-from expects a training run folder holding last.pt, got nope"),
     ],
 )
@@ -94,9 +95,10 @@ def test_train_autoencoder_architecture_and_adversarial_flags_reach_the_run(tmp_
     assert state["config"]["adv_weight"] == 0.1 and state["config"]["kl_weight"] == 1e-4
     # --init-from takes the architecture of the run it starts from.
     assert main(["train-autoencoder", "--run-dir", str(tmp_path / "ft"), "--data", str(tmp_path / "data"), "--steps", "1",
-                 "--quiet", "--no-bf16", "--init-from", str(run), "--decoder-only"]) == 0
+                 "--quiet", "--no-bf16", "--init-from", str(run), "--decoder-only", "--latent-noise", "0.3"]) == 0
     ft = torch.load(tmp_path / "ft" / "last.pt", weights_only=False)
     assert ft["config"]["autoencoder"]["channels"] == [16, 16] and ft["config"]["decoder_only"]
+    assert ft["config"]["latent_noise"] == 0.3
 
 
 def test_bad_output_suffix_and_overwrite(tiny_model_dir, tmp_path, capsys):

@@ -159,6 +159,22 @@ def test_decoder_only_cached_latents_train_exactly_as_encoding_every_step(tmp_pa
         torch.testing.assert_close(runs[True][1][k], v, rtol=1e-3, atol=1e-5)
 
 
+def test_latent_noise_changes_decoder_training_and_needs_a_frozen_encoder(tmp_path):
+    vols, _ = phantoms()
+    train_autoencoder(AETrainConfig(data_dir="", run_dir=str(tmp_path / "ae"), steps=5, bf16=False,
+                                    autoencoder=dict(TINY_AE)), volumes=vols, progress=False)
+    losses = {}
+    for noise in (0.0, 0.5):
+        cfg = AETrainConfig(data_dir="", run_dir=str(tmp_path / f"ft-{noise}"), steps=6, lr=3e-3, bf16=False,
+                            autoencoder=dict(TINY_AE), init_from=str(tmp_path / "ae"), decoder_only=True, latent_noise=noise)
+        train_autoencoder(cfg, volumes=vols, progress=False)
+        with open(tmp_path / f"ft-{noise}" / "losses.csv") as f:
+            losses[noise] = [float(r["loss"]) for r in csv.DictReader(f)]
+    assert losses[0.0][0] != losses[0.5][0]  # same seed, same first volume: only the noise differs
+    with pytest.raises(ValueError, match="needs `decoder_only`"):
+        AETrainConfig(data_dir="", run_dir="", latent_noise=0.1)
+
+
 TINY_DISC = {"spatial_dims": 3, "in_channels": 1, "out_channels": 1, "channels": 4, "num_layers_d": 2, "norm": "INSTANCE"}
 
 

@@ -7,7 +7,9 @@ least-squares adversarial loss from a MONAI ``PatchDiscriminator`` (Isola et al.
 MONAI brain LDM tutorials) that switches on at step ``adv_start``, once the reconstruction is
 roughly right. Whole volumes, not patches: GroupNorm statistics of patches differ from those of
 the whole volume the decoder sees at generation time. A ``decoder_only`` run encodes every volume
-(and its mirror) once with the frozen encoder and trains on those latents (``cache_latents``).
+(and its mirror) once with the frozen encoder and trains on those latents (``cache_latents``);
+``latent_noise`` adds Gaussian noise (that fraction of the latents' std) to them, so the decoder
+learns to render imperfect, sampled latents smoothly rather than as texture.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ class AETrainConfig:
     init_from: str | None = None
     decoder_only: bool = False
     cache_latents: bool = True
+    latent_noise: float = 0.0
     adv_weight: float = 0.0
     adv_start: int = 0
     disc_lr: float | None = None
@@ -77,6 +80,8 @@ class AETrainConfig:
     def __post_init__(self):
         if self.adv_weight < 0 or self.adv_start < 0:
             raise ValueError(f"`adv_weight` and `adv_start` must be >= 0, got {self.adv_weight} and {self.adv_start}")
+        if self.latent_noise < 0 or (self.latent_noise > 0 and not self.decoder_only):
+            raise ValueError(f"`latent_noise` must be >= 0 and needs `decoder_only`, got {self.latent_noise}")
 
 
 class _DecoderOnly(torch.nn.Module):
@@ -197,7 +202,11 @@ def train_autoencoder(cfg: AETrainConfig, *, volumes: np.ndarray | None = None, 
         if flip:
             x = torch.flip(x, dims=[2])
         with autocast(ctx.device, cfg.bf16):
-            recon, mu, sigma = net(x) if cached is None else net(x, mu=cached[int(flip)][torch.from_numpy(idx)])
+            mu_in = None if cached is None else cached[int(flip)][torch.from_numpy(idx)]
+            if cfg.latent_noise > 0:  # teach the decoder to shrug off misplaced fine structure in sampled latents
+                mu_in = wrapped.encode_all(volumes[idx], ctx.device, cfg.bf16)[int(flip)] if mu_in is None else mu_in
+                mu_in = mu_in + cfg.latent_noise * mu_in.float().std() * torch.randn(mu_in.shape, device=mu_in.device)
+            recon, mu, sigma = net(x) if mu_in is None else net(x, mu=mu_in)
         recon, mu, sigma = recon.float(), mu.float(), sigma.float()
         l1 = F.l1_loss(recon, x)
         gl = gradient_l1(recon, x)
