@@ -164,13 +164,15 @@ def test_latent_noise_changes_decoder_training_and_needs_a_frozen_encoder(tmp_pa
     train_autoencoder(AETrainConfig(data_dir="", run_dir=str(tmp_path / "ae"), steps=5, bf16=False,
                                     autoencoder=dict(TINY_AE)), volumes=vols, progress=False)
     losses = {}
-    for noise in (0.0, 0.5):
-        cfg = AETrainConfig(data_dir="", run_dir=str(tmp_path / f"ft-{noise}"), steps=6, lr=3e-3, bf16=False,
-                            autoencoder=dict(TINY_AE), init_from=str(tmp_path / "ae"), decoder_only=True, latent_noise=noise)
+    for noise, cache in ((0.0, True), (0.5, True), (0.5, False)):
+        run = tmp_path / f"ft-{noise}-{cache}"
+        cfg = AETrainConfig(data_dir="", run_dir=str(run), steps=6, lr=3e-3, bf16=False, autoencoder=dict(TINY_AE),
+                            init_from=str(tmp_path / "ae"), decoder_only=True, latent_noise=noise, cache_latents=cache)
         train_autoencoder(cfg, volumes=vols, progress=False)
-        with open(tmp_path / f"ft-{noise}" / "losses.csv") as f:
-            losses[noise] = [float(r["loss"]) for r in csv.DictReader(f)]
-    assert losses[0.0][0] != losses[0.5][0]  # same seed, same first volume: only the noise differs
+        with open(run / "losses.csv") as f:
+            losses[noise, cache] = [float(r["loss"]) for r in csv.DictReader(f)]
+    assert losses[0.0, True][0] != losses[0.5, True][0]  # same seed, same first volume: only the noise differs
+    np.testing.assert_allclose(losses[0.5, True], losses[0.5, False], rtol=1e-4)  # cached or not, the same noisy run
     with pytest.raises(ValueError, match="needs `decoder_only`"):
         AETrainConfig(data_dir="", run_dir="", latent_noise=0.1)
 

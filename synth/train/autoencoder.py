@@ -202,9 +202,13 @@ def train_autoencoder(cfg: AETrainConfig, *, volumes: np.ndarray | None = None, 
         if flip:
             x = torch.flip(x, dims=[2])
         with autocast(ctx.device, cfg.bf16):
-            mu_in = None if cached is None else cached[int(flip)][torch.from_numpy(idx)]
+            mu_in = None
+            if cached is not None:
+                mu_in = cached[int(flip)][torch.from_numpy(idx)]
+            elif cfg.latent_noise > 0:
+                with torch.no_grad():
+                    mu_in = latent_mean(model, x)
             if cfg.latent_noise > 0:  # teach the decoder to shrug off misplaced fine structure in sampled latents
-                mu_in = wrapped.encode_all(volumes[idx], ctx.device, cfg.bf16)[int(flip)] if mu_in is None else mu_in
                 mu_in = mu_in + cfg.latent_noise * mu_in.float().std() * torch.randn(mu_in.shape, device=mu_in.device)
             recon, mu, sigma = net(x) if mu_in is None else net(x, mu=mu_in)
         recon, mu, sigma = recon.float(), mu.float(), sigma.float()
