@@ -34,6 +34,7 @@ def test_resampled_keeps_smooth_images_and_blurs_detail():
 def test_sharpness_and_condition_following(tiny_generator, tiny_data):
     s, pairs = ev.sample_sharpness(tiny_generator, tiny_data, log=lambda m: None)
     assert s["n"] == 6 and len(pairs) == 6 and s["ratio"] == pytest.approx(s["generated_mean"] / s["real_mean"])
+    assert s["intensity_distance_real_pairs"] > 0 and s["intensity_distance_generated"] > 0
     c = ev.condition_following(tiny_generator, tiny_data, splits=("test",), per_band=2)
     assert np.array(c["correlation_matrix_generated_x_real"]).shape == (3, 3)
     assert c["n_real"] == [2, 2, 2]

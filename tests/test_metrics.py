@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from synth.metrics import masked_correlation, median_relative_error, pearson_r, psnr, sharpness, ssim
+from synth.metrics import intensity_distance, masked_correlation, median_relative_error, pearson_r, psnr, sharpness, ssim
 
 
 def _phantom(seed=0):
@@ -26,6 +26,21 @@ def test_sharpness_drops_with_blur():
     img, mask, _ = _phantom()
     assert sharpness(gaussian_filter(img, 1.5), mask) < 0.8 * sharpness(img, mask)
     assert sharpness(img * 3, mask) == pytest.approx(sharpness(img, mask))  # scale-free
+
+
+def test_intensity_distance_sees_lost_tissue_contrast():
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(0)
+    two_tissues = np.where(rng.random((24, 24, 24)) < 0.5, 0.45, 0.9) + rng.normal(0, 0.02, (24, 24, 24))
+    mask = np.ones(two_tissues.shape, bool)
+    other = np.where(rng.random((20, 22, 24)) < 0.5, 0.45, 0.9) + rng.normal(0, 0.02, (20, 22, 24))
+    assert intensity_distance(two_tissues, mask, 2 * two_tissues, mask) == pytest.approx(0.0, abs=1e-9)  # scale-free
+    same_kind = intensity_distance(two_tissues, mask, other, np.ones(other.shape, bool))  # needs no alignment
+    blurred = intensity_distance(two_tissues, mask, gaussian_filter(two_tissues, 1.0), mask)  # the two peaks merge
+    assert same_kind < 0.02 < 0.1 < blurred
+    with pytest.raises(ValueError, match="mask is empty"):
+        intensity_distance(two_tissues, np.zeros_like(mask), other, np.ones(other.shape, bool))
 
 
 def test_correlation_and_errors():
