@@ -156,7 +156,8 @@ def main() -> int:
         res["fidelity"] = f
         for k, v in f["generated"].items():
             real = f.get("segmenter_on_real_test", {}).get(k, {})
-            print(f"4. {k}: generated r={v['pearson_r']:.2f}, median rel. error {v['median_rel_error']:.1%}; "
+            print(f"4. {k}: generated r={v['pearson_r']:.2f}, median rel. error {v['median_rel_error']:.1%} "
+                  f"(median bias {v['median_bias']:+.1%}); "
                   f"segmenter on real test r={real.get('pearson_r', float('nan')):.2f}, "
                   f"error {real.get('median_rel_error', float('nan')):.1%}")
     save()

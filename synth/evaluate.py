@@ -27,7 +27,7 @@ from .data.prepare import PreparedData
 from .metrics import intensity_distance, masked_correlation, median_relative_error, pearson_r, psnr, sharpness, ssim
 from .pipeline import BrainGenerator
 
-__all__ = ["reconstruction", "resampled", "sample_sharpness", "latent_detail", "highpass_energy", "condition_following", "age_sweep", "fidelity", "AGE_BANDS"]
+__all__ = ["reconstruction", "resampled", "sample_sharpness", "latent_detail", "highpass_energy", "condition_following", "age_sweep", "fidelity", "volume_agreement", "AGE_BANDS"]
 
 AGE_BANDS = ((20.0, 40.0), (40.0, 60.0), (60.0, 83.0))
 Log = Callable[[str], None]
@@ -202,6 +202,14 @@ def age_sweep(gen: BrainGenerator, segmenter=None, seed: int = 0, sex: str = "F"
     return out
 
 
+def volume_agreement(requested, measured) -> dict[str, float]:
+    """Pearson r, median relative error, and median signed relative error (``median_bias``: > 0
+    when measured volumes run larger than requested) of measured against requested volumes."""
+    req, got = np.asarray(requested, float), np.asarray(measured, float)
+    return {"pearson_r": pearson_r(req, got), "median_rel_error": median_relative_error(got, req),
+            "median_bias": float(np.median(got / req - 1))}
+
+
 def fidelity(gen: BrainGenerator, segmenter, data: PreparedData | None = None, n: int = 54, seed0: int = 1000,
              log: Log = print) -> dict[str, Any]:
     """Requested vs measured volumes (fractions of ICV) over ``n`` generated brains."""
@@ -223,7 +231,7 @@ def fidelity(gen: BrainGenerator, segmenter, data: PreparedData | None = None, n
             log(f"  fidelity {i + 1}/{n} ({time.time() - t0:.0f} s)")
     result: dict[str, Any] = {"n": n, "generated": {}}
     for k in keys:
-        result["generated"][k] = {"pearson_r": pearson_r(req[k], got[k]), "median_rel_error": median_relative_error(got[k], req[k])}
+        result["generated"][k] = volume_agreement(req[k], got[k])
     if data is not None:
         real = {k: ([], []) for k in keys}
         for r in data.subset("test"):

@@ -51,6 +51,15 @@ def test_latent_detail_of_real_and_sampled(tiny_generator, tiny_data):
     assert d["n"] == 2 and all(np.isfinite(d[k]) and d[k] > 0 for k in ("real_highpass", "sampled_highpass", "real_std", "sampled_std"))
 
 
+def test_volume_agreement_tells_overshoot_from_scatter():
+    req = [0.01, 0.02, 0.03, 0.04, 0.05]
+    over = ev.volume_agreement(req, [1.3 * v for v in req])  # every brain 30 % too large: perfect rank
+    assert over["pearson_r"] == pytest.approx(1.0)
+    assert over["median_rel_error"] == pytest.approx(0.3) and over["median_bias"] == pytest.approx(0.3)
+    scatter = ev.volume_agreement(req, [0.013, 0.014, 0.033, 0.028, 0.055])  # +30, -30, +10, -30, +10 %
+    assert scatter["median_rel_error"] == pytest.approx(0.3) and scatter["median_bias"] == pytest.approx(0.1)
+
+
 def test_age_sweep_without_segmenter(tiny_generator):
     sw = ev.age_sweep(tiny_generator, None, ages=(25, 50, 80))
     assert len(sw["ventricles_ml"]) == 3 and len(sw["images"]) == 3
