@@ -132,6 +132,13 @@ def test_decoder_only_finetune_keeps_the_encoder(tmp_path):
     ft = AETrainConfig(data_dir="", run_dir=str(tmp_path / "ft"), steps=30, lr=3e-3, bf16=False,
                        autoencoder=dict(TINY_AE), init_from=str(tmp_path / "ae"), decoder_only=True)
     tuned = train_autoencoder(ft, volumes=vols, progress=False)
+    from synth.train.package import _autoencoder_history
+
+    assert first["init_step"] is None and tuned["init_step"] == 10
+    assert _autoencoder_history(tuned) == "autoencoder 10 steps + decoder fine-tune 30 steps (encoder frozen)"
+    assert _autoencoder_history(first) == "autoencoder 10 steps"
+    older = {k: v for k, v in tuned.items() if k != "init_step"}  # a run from before init_step was recorded
+    assert _autoencoder_history(older) == _autoencoder_history(tuned)
     for k, v in first["ema_state_dict"].items():
         if k.startswith(("encoder.", "quant_conv_mu.", "quant_conv_log_sigma.")):
             assert torch.equal(tuned["state_dict"][k], v), k

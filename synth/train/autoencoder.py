@@ -161,9 +161,11 @@ def train_autoencoder(cfg: AETrainConfig, *, volumes: np.ndarray | None = None, 
     if volumes is None:
         volumes = load_volumes(PreparedData.load(cfg.data_dir), cfg.splits)
     model = build_autoencoder(cfg.autoencoder).to(ctx.device)
+    init_step = None
     if cfg.init_from:
         init = torch.load(Path(cfg.init_from) / "last.pt", map_location="cpu", weights_only=False)
         model.load_state_dict(init["ema_state_dict"])
+        init_step = int(init["step"])  # recorded, so the packaged model can say how it was trained
     wrapped = _DecoderOnly(model) if cfg.decoder_only else model
     ema = EMA(model, decay=0.995)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
@@ -244,23 +246,24 @@ def train_autoencoder(cfg: AETrainConfig, *, volumes: np.ndarray | None = None, 
             bar.set_postfix(l1=f"{l1.item():.4f}", grad=f"{gl.item():.4f}")
         save, out_of_time = clock.after(step)
         if ctx.is_main and save:
-            ckpt.save(_state(model, ema, opt, step + 1, cfg, disc, d_opt))
+            ckpt.save(_state(model, ema, opt, step + 1, cfg, disc, d_opt, init_step))
         if out_of_time:
             break
     if log:
         log.close()
-    final = _state(model, ema, opt, step + 1 if cfg.steps > start else start, cfg, disc, d_opt)
+    final = _state(model, ema, opt, step + 1 if cfg.steps > start else start, cfg, disc, d_opt, init_step)
     final["params"] = count_parameters(model)
     return final
 
 
-def _state(model, ema, opt, step, cfg, disc=None, d_opt=None) -> dict:
+def _state(model, ema, opt, step, cfg, disc=None, d_opt=None, init_step=None) -> dict:
     state = {
         "state_dict": model.state_dict(),
         "ema_state_dict": ema.model.state_dict(),
         "optimizer": opt.state_dict(),
         "step": step,
         "config": asdict(cfg),
+        "init_step": init_step,
     }
     if disc is not None:
         state["discriminator"] = disc.state_dict()

@@ -22,6 +22,18 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: Path, dtype=torch.fl
         save_file(tensors, str(tmp))
 
 
+def _autoencoder_history(state: dict) -> str:
+    """'autoencoder N steps', or for a decoder-only fine-tune 'autoencoder N steps + decoder fine-tune
+    M steps (encoder frozen)', N read from the checkpoint (or, for older runs, from its init run)."""
+    cfg = state.get("config") or {}
+    if not cfg.get("decoder_only"):
+        return f"autoencoder {state['step']} steps"
+    init = state.get("init_step")
+    if init is None and cfg.get("init_from") and (Path(cfg["init_from"]) / "last.pt").exists():
+        init = torch.load(Path(cfg["init_from"]) / "last.pt", map_location="cpu", weights_only=False)["step"]
+    return f"autoencoder {init if init is not None else 'unknown'} steps + decoder fine-tune {state['step']} steps (encoder frozen)"
+
+
 def package_model(ae_run: str | Path, ldm_run: str | Path, out: str | Path, *, name: str, version: str,
                   steps: int = 20, guidance_scale: float = 1.0, bf16: bool = True) -> Path:
     """Write ``out/{config.json, autoencoder.safetensors, unet.safetensors}`` from the EMA weights."""
@@ -40,10 +52,7 @@ def package_model(ae_run: str | Path, ldm_run: str | Path, out: str | Path, *, n
         latent_scale=mc["latent_scale"],
         grid={"shape": list(MNI_2MM.shape), "spacing": MNI_2MM.spacing, "origin": list(MNI_2MM.origin)},
         normative=mc["normative"],
-        reference=(
-            f"SynthBrain 2 mm LDM trained on IXI; autoencoder {ae_state['step']} steps, "
-            f"UNet {ldm_state['step']} steps"
-        ),
+        reference=f"SynthBrain 2 mm LDM trained on IXI; {_autoencoder_history(ae_state)}, UNet {ldm_state['step']} steps",
     )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
