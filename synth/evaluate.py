@@ -89,9 +89,10 @@ def sample_sharpness(gen: BrainGenerator, data: PreparedData, split: str = "test
     brains are apart). Sharpness alone rewards a blotchy texture; this does not.
     """
     rows = data.subset(split, labelled=True)
-    real_s, gen_s, gen_d, pairs = [], [], [], []
+    real_s, gen_s, gen_d, pairs, masks = [], [], [], [], []
     for i, r in enumerate(rows):
         x, m = data.t1(r), data.labels(r) > 0
+        masks.append(m)
         real_s.append(sharpness(x, m))
         b = gen.generate(Condition(age=min(max(r["age"], 20), 82), sex=r["sex"]), seed=seed0 + i)
         gm = _brain_mask(b.image)
@@ -99,8 +100,8 @@ def sample_sharpness(gen: BrainGenerator, data: PreparedData, split: str = "test
         gen_d.append(intensity_distance(b.image, gm, x, m))
         pairs.append((r, x, b))
         log(f"  sharpness {r['mrid']}: real {real_s[-1]:.4f} generated {gen_s[-1]:.4f}")
-    real_d = [intensity_distance(x, data.labels(r) > 0, y, data.labels(q) > 0)
-              for (r, x, _), (q, y, _) in zip(pairs, pairs[1:] + pairs[:1])] if len(pairs) > 1 else [float("nan")]
+    real = [(x, m) for (_, x, _), m in zip(pairs, masks)]
+    real_d = [intensity_distance(x, m, y, n) for (x, m), (y, n) in zip(real, real[1:] + real[:1])] if len(real) > 1 else [float("nan")]
     return {
         "n": len(rows),
         "real_mean": float(np.mean(real_s)),
