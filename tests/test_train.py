@@ -139,6 +139,8 @@ def test_decoder_only_finetune_keeps_the_encoder(tmp_path):
     assert _autoencoder_history(first) == "autoencoder 10 steps"
     older = {k: v for k, v in tuned.items() if k != "init_step"}  # a run from before init_step was recorded
     assert _autoencoder_history(older) == _autoencoder_history(tuned)
+    moved = dict(older, config=dict(older["config"], init_from=str(tmp_path / "gone")))
+    assert _autoencoder_history(moved) == "autoencoder unknown steps + decoder fine-tune 30 steps (encoder frozen)"
     for k, v in first["ema_state_dict"].items():
         if k.startswith(("encoder.", "quant_conv_mu.", "quant_conv_log_sigma.")):
             assert torch.equal(tuned["state_dict"][k], v), k

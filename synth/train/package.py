@@ -24,7 +24,8 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: Path, dtype=torch.fl
 
 def _autoencoder_history(state: dict) -> str:
     """'autoencoder N steps', or for a decoder-only fine-tune 'autoencoder N steps + decoder fine-tune
-    M steps (encoder frozen)', N read from the checkpoint (or, for older runs, from its init run)."""
+    M steps (encoder frozen)'. N is recorded in the checkpoint; runs from before it was recorded fall
+    back to the init run's current step (right unless that run trained on afterwards), else 'unknown'."""
     cfg = state.get("config") or {}
     if not cfg.get("decoder_only"):
         return f"autoencoder {state['step']} steps"
