@@ -235,3 +235,55 @@ def test_a_failing_panel_shows_an_error_not_a_traceback(app, monkeypatch):
     app.run()
     assert not app.exception
     assert any("Something went wrong" in e and "simulated bug" in e for e in _errors(app))
+
+
+def _deferred_downloads(app, monkeypatch) -> dict:
+    """Run the Downloads tab and capture each deferred download's callable by file name."""
+    from streamlit.runtime.media_file_manager import MediaFileManager
+
+    captured = {}
+    original = MediaFileManager.add_deferred
+
+    def spy(self, data_callable, mimetype, coordinates, file_name=None, **kwargs):
+        captured[file_name] = data_callable
+        return original(self, data_callable, mimetype, coordinates, file_name, **kwargs)
+
+    monkeypatch.setattr(MediaFileManager, "add_deferred", spy)
+    _open_tab(app, "Downloads")
+    return captured
+
+
+def _call_outside_the_script(fn):
+    """Call ``fn`` in a fresh thread, as Streamlit's server does when the user clicks a download."""
+    import threading
+
+    out = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            out["error"] = exc
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(120)
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def test_slices_png_download_returns_a_png_outside_the_script_run(app, monkeypatch):
+    import io
+
+    from PIL import Image
+
+    _generate(app, seed=2)
+    made = _deferred_downloads(app, monkeypatch)
+    name = next(n for n in made if n.endswith("_slices.png"))
+    app.session_state["result"] = None  # what the callable must not read: the server has no session there
+    data = _call_outside_the_script(made[name])
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    picture = Image.open(io.BytesIO(data))
+    assert picture.width > picture.height > 32 and "NOT FOR CLINICAL USE" in picture.text["Description"].upper()
+    assert len(np.unique(np.asarray(picture.convert("L")))) > 10  # a brain, not a blank picture

@@ -279,16 +279,25 @@ def sweep_ui() -> None:
         st.download_button("Download GIF", gif, file_name=name, mime="image/gif", key="dl_gif", on_click="ignore")
 
 
-def _slices_png() -> bytes:
-    result: service.Generated = st.session_state.result
-    view = st.session_state.get("slice_view", {})
-    views = render.orthogonal_views(
-        result.brain.image, _cursor(result.brain.image.shape), window=view.get("window", (0.0, 1.0)),
-        labels=result.labels if view.get("overlay") else None, lut=_lut(result),
-        opacity=view.get("opacity", 0.4), crosshair=view.get("crosshair", True),
-    )
-    picture = render.stamp(render.montage([views["axial"], views["coronal"], views["sagittal"]]))
-    return render.png_bytes(picture, {"Description": synth.SYNTHETIC_NOTICE, "Software": f"SynthBrain {synth.__version__}"})
+def slices_png_maker(result: service.Generated, view: dict, cursor, lut):
+    """A callable that draws the three slices of ``result`` as a stamped PNG.
+
+    Everything it needs is captured here, while the script runs: Streamlit calls a deferred
+    download callable later, outside the script run, where ``st.session_state`` is unavailable.
+    """
+    view = dict(view or {})
+    cursor = list(cursor)
+
+    def make() -> bytes:
+        views = render.orthogonal_views(
+            result.brain.image, cursor, window=view.get("window", (0.0, 1.0)),
+            labels=result.labels if view.get("overlay") else None, lut=lut,
+            opacity=view.get("opacity", 0.4), crosshair=view.get("crosshair", True),
+        )
+        picture = render.stamp(render.montage([views["axial"], views["coronal"], views["sagittal"]]))
+        return render.png_bytes(picture, {"Description": synth.SYNTHETIC_NOTICE, "Software": f"SynthBrain {synth.__version__}"})
+
+    return make
 
 
 def downloads_ui() -> None:
@@ -310,7 +319,8 @@ def downloads_ui() -> None:
     c = st.columns(4)
     c[0].download_button("T1 (NIfTI)", lazy("nifti"), file_name=f"{stem}_T1w.nii.gz", mime="application/gzip", key="dl_nifti", on_click="ignore")
     c[1].download_button("Provenance (JSON)", lazy("json"), file_name=f"{stem}_provenance.json", mime="application/json", key="dl_json", on_click="ignore")
-    c[2].download_button("Slices (PNG)", _slices_png, file_name=f"{stem}_slices.png", mime="image/png", key="dl_png", on_click="ignore")
+    png = slices_png_maker(result, st.session_state.get("slice_view", {}), _cursor(brain.image.shape), _lut(result))
+    c[2].download_button("Slices (PNG)", png, file_name=f"{stem}_slices.png", mime="image/png", key="dl_png", on_click="ignore")
     no_labels = "" if result.labels is not None else (result.note or "no segmentation for this brain")
     why_labels = service.anatomy_missing("save_labels") or no_labels
     why_meshes = service.anatomy_missing("structure_meshes", "export_usd", "export_meshes") or no_labels
