@@ -26,6 +26,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOT = ROOT / "docs" / "viewer.png"
+LOGS: dict[str, Path] = {}  # server URL -> its log file
 
 pytestmark = pytest.mark.e2e
 
@@ -84,6 +85,7 @@ def server(tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(url, proc)
+        LOGS[url] = log
         yield url
     finally:
         # Always stop the server and anything it started (its own process group).
@@ -129,6 +131,13 @@ def _drawn(element, timeout: float = 30.0) -> bool:
             return True
         time.sleep(0.5)
     return False
+
+
+def _assert_no_outbound_attempt(log: Path) -> None:
+    """The server log shows no attempt to reach the internet (e.g. trame_vtklocal fetching VTK wasm)."""
+    text = log.read_text(errors="replace")
+    for sign in ("gaierror", "Name or service not known", "ClientConnector", "gitlab.kitware.com", "Traceback"):
+        assert sign not in text, f"the server log shows {sign!r}:\n{text[-3000:]}"
 
 
 def _tab(page, name: str) -> None:
@@ -211,4 +220,5 @@ def test_viewer_end_to_end(page, server, tmp_path):
     assert len(img.shape) == 3 and b"SYNTHETIC" in img.header["descrip"].tobytes()
 
     assert not page.outside_requests, f"the page reached outside the server: {page.outside_requests[:5]}"
+    _assert_no_outbound_attempt(LOGS[server])
     print("e2e timings (s):", {k: round(v, 2) for k, v in timings.items()}, "| server:", server_ms.split("·")[-1].strip())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import sys
 import threading
 import time
@@ -359,3 +360,12 @@ def test_brain_meshes_of_an_empty_map_explain():
     pytest.importorskip("synth.anatomy")
     with pytest.raises(ValueError, match="empty"):
         service.brain_meshes(np.zeros((4, 4, 4), np.uint8), np.eye(4))
+
+
+def test_no_wasm_download_points_vtklocal_at_an_existing_empty_folder(monkeypatch):
+    from viewer import scene
+
+    monkeypatch.delenv("VTK_WASM_DIR_OVERRIDE", raising=False)
+    folder = scene.no_wasm_download()
+    assert os.path.isdir(folder) and os.environ["VTK_WASM_DIR_OVERRIDE"] == folder
+    assert scene.no_wasm_download() == folder  # kept, not a new folder per render

@@ -13,14 +13,35 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["image_grid", "isosurface_plotter", "render_volume", "surface_plotter", "volume_plotter"]
+__all__ = ["image_grid", "isosurface_plotter", "no_wasm_download", "render_volume", "surface_plotter", "volume_plotter"]
 
 WINDOW = (640, 480)
 _RENDER_LOCK = threading.Lock()  # one off-screen VTK render at a time in this process
 
 
+def no_wasm_download() -> str:
+    """Stop ``trame_vtklocal`` from fetching VTK's WebAssembly build from gitlab.kitware.com.
+
+    stpyvista's export registers trame's ``vtklocal`` module, which downloads the wasm archive of
+    the installed VTK whenever it is missing (a DNS failure and a traceback per 3D render here,
+    and an outbound request anywhere). The exported vtk.js scene never uses it. Pointing
+    ``VTK_WASM_DIR_OVERRIDE`` at an empty folder makes the module serve that folder instead.
+
+    Returns:
+        The folder in use (an existing override is kept).
+    """
+    current = os.environ.get("VTK_WASM_DIR_OVERRIDE")
+    if current and os.path.isdir(current):
+        return current
+    import tempfile
+
+    os.environ["VTK_WASM_DIR_OVERRIDE"] = tempfile.mkdtemp(prefix="synthbrain-no-vtk-wasm-")
+    return os.environ["VTK_WASM_DIR_OVERRIDE"]
+
+
 def _pyvista():
     os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")  # skip the X attempt
+    no_wasm_download()
     try:
         import pyvista as pv
     except ImportError as exc:  # pragma: no cover - pyvista is a requirement
