@@ -1,0 +1,58 @@
+"""Turn VQ training runs into a shippable model folder: safetensors + ``config.json`` (``backend: vq``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..grid import MNI_2MM
+from ..io import atomic_path
+from .config import VQModelConfig
+
+__all__ = ["package_vq_model"]
+
+
+def package_vq_model(tf_run: str | Path, out: str | Path, *, name: str = "synthbrain-vq-2mm", version: str = "0.1.0",
+                     guidance_scale: float = 1.0, temperature: float = 1.0, top_k: int | None = None,
+                     fp16: bool = True) -> Path:
+    """Write ``out/{config.json, vqvae.safetensors, transformer.safetensors}``.
+
+    The VQ-VAE is the checkpoint the transformer was trained on (recorded in its run). Its codebook
+    and quantiser statistics stay float32 (they decide which code a vector gets); the other
+    weights are stored as fp16 when ``fp16``.
+    """
+    tf_state = torch.load(Path(tf_run) / "last.pt", map_location="cpu", weights_only=False)
+    mc = tf_state["model_config"]
+    vq_state = torch.load(Path(mc["vq_run"]) / mc["vq_checkpoint"], map_location="cpu", weights_only=False)
+    cfg = VQModelConfig(
+        name=name,
+        version=version,
+        vqvae=mc["vqvae"],
+        transformer=mc["transformer"],
+        covariates=mc["covariates"],
+        covariate_ranges=mc["covariate_ranges"],
+        sampling={"guidance_scale": guidance_scale, "temperature": temperature, "top_k": top_k},
+        grid={"shape": list(MNI_2MM.shape), "spacing": MNI_2MM.spacing, "origin": list(MNI_2MM.origin)},
+        normative=mc["normative"],
+        reference=(f"SynthBrain 2 mm VQ-VAE + transformer trained on IXI; VQ-VAE {vq_state['step']} steps "
+                   f"({mc['vq_checkpoint']}), transformer {tf_state['step']} steps ({tf_state.get('engine', '?')})"),
+    )
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = torch.float16 if fp16 else torch.float32
+    vq = vq_state["state_dict"]
+    keep32 = {k: v for k, v in vq.items() if k.startswith("quantizer.")}
+    half = {k: v.to(dtype) if v.is_floating_point() else v for k, v in vq.items() if k not in keep32}
+    tf = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tf_state["state_dict"].items()}
+    _save({**half, **keep32}, out / "vqvae.safetensors")
+    _save(tf, out / "transformer.safetensors")
+    cfg.save(out)
+    return out
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))

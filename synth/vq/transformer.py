@@ -1,0 +1,299 @@
+"""Autoregressive transformer over a VQ-VAE's code grid (raster order), on two engines.
+
+The network is a post-norm transformer encoder with a causal mask (Vaswani et al. 2017) over the
+flattened code grid. Attention is either *linear* (Katharopoulos et al., "Transformers are RNNs",
+ICML 2020: ``phi(x) = elu(x) + 1``, ``V'_i = phi(q_i)^T S_i / (phi(q_i)^T z_i)`` with
+``S_i = sum_{j<=i} phi(k_j) v_j^T`` and ``z_i = sum_{j<=i} phi(k_j)``), whose recurrent form costs
+the same for every new token, or *softmax*.
+
+Two engines hold the same parameters under the same names, so one state dict runs on either:
+
+* ``fast-transformers`` (PyPI ``pytorch-fast-transformers``): ``causal-linear`` / ``full``
+  attention for the parallel pass, its ``RecurrentEncoderBuilder`` (``linear`` / ``full``) for
+  sampling;
+* ``torch`` (the fallback when the extension is missing): the same linear attention in plain torch
+  (chunked parallel pass, recurrent state for sampling), and softmax attention through
+  ``scaled_dot_product_attention`` with a preallocated key-value cache.
+
+Conditioning: the condition vector (covariates in [0, 1] plus a presence flag; all zeros is the
+unconditional input of classifier-free guidance) is projected to one embedding that is the first
+input token and is added to every input position.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["CodeTransformer", "IncrementalDecoder", "fast_transformers_available", "resolve_engine", "ENGINES"]
+
+ENGINES = ("fast-transformers", "torch")
+ATTENTIONS = ("linear", "softmax")
+_EPS = 1e-6  # fast_transformers' linear attention eps
+
+
+def fast_transformers_available() -> bool:
+    """Whether the compiled ``fast_transformers`` extension imports."""
+    try:
+        import fast_transformers.causal_product  # noqa: F401 (the compiled part)
+        from fast_transformers.builders import RecurrentEncoderBuilder, TransformerEncoderBuilder  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def resolve_engine(engine: str = "auto") -> str:
+    """``auto`` -> ``fast-transformers`` when installed, else ``torch``; a named engine is checked."""
+    if engine == "auto":
+        return "fast-transformers" if fast_transformers_available() else "torch"
+    if engine not in ENGINES:
+        raise ValueError(f"`engine` must be auto, fast-transformers or torch, got {engine!r}")
+    if engine == "fast-transformers" and not fast_transformers_available():
+        raise ValueError("engine fast-transformers is not installed: run scripts/setup.sh (it builds "
+                         "pytorch-fast-transformers), or use --engine torch")
+    return engine
+
+
+def _phi(x: torch.Tensor) -> torch.Tensor:
+    return F.elu(x) + 1
+
+
+def causal_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """Causal linear attention of feature-mapped (B, H, L, E) queries/keys and (B, H, L, M) values.
+
+    Chunked: quadratic inside a chunk, the running sums ``S``, ``z`` carried across chunks.
+    """
+    b, h, n, e = q.shape
+    s = q.new_zeros(b, h, e, v.shape[-1])
+    z = q.new_zeros(b, h, e)
+    out = []
+    for i in range(0, n, chunk):
+        qc, kc, vc = q[:, :, i:i + chunk], k[:, :, i:i + chunk], v[:, :, i:i + chunk]
+        a = (qc @ kc.transpose(-1, -2)).tril()
+        num = a @ vc + qc @ s
+        den = a.sum(-1) + (qc @ z[..., None]).squeeze(-1)  # phi(q_i) . z_i
+        out.append(num / (den[..., None] + _EPS))
+        s = s + kc.transpose(-1, -2) @ vc
+        z = z + kc.sum(2)
+    return torch.cat(out, dim=2)
+
+
+class _TorchAttention(nn.Module):
+    """Multi-head causal attention named like ``fast_transformers.attention.AttentionLayer``."""
+
+    def __init__(self, d_model: int, n_heads: int, kind: str):
+        super().__init__()
+        self.query_projection = nn.Linear(d_model, d_model)
+        self.key_projection = nn.Linear(d_model, d_model)
+        self.value_projection = nn.Linear(d_model, d_model)
+        self.out_projection = nn.Linear(d_model, d_model)
+        self.n_heads, self.kind = n_heads, kind
+
+    def _qkv(self, x: torch.Tensor):
+        shape = (*x.shape[:-1], self.n_heads, -1)
+        return (self.query_projection(x).view(shape), self.key_projection(x).view(shape),
+                self.value_projection(x).view(shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, D)
+        q, k, v = (t.transpose(1, 2) for t in self._qkv(x))  # (B, H, L, E)
+        if self.kind == "linear":
+            y = causal_linear_attention(_phi(q), _phi(k), v)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out_projection(y.transpose(1, 2).reshape(x.shape))
+
+    def step(self, x: torch.Tensor, state: dict, t: int) -> torch.Tensor:  # (B, D), one position
+        q, k, v = self._qkv(x)  # (B, H, E)
+        if self.kind == "linear":
+            q, k = _phi(q), _phi(k)
+            state["s"] += torch.einsum("nhd,nhm->nhdm", k, v)
+            state["z"] += k
+            den = 1.0 / (torch.einsum("nhd,nhd->nh", q, state["z"]) + _EPS)
+            y = torch.einsum("nhd,nhdm,nh->nhm", q, state["s"], den)
+        else:  # key-value cache, preallocated for the whole sequence
+            state["k"][:, :, t] = k
+            state["v"][:, :, t] = v
+            y = F.scaled_dot_product_attention(q[:, :, None], state["k"][:, :, : t + 1], state["v"][:, :, : t + 1])[:, :, 0]
+        return self.out_projection(y.reshape(x.shape))
+
+    def new_state(self, batch: int, seq_len: int, like: torch.Tensor) -> dict:
+        e = like.shape[-1] // self.n_heads
+        if self.kind == "linear":
+            return {"s": like.new_zeros(batch, self.n_heads, e, e), "z": like.new_zeros(batch, self.n_heads, e)}
+        return {"k": like.new_zeros(batch, self.n_heads, seq_len, e), "v": like.new_zeros(batch, self.n_heads, seq_len, e)}
+
+
+class _TorchLayer(nn.Module):
+    """Post-norm layer, named and ordered like ``fast_transformers``' ``TransformerEncoderLayer``."""
+
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, kind: str, dropout: float):
+        super().__init__()
+        self.attention = _TorchAttention(d_model, n_heads, kind)
+        self.linear1, self.linear2 = nn.Linear(d_model, d_ff), nn.Linear(d_ff, d_model)
+        self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def _ff(self, x: torch.Tensor) -> torch.Tensor:
+        y = x = self.norm1(x)
+        y = self.dropout(self.linear2(self.dropout(F.gelu(self.linear1(y)))))
+        return self.norm2(x + y)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._ff(x + self.dropout(self.attention(x)))
+
+    def step(self, x: torch.Tensor, state: dict, t: int) -> torch.Tensor:
+        return self._ff(x + self.attention.step(x, state, t))
+
+
+class _TorchEncoder(nn.Module):
+    def __init__(self, n_layers: int, d_model: int, n_heads: int, d_ff: int, kind: str, dropout: float):
+        super().__init__()
+        self.layers = nn.ModuleList(_TorchLayer(d_model, n_heads, d_ff, kind, dropout) for _ in range(n_layers))
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return self.norm(x)
+
+
+def _ft_kwargs(cfg: dict[str, Any], recurrent: bool) -> dict[str, Any]:
+    kind = cfg["attention"]
+    if recurrent:
+        attention_type = "linear" if kind == "linear" else "full"
+    else:
+        attention_type = "causal-linear" if kind == "linear" else "full"
+    kw = dict(n_layers=cfg["n_layers"], n_heads=cfg["n_heads"], query_dimensions=cfg["d_model"] // cfg["n_heads"],
+              value_dimensions=cfg["d_model"] // cfg["n_heads"], feed_forward_dimensions=cfg["d_ff"],
+              attention_type=attention_type, activation="gelu", dropout=cfg["dropout"])
+    if kind == "softmax":
+        kw["attention_dropout"] = 0.0
+    return kw
+
+
+class CodeTransformer(nn.Module):
+    """Conditional autoregressive model of a flattened code grid.
+
+    Args:
+        num_tokens: Codebook size ``K`` (the vocabulary).
+        seq_len: Number of codes per volume (e.g. 20 * 24 * 20 = 9,600).
+        n_conditioning: Length of the condition vector (covariates + presence flag).
+        d_model: Width.
+        n_layers: Transformer layers.
+        n_heads: Attention heads (``d_model`` must divide by it).
+        d_ff: Feed-forward width (default ``4 * d_model``).
+        attention: ``linear`` (causal linear attention; recurrent sampling at constant cost per token)
+            or ``softmax``.
+        dropout: Dropout in the layers (training only).
+        engine: ``auto`` (fast-transformers when installed, else torch), ``fast-transformers`` or ``torch``.
+    """
+
+    def __init__(self, num_tokens: int, seq_len: int, n_conditioning: int, d_model: int = 128, n_layers: int = 4,
+                 n_heads: int = 4, d_ff: int | None = None, attention: str = "linear", dropout: float = 0.0,
+                 engine: str = "auto"):
+        super().__init__()
+        if attention not in ATTENTIONS:
+            raise ValueError(f"`attention` must be linear or softmax, got {attention!r}")
+        if d_model % n_heads:
+            raise ValueError(f"`d_model` ({d_model}) must divide by `n_heads` ({n_heads})")
+        self.config = dict(num_tokens=int(num_tokens), seq_len=int(seq_len), n_conditioning=int(n_conditioning),
+                           d_model=int(d_model), n_layers=int(n_layers), n_heads=int(n_heads),
+                           d_ff=int(d_ff or 4 * d_model), attention=attention, dropout=float(dropout))
+        self.engine = resolve_engine(engine)
+        self.tok_emb = nn.Embedding(num_tokens, d_model)
+        self.pos_emb = nn.Embedding(seq_len, d_model)
+        self.cond_proj = nn.Linear(n_conditioning, d_model)
+        if self.engine == "fast-transformers":
+            from fast_transformers.builders import TransformerEncoderBuilder
+
+            self.encoder = TransformerEncoderBuilder.from_kwargs(**_ft_kwargs(self.config, recurrent=False)).get()
+        else:
+            c = self.config
+            self.encoder = _TorchEncoder(c["n_layers"], c["d_model"], c["n_heads"], c["d_ff"], attention, c["dropout"])
+        self.head = nn.Linear(d_model, num_tokens)
+        nn.init.normal_(self.tok_emb.weight, std=0.02)
+        nn.init.normal_(self.pos_emb.weight, std=0.02)
+
+    @property
+    def seq_len(self) -> int:
+        return self.config["seq_len"]
+
+    def inputs(self, tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """(B, L) tokens and (B, C) conditions -> (B, L, D) inputs, shifted right by the condition token."""
+        c = self.cond_proj(cond.to(self.cond_proj.weight.dtype))[:, None]
+        prev = self.tok_emb(tokens[:, :-1])
+        x = torch.cat([torch.zeros_like(c), prev], dim=1) + c
+        return x + self.pos_emb.weight[: tokens.shape[1]]
+
+    def forward(self, tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits: (B, L) tokens, (B, C) conditions -> (B, L, K); ``[:, i]`` predicts token ``i``."""
+        if tokens.shape[1] > self.seq_len:
+            raise ValueError(f"sequence of {tokens.shape[1]} tokens is longer than the model's {self.seq_len}")
+        x = self.inputs(tokens, cond)
+        if self.engine == "fast-transformers":
+            from fast_transformers.masking import TriangularCausalMask
+
+            h = self.encoder(x, attn_mask=TriangularCausalMask(x.shape[1], device=x.device))
+        else:
+            h = self.encoder(x)
+        return self.head(h)
+
+    def decoder(self, cond: torch.Tensor) -> "IncrementalDecoder":
+        """An :class:`IncrementalDecoder` (recurrent / key-value-cached) for conditions (B, C)."""
+        return IncrementalDecoder(self, cond)
+
+    def with_engine(self, engine: str) -> "CodeTransformer":
+        """A copy of this model (same weights) on another engine."""
+        other = CodeTransformer(**self.config, engine=engine)
+        other.load_state_dict(self.state_dict())
+        return other.to(self.head.weight.device).train(self.training)
+
+
+class IncrementalDecoder:
+    """Token-by-token evaluation of a :class:`CodeTransformer`: each call of :meth:`step` costs the
+    same (linear attention) or grows with the prefix only through the cached keys (softmax).
+
+    Example:
+        >>> dec = model.decoder(cond)                # doctest: +SKIP
+        >>> logits = dec.step(None)                  # distribution of token 0  # doctest: +SKIP
+        >>> logits = dec.step(torch.tensor([17]))    # of token 1 given token 0 = 17  # doctest: +SKIP
+    """
+
+    def __init__(self, model: CodeTransformer, cond: torch.Tensor):
+        self.model, self.t = model, 0
+        self.c = model.cond_proj(cond.to(model.cond_proj.weight.dtype))
+        self.batch = cond.shape[0]
+        if model.engine == "fast-transformers":
+            from fast_transformers.builders import RecurrentEncoderBuilder
+
+            self.rnn = RecurrentEncoderBuilder.from_kwargs(**_ft_kwargs(model.config, recurrent=True)).get()
+            self.rnn.load_state_dict(model.encoder.state_dict())
+            self.rnn.to(self.c.device).eval()
+            self.state = None
+        else:
+            self.state = [layer.attention.new_state(self.batch, model.seq_len, self.c) for layer in model.encoder.layers]
+
+    @torch.no_grad()
+    def step(self, prev: torch.Tensor | None) -> torch.Tensor:
+        """Logits (B, K) of the next token, given the previous token (B,) (``None`` for the first)."""
+        m = self.model
+        if self.t >= m.seq_len:
+            raise ValueError(f"all {m.seq_len} tokens are decoded")
+        x = self.c + m.pos_emb.weight[self.t]
+        if prev is not None:
+            x = x + m.tok_emb(prev.to(self.c.device))
+        elif self.t:
+            raise ValueError("`prev` is needed after the first token")
+        if m.engine == "fast-transformers":
+            h, self.state = self.rnn(x, state=self.state)
+        else:
+            h = x
+            for layer, st in zip(m.encoder.layers, self.state):
+                h = layer.step(h, st, self.t)
+            h = m.encoder.norm(h)
+        self.t += 1
+        return m.head(h)

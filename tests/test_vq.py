@@ -1,0 +1,166 @@
+"""VQ-VAE, quantiser, transformer engines and sampler on tiny networks."""
+
+import numpy as np
+import pytest
+import torch
+
+from synth.vq.quantizer import EMAQuantizer
+from synth.vq.sampler import sample_codes, torch_threads
+from synth.vq.transformer import CodeTransformer, fast_transformers_available, resolve_engine
+from synth.vq.vqvae import build_vqvae
+
+needs_ft = pytest.mark.skipif(not fast_transformers_available(),
+                              reason="pytorch-fast-transformers is not installed (scripts/setup.sh builds it)")
+ENGINES = ["torch", pytest.param("fast-transformers", marks=needs_ft)]
+
+TINY_AE = {"spatial_dims": 3, "in_channels": 1, "out_channels": 1, "latent_channels": 2, "channels": [8, 8],
+           "num_res_blocks": 1, "norm_num_groups": 4, "attention_levels": [False, False],
+           "with_encoder_nonlocal_attn": False, "with_decoder_nonlocal_attn": False}
+
+
+def tiny_tf(engine, attention="linear", seq_len=40, seed=0):
+    torch.manual_seed(seed)
+    return CodeTransformer(12, seq_len, 3, d_model=16, n_layers=2, n_heads=2, d_ff=32, attention=attention,
+                           engine=engine).eval()
+
+
+# -- quantiser ------------------------------------------------------------------------------------
+def test_quantizer_assigns_the_nearest_code():
+    q = EMAQuantizer(4, 2)
+    q.codebook.copy_(torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [5.0, 5.0]]))
+    z = torch.tensor([[0.9, 0.1], [0.1, 0.8], [4.0, 4.5], [0.0, 0.1]]).t().reshape(1, 2, 4, 1, 1)
+    assert q.assign(z).flatten().tolist() == [1, 2, 3, 0]
+    assert torch.equal(q.embed(q.assign(z))[0, :, 2, 0, 0], torch.tensor([5.0, 5.0]))
+
+
+def test_quantizer_ema_pulls_codes_to_their_vectors_and_straight_through_keeps_gradients():
+    q = EMAQuantizer(2, 1, decay=0.5).train()
+    q.codebook.copy_(torch.tensor([[0.0], [10.0]]))
+    q.ema_sum.copy_(q.codebook)
+    z = torch.full((1, 1, 2, 2, 2), 2.0, requires_grad=True)
+    out = q(z)
+    assert 0.0 < q.codebook[0, 0] < 2.0 and q.codebook[1, 0] > 9.0  # code 0 moved toward 2, code 1 barely
+    out.quantized.sum().backward()
+    assert torch.allclose(z.grad, torch.ones_like(z))
+    assert out.perplexity.item() == pytest.approx(1.0)  # one code used
+
+
+def test_dead_codes_are_restarted_onto_encoder_outputs():
+    q = EMAQuantizer(8, 2, dead_threshold=0.5)
+    q.ema_count.copy_(torch.tensor([5.0, 5.0, 0.0, 0.0, 5.0, 0.1, 5.0, 5.0]))
+    z = torch.randn(1, 2, 4, 4, 4) + 100.0
+    n = q.restart_dead(z, torch.Generator().manual_seed(0))
+    assert n == 3
+    assert (q.codebook[[2, 3, 5]] > 90).all() and (q.codebook[[0, 1, 4]].abs() < 10).all()
+    assert (q.ema_count >= 0.5).all()
+
+
+def test_kmeans_init_uses_every_code():
+    q = EMAQuantizer(8, 2)
+    centres = torch.arange(8.0)[:, None].repeat(1, 2) * 10
+    vectors = (centres[:, None] + 0.1 * torch.randn(8, 50, 2)).reshape(-1, 2)
+    q.init_codebook(vectors)
+    assert len(torch.unique(torch.cdist(vectors, q.codebook).argmin(1))) == 8
+
+
+# -- VQ-VAE ---------------------------------------------------------------------------------------
+def test_vqvae_shapes_encode_decode_and_bad_shape():
+    vq = build_vqvae({"autoencoder": TINY_AE, "num_embeddings": 16, "embedding_dim": 3}).eval()
+    x = torch.rand(1, 1, 8, 12, 8)
+    idx = vq.encode(x)
+    assert idx.shape == (1, 4, 6, 4) and idx.dtype == torch.int64 and int(idx.max()) < 16
+    assert vq.decode_codes(idx).shape == x.shape
+    out = vq(x)
+    assert out.reconstruction.shape == x.shape and torch.equal(out.indices, idx)
+    with pytest.raises(ValueError, match="must divide by 2"):
+        vq.encode(torch.rand(1, 1, 9, 12, 8))
+
+
+def test_vqvae_assignments_do_not_depend_on_bf16_autocast():
+    vq = build_vqvae({"autoencoder": TINY_AE, "num_embeddings": 16, "embedding_dim": 2}).eval()
+    z = torch.randn(1, 2, 4, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a = vq.quantizer.assign(z)
+    assert torch.equal(a, vq.quantizer.assign(z))
+
+
+# -- transformer ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("attention", ["linear", "softmax"])
+def test_recurrent_decoding_matches_the_parallel_pass_token_by_token(engine, attention):
+    model = tiny_tf(engine, attention)
+    tokens, cond = torch.randint(0, 12, (2, 40)), torch.rand(2, 3)
+    with torch.no_grad():
+        parallel = model(tokens, cond)
+    dec = model.decoder(cond)
+    steps = torch.stack([dec.step(None if i == 0 else tokens[:, i - 1]) for i in range(40)], 1)
+    assert (steps - parallel).abs().max().item() < 1e-4
+    assert torch.equal(steps.argmax(-1), parallel.argmax(-1))
+    with pytest.raises(ValueError, match="all 40 tokens"):
+        dec.step(tokens[:, -1])
+
+
+@needs_ft
+@pytest.mark.parametrize("attention", ["linear", "softmax"])
+def test_engines_share_weights_and_compute_the_same_function(attention):
+    ft = tiny_tf("fast-transformers", attention)
+    pt = ft.with_engine("torch")
+    assert set(ft.state_dict()) == set(pt.state_dict())
+    tokens, cond = torch.randint(0, 12, (2, 40)), torch.rand(2, 3)
+    with torch.no_grad():
+        assert (ft(tokens, cond) - pt(tokens, cond)).abs().max().item() < 1e-4
+
+
+def test_prefix_predictions_do_not_see_the_future():
+    model = tiny_tf("torch")
+    a = torch.randint(0, 12, (1, 40))
+    b = a.clone()
+    b[0, 25:] = (b[0, 25:] + 1) % 12
+    with torch.no_grad():
+        la, lb = model(a, torch.ones(1, 3)), model(b, torch.ones(1, 3))
+    assert torch.allclose(la[:, :26], lb[:, :26], atol=1e-5)  # logits up to 25 see tokens < 25 only
+    assert not torch.allclose(la[:, 26:], lb[:, 26:], atol=1e-5)
+
+
+def test_engine_choice_is_validated():
+    assert resolve_engine("torch") == "torch"
+    assert resolve_engine("auto") in ("torch", "fast-transformers")
+    with pytest.raises(ValueError, match="engine"):
+        resolve_engine("cuda-magic")
+    with pytest.raises(ValueError, match="attention"):
+        CodeTransformer(4, 8, 1, d_model=8, n_heads=2, attention="sparse", engine="torch")
+    with pytest.raises(ValueError, match="divide"):
+        CodeTransformer(4, 8, 1, d_model=10, n_heads=4, engine="torch")
+
+
+# -- sampler --------------------------------------------------------------------------------------
+def test_sampling_is_seeded_conditional_and_leaves_threads_alone():
+    model = tiny_tf("torch")
+    with torch.no_grad():
+        model.head.weight.mul_(5)
+        model.cond_proj.weight.mul_(5)
+    cond = torch.tensor([[0.2, 1.0, 1.0]])
+    threads = torch.get_num_threads()
+    a = sample_codes(model, cond, seed=1)
+    assert torch.get_num_threads() == threads
+    assert torch.equal(a, sample_codes(model, cond, seed=1))
+    assert not torch.equal(a, sample_codes(model, cond, seed=2))
+    assert not torch.equal(a, sample_codes(model, torch.tensor([[0.9, 0.0, 1.0]]), seed=1))
+    g = sample_codes(model, cond, seed=1, guidance_scale=3.0)
+    assert g.shape == (40,) and not torch.equal(a, g)
+    greedy = sample_codes(model, cond, seed=5, top_k=1)
+    assert torch.equal(greedy, sample_codes(model, cond, seed=6, top_k=1))
+
+
+@pytest.mark.parametrize("kwargs,match", [({"temperature": 0}, "temperature"), ({"top_k": 0}, "top_k")])
+def test_sampler_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sample_codes(tiny_tf("torch"), torch.ones(1, 3), seed=0, **kwargs)
+
+
+def test_torch_threads_restores_on_error():
+    old = torch.get_num_threads()
+    with pytest.raises(RuntimeError), torch_threads(1):
+        assert torch.get_num_threads() == 1
+        raise RuntimeError
+    assert torch.get_num_threads() == old
