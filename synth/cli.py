@@ -243,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_parsers(sub)
+    from .cohort import add_parser as add_cohort_parser  # light at parse time, like the verbs above
+
+    add_cohort_parser(sub)
     return parser
 
 
