@@ -14,7 +14,6 @@ from .condition import AGE_RANGE, DIAGNOSES, DISEASE_EFFECTS, SEXES, VOLUME_KEYS
 from .grid import MNI_2MM, Grid
 from .io import SYNTHETIC_NOTICE
 from .normative import NormativeModel, target_volumes
-from .pipeline import DEFAULT_MODEL, BrainGenerator, available_models, load_generator, pick_device
 from .version import __version__
 
 __all__ = [
@@ -37,3 +36,21 @@ __all__ = [
     "pick_device",
     "target_volumes",
 ]
+
+# torch and MONAI load only when a generator is first asked for, so that light users (the command
+# line checking its arguments, the readers) start in a fraction of a second.
+_LAZY = {name: "pipeline" for name in ("DEFAULT_MODEL", "BrainGenerator", "available_models", "load_generator", "pick_device")}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

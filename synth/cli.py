@@ -1,11 +1,16 @@
 """The ``synthbrain`` command line.
 
-Bad arguments give one line on stderr and exit code 2, with nothing written.
+Bad arguments give one line on stderr and exit code 2, with nothing written. Arguments are checked
+before any heavy import (torch, MONAI) or model load, so a bad one fails at once: this module and
+what it imports at parse time must stay light (numpy at most).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -39,12 +44,68 @@ def _number(kind, minimum: float, inclusive: bool, what: str):
 _positive_int = _number(int, 0, False, "a positive integer")
 _nonnegative_int = _number(int, 0, True, "an integer >= 0")
 _nonnegative_float = _number(float, 0.0, True, "a number >= 0")
+_positive_float = _number(float, 0.0, False, "a number > 0")
+
+MAX_SEED = 2**63 - 1  # the sampler's torch.Generator takes a signed 64-bit seed
+MAX_BRAINS = 10_000  # --n
+MAX_STEPS = 1000  # DDIM steps cannot exceed the training timesteps (1000 for every model here)
+
+
+def _bounded(kind, lo: float, hi: float, what: str):
+    """An argparse type: a finite ``kind`` within [lo, hi], else 'expected <what>, got ...'."""
+
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except (ValueError, OverflowError):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if isinstance(v, float) and not math.isfinite(v) or not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return v
+
+    return parse
+
+
+def _age(text: str) -> float:
+    from .condition import AGE_RANGE, _parse_age
+
+    try:
+        return _parse_age(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected an age in years within {AGE_RANGE[0]:g}-{AGE_RANGE[1]:g}, got {text!r}") from None
+
+
+def _choice(name: str, choices_attr: str, aliases: dict[str, str] | None = None):
+    def parse(text: str) -> str:
+        from . import condition
+
+        choices = getattr(condition, choices_attr)
+        try:
+            return condition._parse_choice(name, text, choices, aliases or {})
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected one of {', '.join(choices)}, got {text!r}") from None
+
+    return parse
+
+
+_sex = _choice("sex", "SEXES", {"female": "F", "male": "M"})
+_diagnosis = _choice("diagnosis", "DIAGNOSES")
+_seed = _bounded(int, 0, MAX_SEED, f"a seed within 0-{MAX_SEED}")
+_steps = _bounded(int, 1, MAX_STEPS, f"a number of DDIM steps within 1-{MAX_STEPS}")
+_guidance = _bounded(float, 0.0, 20.0, "a guidance scale within 0-20")
+_n_brains = _bounded(int, 1, MAX_BRAINS, f"a number of brains within 1-{MAX_BRAINS}")
+
+
+def _device(text: str) -> str:
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda, cuda:N or mps, got {text!r}")
+    return text
 
 
 def _add_condition_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--age", type=float, required=True, help="age in years (18-95; the model saw 20-82)")
-    p.add_argument("--sex", required=True, help="F or M")
-    p.add_argument("--diagnosis", default="CN", help="CN, MCI or AD (default CN)")
+    p.add_argument("--age", type=_age, required=True, help="age in years (18-95; the model saw 20-82)")
+    p.add_argument("--sex", type=_sex, required=True, help="F or M")
+    p.add_argument("--diagnosis", type=_diagnosis, default="CN", help="CN, MCI or AD (default CN)")
     p.add_argument(
         "--volume",
         action="append",
@@ -68,22 +129,26 @@ def condition_from_args(args: argparse.Namespace):
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .brain import sidecar_path
-    from .io import nifti_suffix
-    from .pipeline import load_generator
+    from .io import check_writable, nifti_suffix
 
     cond = condition_from_args(args)
     if args.n < 1:
         raise UsageError(f"--n must be at least 1, got {args.n}")
-    if args.seed < 0:
-        raise UsageError(f"--seed must be a non-negative integer, got {args.seed}")
+    if not 0 <= args.seed <= MAX_SEED - (args.n - 1):
+        raise UsageError(f"--seed must be within 0-{MAX_SEED - (args.n - 1)} for --n {args.n}, got {args.seed}")
     out = Path(args.out)
     suffix = nifti_suffix(out)
     stem = out.name[: -len(suffix)]
+    if not stem:
+        raise UsageError(f"--out needs a file name before {suffix}, got {args.out!r}")
     paths = [out] if args.n == 1 else [out.with_name(f"{stem}_{i:03d}{suffix}") for i in range(args.n)]
     existing = [str(p) for p in paths + [sidecar_path(p) for p in paths] if p.exists()]
     if existing and not args.force:
         raise UsageError(f"refusing to overwrite {existing[0]} (use --force)")
-    gen = load_generator(args.model, device=args.device)
+    check_writable(out)
+    from .pipeline import DEFAULT_MODEL, load_generator  # heavy (torch): only after every check
+
+    gen = load_generator(args.model or DEFAULT_MODEL, device=args.device)
     for i, path in enumerate(paths):
         brain = gen.generate(cond, seed=args.seed + i, steps=args.steps, guidance_scale=args.guidance_scale,
                              progress=not args.quiet)
@@ -162,10 +227,18 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _default_cache_dir() -> Path:
+    """``$SYNTHBRAIN_CACHE`` or ``~/.cache/synthbrain`` (:func:`synth.data.prepare.default_cache_dir`)."""
     from .data.prepare import default_cache_dir
-    from .pipeline import DEFAULT_MODEL
+
+    return default_cache_dir()
+
+
+def build_parser() -> argparse.ArgumentParser:
     from .version import __version__
+
+    DEFAULT_MODEL = "synthbrain-ldm-2mm"  # synth.pipeline.DEFAULT_MODEL, named here to keep torch unimported
+    default_cache_dir = _default_cache_dir
 
     parser = _Parser(prog="synthbrain", description="Synthetic 3D T1 brain MRI. Every output is synthetic: not for clinical use.")
     parser.add_argument("--version", action="version", version=f"synthbrain {__version__}")
@@ -173,13 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate brains for an age, sex and diagnosis")
     _add_condition_args(g)
-    g.add_argument("--seed", type=int, default=0, help="seed of the first brain (then seed+1, ...)")
-    g.add_argument("--n", type=int, default=1, help="number of brains (files get _000, _001, ...)")
+    g.add_argument("--seed", type=_seed, default=0, help="seed of the first brain (then seed+1, ...)")
+    g.add_argument("--n", type=_n_brains, default=1, help="number of brains (files get _000, _001, ...)")
     g.add_argument("--out", required=True, help="output NIfTI path (.nii.gz or .nii); a .json sidecar is written beside it")
-    g.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or folder (default {DEFAULT_MODEL})")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    g.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's)")
-    g.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (default: the model's)")
+    g.add_argument("--model", default=None, help=f"model name or folder (default {DEFAULT_MODEL})")
+    g.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    g.add_argument("--steps", type=_steps, default=None, help="DDIM steps (default: the model's)")
+    g.add_argument("--guidance-scale", type=_guidance, default=None, help="classifier-free guidance (default: the model's)")
     g.add_argument("--force", action="store_true", help="overwrite existing files")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=_cmd_generate)
@@ -187,8 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="register and resample IXI onto the model grid (resumable)")
     p.add_argument("--ixi", default=None, help="IXI folder (default ../shared/data/ixi or $SYNTHBRAIN_IXI)")
     p.add_argument("--out", default=str(default_cache_dir() / "ixi-2mm"), help="output folder (outside the repo)")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--limit", type=int, default=None, help="only the first N subjects")
+    p.add_argument("--workers", type=_positive_int, default=2)
+    p.add_argument("--limit", type=_positive_int, default=None, help="only the first N subjects")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_prepare)
 
@@ -215,11 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(a decoder robust to imperfect sampled latents)")
             t.add_argument("--kl-weight", type=_nonnegative_float, default=1e-6,
                            help="weight of the KL term (default 1e-6; larger makes a smoother latent, easier to model)")
-        t.add_argument("--steps", type=int, default=steps)
-        t.add_argument("--batch-size", type=int, default=bs)
-        t.add_argument("--lr", type=float, default=lr)
-        t.add_argument("--seed", type=int, default=0)
-        t.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this many minutes")
+        t.add_argument("--steps", type=_positive_int, default=steps)
+        t.add_argument("--batch-size", type=_positive_int, default=bs)
+        t.add_argument("--lr", type=_bounded(float, 1e-12, 10.0, "a learning rate within 1e-12-10"), default=lr)
+        t.add_argument("--seed", type=_seed, default=0)
+        t.add_argument("--max-minutes", type=_positive_float, default=None, help="stop (with a checkpoint) after this many minutes")
         t.add_argument("--no-bf16", action="store_true", help="train in float32")
         t.add_argument("--quiet", action="store_true")
         t.set_defaults(func=func)
@@ -230,8 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--out", required=True)
     k.add_argument("--name", default=DEFAULT_MODEL)
     k.add_argument("--version", default="0.1.0")
-    k.add_argument("--sampling-steps", type=int, default=20)
-    k.add_argument("--guidance-scale", type=float, default=1.0)
+    k.add_argument("--sampling-steps", type=_steps, default=20)
+    k.add_argument("--guidance-scale", type=_guidance, default=1.0)
     k.set_defaults(func=_cmd_package)
 
     m = sub.add_parser("models", help="list the shipped models")
@@ -243,10 +316,27 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_parsers(sub)
+    from .vq.cli import add_parsers as add_vq_parsers  # compress, decompress, train-vqvae, ...; light at parse time
+
+    add_vq_parsers(sub)
     from .cohort import add_parser as add_cohort_parser  # light at parse time, like the verbs above
 
     add_cohort_parser(sub)
     return parser
+
+
+def _quiet_broken_pipe() -> int:
+    """The reader of our stdout went away (``synthbrain segment ... | head``): stop quietly.
+
+    stdout is pointed at /dev/null so that the interpreter's final flush does not print a second
+    traceback; the exit status is the shell's for a process ended by SIGPIPE.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 141
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -254,8 +344,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
-        return int(args.func(args) or 0)
-    except (UsageError, ValueError, TypeError, FileNotFoundError) as exc:
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows up here, inside the handlers below
+        return code
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
+    except (UsageError, ValueError, TypeError, OSError) as exc:  # OSError: missing input, unwritable or full disk
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"synthbrain: error: {msg}", file=sys.stderr)
         return 2

@@ -15,9 +15,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .brain import SyntheticBrain
+from .brain import BACKGROUND_NOTE, SyntheticBrain, zero_background
 from .condition import Condition
 from .grid import Grid
+from . import provenance as _provenance
 from .io import SYNTHETIC_NOTICE
 from .models.config import ModelConfig
 from .models.networks import autocast, build_autoencoder, build_unet, latent_mean
@@ -255,14 +256,14 @@ class BrainGenerator:
         latent = self.sample_latent(condition, int(seed), steps, guidance_scale, bf16, callback)
         if bar:
             bar.close()
-        image = self.decode(latent, bf16=bf16)
+        image = zero_background(self.decode(latent, bf16=bf16))
         affine = self.grid.affine if self.grid else np.eye(4)
         provenance = {
             "generator": "SynthBrain",
             "synth_version": __version__,
             "model": self.config.name,
             "model_version": self.config.version,
-            "model_source": self.source,
+            "model_source": _provenance.model_reference(self.source),  # a name or relative path, never absolute
             "sampler": "DDIM",
             "steps": steps,
             "guidance_scale": guidance_scale,
@@ -271,7 +272,9 @@ class BrainGenerator:
             "space": "MNI152 (RAS), affine in the NIfTI header",
             "intensity": "T1-weighted, scaled to [0, 1], skull-stripped",
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "background": BACKGROUND_NOTE,
             "notice": SYNTHETIC_NOTICE,
+            "history": [_provenance.step("generate", model=self.config.name, seed=int(seed))],
         }
         return SyntheticBrain(image, affine, condition, int(seed), self.targets(condition), provenance)
 

@@ -39,15 +39,25 @@ def test_generate_n_brains_with_consecutive_seeds(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--age", "200", "--sex", "F"], "`age` must be within 18-95 years"),
-        (["--age", "abc", "--sex", "F"], "invalid float value"),
-        (["--age", "70", "--sex", "Q"], "`sex` must be one of F, M"),
-        (["--age", "70", "--sex", "F", "--diagnosis", "PD"], "`diagnosis` must be one of CN, MCI, AD"),
+        (["--age", "200", "--sex", "F"], "expected an age in years within 18-95, got '200'"),
+        (["--age", "abc", "--sex", "F"], "expected an age in years"),
+            (["--age", "nan", "--sex", "F"], "expected an age in years"),
+            (["--age", "inf", "--sex", "F"], "expected an age in years"),
+        (["--age", "70", "--sex", "Q"], "expected one of F, M, got 'Q'"),
+        (["--age", "70", "--sex", "F", "--diagnosis", "PD"], "expected one of CN, MCI, AD"),
         (["--age", "70", "--sex", "F", "--volume", "hippocampus"], "--volume expects NAME=FRACTION"),
         (["--age", "70", "--sex", "F", "--volume", "hippocampus=0.9"], "fraction of intracranial volume"),
-        (["--age", "70", "--sex", "F", "--n", "0"], "--n must be at least 1"),
-        (["--age", "70", "--sex", "F", "--seed", "-1"], "--seed must be a non-negative integer"),
-        (["--age", "70", "--sex", "F", "--steps", "0"], "`steps` must be within"),
+        (["--age", "70", "--sex", "F", "--n", "0"], "expected a number of brains within 1-"),
+        (["--age", "70", "--sex", "F", "--seed", "-1"], "expected a seed within 0-"),
+            (["--age", "70", "--sex", "F", "--seed", str(2**63)], "expected a seed within 0-"),
+            (["--age", "70", "--sex", "F", "--seed", str(2**63 - 1), "--n", "2"], "--seed must be within"),
+        (["--age", "70", "--sex", "F", "--steps", "0"], "expected a number of DDIM steps within 1-1000"),
+            (["--age", "70", "--sex", "F", "--guidance-scale", "nan"], "expected a guidance scale"),
+            (["--age", "70", "--sex", "F", "--volume", "brain=-0.5"], "fraction of intracranial volume"),
+            (["--age", "70", "--sex", "F", "--volume", "brain=1e300"], "fraction of intracranial volume"),
+            (["--age", "70", "--sex", "F", "--volume", "brain=nan"], "finite number"),
+            (["--age", "70", "--sex", "F", "--volume", "cortex=0.4"], "key must be one of"),
+            (["--age", "70", "--sex", "F", "--device", "gpu"], "expected auto, cpu, cuda, cuda:N or mps"),
         (["--sex", "F"], "required: --age"),
     ],
 )
@@ -117,5 +127,5 @@ def test_unknown_model_and_device(tmp_path, capsys, tiny_model_dir):
     assert main(["generate", "--age", "70", "--sex", "F", "--out", str(tmp_path / "a.nii.gz"), "--model", "nope"]) == 2
     assert "no model named" in capsys.readouterr().err
     assert _gen(tiny_model_dir, tmp_path / "a.nii.gz", "--device", "tpu") == 2
-    assert "`device` must be" in capsys.readouterr().err
+    assert "expected auto, cpu, cuda, cuda:N or mps, got 'tpu'" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []

@@ -268,8 +268,8 @@ def test_cli_export_of_an_image_with_the_shipped_segmenter(tmp_path):
     args = parser().parse_args(["export", str(src), "--out-dir", str(tmp_path / "out"), "--formats", "usdz", "ply",
                                 "--device", "cpu"])
     assert args.func(args) == 0
-    assert validate_usd(tmp_path / "out" / "anatomy.usdz") == []
-    assert (tmp_path / "out" / "anatomy.ply").stat().st_size > 0
+    assert validate_usd(tmp_path / "out" / "out.usdz") == []  # named after the output folder
+    assert (tmp_path / "out" / "out.ply").stat().st_size > 0
 
 
 def test_cli_export_generates_a_brain(tmp_path, tiny_model_dir):
@@ -278,9 +278,10 @@ def test_cli_export_generates_a_brain(tmp_path, tiny_model_dir):
                                 "--model", str(tiny_model_dir), "--segmenter", str(seg_dir), "--device", "cpu",
                                 "--out-dir", str(tmp_path / "out"), "--formats", "nii.gz"])
     assert args.func(args) == 0
-    side = json.loads((tmp_path / "out" / "anatomy_labels.json").read_text())
+    side = json.loads((tmp_path / "out" / "out_labels.json").read_text())
     assert side["seed"] == 3 and side["condition"]["sex"] == "F"
-    assert (tmp_path / "out" / "anatomy_t1.nii.gz").is_file()
+    assert [s["command"] for s in side["history"]] == ["generate", "export"]
+    assert (tmp_path / "out" / "out_t1.nii.gz").is_file()
 
 
 def test_cli_export_needs_input_or_condition(tmp_path):

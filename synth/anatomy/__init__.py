@@ -13,9 +13,7 @@ Example:
 from .export import export_meshes, export_usd, save_labels, validate_usd
 from .labels import MUSE_NAMES, STRUCTURES, TOTALS, Structure, label_table, muse_to_compact, structure_by_name
 from .meshes import outer_surface, structure_meshes
-from .segmenter import DEFAULT_SEGMENTER, Segmenter, load_segmenter
 from .volumes import dice_scores, measure_volumes, morphometry
-from .workflow import EXPORT_FORMATS, export_brain
 
 __all__ = [
     "DEFAULT_SEGMENTER",
@@ -40,3 +38,22 @@ __all__ = [
     "structure_meshes",
     "validate_usd",
 ]
+
+# The segmenter (torch, MONAI) loads only when first asked for, so that the command line can check
+# its arguments before any heavy import.
+_LAZY = {"DEFAULT_SEGMENTER": "segmenter", "Segmenter": "segmenter", "load_segmenter": "segmenter",
+         "EXPORT_FORMATS": "workflow", "export_brain": "workflow"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -9,6 +9,10 @@ Examples::
     synthbrain segment t1.nii.gz --out labels.nii.gz
     synthbrain export t1.nii.gz --out-dir out/ --formats nii.gz usdz glb
     synthbrain export --age 72 --sex F --diagnosis AD --seed 3 --out-dir out/
+
+Every check (arguments, the input NIfTI's header, existing outputs, a writable output folder) runs
+before the segmenter or a generator loads. A generated brain's JSON sidecar travels into what
+these verbs write (see :mod:`synth.provenance`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ def _formats() -> tuple[str, ...]:
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``segment`` and ``export`` verbs to the main parser's ``subparsers``."""
+    from ..cli import _age, _device, _diagnosis, _seed, _sex
+
     p = subparsers.add_parser(
         "segment",
         help="label the anatomy of a T1 NIfTI (skull-stripped, MNI-like space)",
@@ -36,7 +42,8 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("input", help="3D T1 NIfTI (.nii or .nii.gz), skull-stripped, roughly in MNI152 space")
     p.add_argument("--out", required=True, help="output label NIfTI (.nii.gz); a .json label table is written beside it")
     p.add_argument("--segmenter", default="synthbrain-seg-2mm", help="segmenter name or folder")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.add_argument("--quiet", action="store_true", help="do not print the volume table")
     p.set_defaults(func=run_segment)
 
@@ -49,14 +56,15 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("input", nargs="?", help="3D T1 NIfTI; omit to generate a brain from --age/--sex")
     e.add_argument("--out-dir", required=True, help="output folder")
     e.add_argument("--formats", nargs="+", default=None, metavar="FMT", help=f"any of: {', '.join(_formats())} (default all)")
-    e.add_argument("--age", type=float, help="age in years (generate)")
-    e.add_argument("--sex", help="F or M (generate)")
-    e.add_argument("--diagnosis", default=None, help="CN, MCI or AD (generate; default CN)")
-    e.add_argument("--seed", type=int, default=None, help="sampler seed (generate; default 0)")
+    e.add_argument("--age", type=_age, help="age in years (generate)")
+    e.add_argument("--sex", type=_sex, help="F or M (generate)")
+    e.add_argument("--diagnosis", type=_diagnosis, default=None, help="CN, MCI or AD (generate; default CN)")
+    e.add_argument("--seed", type=_seed, default=None, help="sampler seed (generate; default 0)")
     e.add_argument("--model", default=None, help="generator name or folder (generate)")
     e.add_argument("--segmenter", default="synthbrain-seg-2mm", help="segmenter name or folder")
-    e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    e.add_argument("--name", default="anatomy", help="file stem of the outputs")
+    e.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    e.add_argument("--name", default=None, help="file stem of the outputs (default: the output folder's name)")
+    e.add_argument("--force", action="store_true", help="overwrite existing output files")
     e.set_defaults(func=run_export)
 
 
@@ -69,28 +77,57 @@ def _print_volumes(labels, voxel_mm3: float) -> None:
         print(f"{r['name']:32s} {r['mm3'] / 1000:9.2f} {r['pct_icv']:7.2f}")
 
 
+def _refuse_existing(paths, force: bool) -> None:
+    existing = [str(p) for p in paths if Path(p).exists()]
+    if existing and not force:
+        raise ValueError(f"refusing to overwrite {existing[0]} (use --force)")
+
+
+def _check_input(path: str):
+    """Read and check the input NIfTI (3D, sane size, invertible affine, readable data)."""
+    from ..io import load_nifti
+
+    src = Path(path)
+    if not src.is_file():
+        raise FileNotFoundError(f"no such file: {src}")
+    return load_nifti(src, canonical=False)
+
+
 def run_segment(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .export import save_labels
-    from .segmenter import load_segmenter
+    from .. import provenance
+    from ..brain import sidecar_path
+    from ..io import check_writable, nifti_suffix
 
+    out = Path(args.out)
+    nifti_suffix(out)
+    if Path(args.input).resolve() == out.resolve():
+        raise ValueError(f"--out must differ from the input, got {args.out}")
+    _refuse_existing([out, sidecar_path(out)], args.force)
+    check_writable(out)
+    data, affine = _check_input(args.input)
     src = Path(args.input)
-    if not src.is_file():
-        raise FileNotFoundError(f"no such file: {src}")
+    prov = provenance.read_sidecar(src)
+
+    from .export import save_labels
+    from .segmenter import load_segmenter  # heavy (torch): only after every check
+
     seg = load_segmenter(args.segmenter, device=args.device)
-    labels, affine = seg.segment_nifti(src)
-    save_labels(args.out, labels, affine, {"model": "user image", "segmenter": seg.name, "source": src.name})
+    labels, affine = seg.segment_volume(data, affine, source=src.name)
+    meta = provenance.extend(prov, "segment", input=src, segmenter=seg.name)
+    meta.update(segmenter=seg.name, source=src.name)
+    save_labels(out, labels, affine, meta)
     if not args.quiet:
         _print_volumes(labels, float(abs(np.linalg.det(affine[:3, :3]))))
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
     return 0
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from ..io import load_nifti
-    from .segmenter import load_segmenter
-    from .workflow import EXPORT_FORMATS, _parse_formats, export_brain
+    from .. import provenance
+    from ..io import check_writable
+    from .workflow import EXPORT_FORMATS, _parse_formats, export_paths, parse_name
 
     formats = _parse_formats(args.formats or EXPORT_FORMATS)  # fail before any slow step
     generate = any(v is not None for v in (args.age, args.sex, args.diagnosis, args.seed, args.model))
@@ -98,19 +135,36 @@ def run_export(args: argparse.Namespace) -> int:
         raise ValueError("give either an input NIfTI or --age/--sex/--diagnosis/--seed/--model, not both")
     if not args.input and (args.age is None or args.sex is None):
         raise ValueError("give an input NIfTI, or --age and --sex to generate a brain")
+    out_dir = Path(args.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out-dir must be a folder, got the file {out_dir}")
+    name = parse_name(args.name if args.name is not None else out_dir.resolve().name)
+    _refuse_existing(export_paths(out_dir, name, formats, generated=not args.input).values(), args.force)
+    check_writable(out_dir)
+    if args.input:
+        image, affine = _check_input(args.input)
+        prov = provenance.read_sidecar(args.input)
+        prov["source"] = Path(args.input).name
+    else:
+        from .. import Condition
+
+        condition = Condition(age=args.age, sex=args.sex, diagnosis=args.diagnosis or "CN")
+
+    from .segmenter import load_segmenter  # heavy (torch): only after every check
+    from .workflow import export_brain
+
     seg = load_segmenter(args.segmenter, device=args.device)
     if args.input:
-        image, affine = load_nifti(args.input, canonical=False)
-        files = export_brain(args.out_dir, image=image, affine=affine, formats=formats, segmenter=seg, name=args.name,
-                             metadata={"source": Path(args.input).name})
+        files = export_brain(out_dir, image=image, affine=affine, formats=formats, segmenter=seg, name=name,
+                             metadata=prov)
     else:
         import synth
 
-        condition = synth.Condition(age=args.age, sex=args.sex, diagnosis=args.diagnosis or "CN")
         gen = synth.load_generator(args.model or synth.DEFAULT_MODEL, device=args.device)
         brain = gen.generate(condition, seed=args.seed or 0, progress=True)
-        brain.save(Path(args.out_dir) / f"{args.name}_t1.nii.gz")
-        files = export_brain(args.out_dir, brain, formats=formats, segmenter=seg, name=args.name)
+        t1 = export_paths(out_dir, name, formats, generated=True)["t1"]
+        brain.save(t1)
+        files = {"t1": t1, **export_brain(out_dir, brain, formats=formats, segmenter=seg, name=name)}
     for fmt, path in files.items():
         print(f"{fmt:7s} {path}")
     return 0

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
+from .. import provenance
 from ..brain import sidecar_path
 from ..io import SYNTHETIC_NOTICE, atomic_path, save_nifti, write_json
 from .labels import STRUCTURES, label_table, structure_by_name
@@ -238,9 +239,40 @@ def _trimesh(name: str, mesh, scale: float = 1.0, rotation: np.ndarray | None = 
     return trimesh.Trimesh(vertices=v, faces=_faces(mesh), vertex_normals=n, vertex_colors=colors, process=False)
 
 
-def _write_stl(tmp: Path, tri) -> None:
-    """Binary STL (mm) with the notice in its 80-byte header (which must not start with 'solid')."""
-    header = f"SynthBrain {NOTICE}; RAS mm".encode("ascii")[:80].ljust(80, b" ")
+def stl_header(meta: Mapping[str, Any]) -> bytes:
+    """The 80-byte binary STL header: notice, seed and condition first, then model and version.
+
+    e.g. ``SYNTHETIC not for clinical use; seed 3; 72y F AD; synthbrain-ldm-2mm 0.3.1; RAS mm``
+    (cut at 80 bytes; never starting with ``solid``, which would mark an ASCII STL).
+    """
+    parts = ["SYNTHETIC not for clinical use"]
+    if meta.get("seed") is not None:
+        parts.append(f"seed {meta['seed']}")
+    cond = meta.get("condition")
+    if isinstance(cond, Mapping):
+        age = cond.get("age")
+        parts.append(f"{float(age):g}y {cond.get('sex', '?')} {cond.get('diagnosis', '?')}" if isinstance(age, (int, float))
+                     else f"? {cond.get('sex', '?')} {cond.get('diagnosis', '?')}")
+    model = " ".join(str(meta[k]) for k in ("model", "model_version") if meta.get(k))
+    if model:
+        parts.append(model)
+    parts.append("RAS mm")
+    return "; ".join(parts).encode("ascii", "replace")[:80].ljust(80, b" ")
+
+
+def _provenance_lines(meta: Mapping[str, Any]) -> list[str]:
+    """Comment lines (ASCII, one line each) for PLY and OBJ: notice, model, seed, condition, history."""
+    lines = [f"SynthBrain: {SYNTHETIC_NOTICE}", "units: RAS millimetres"]
+    for key in ("model", "model_version", "seed", "condition", "target_volumes_fraction_of_icv", "segmenter", "source", "history"):
+        if meta.get(key) is not None:
+            value = meta[key] if isinstance(meta[key], str) else json.dumps(_plain(meta[key]) if key != "history" else meta[key], default=str)
+            lines.append(f"{key}: {value}")
+    return [" ".join(line.split()).encode("ascii", "replace").decode() for line in lines]
+
+
+def _write_stl(tmp: Path, tri, meta: Mapping[str, Any]) -> None:
+    """Binary STL (mm) with the notice, seed and condition in its 80-byte header."""
+    header = stl_header(meta)
     normals = np.asarray(tri.face_normals, dtype="<f4")
     tris = np.asarray(tri.vertices, dtype="<f4")[tri.faces]
     record = np.zeros(len(tri.faces), dtype=[("n", "<f4", 3), ("v", "<f4", (3, 3)), ("attr", "<u2")])
@@ -251,11 +283,10 @@ def _write_stl(tmp: Path, tri) -> None:
         f.write(record.tobytes())
 
 
-def _ply_with_comments(data: bytes, names: list[str]) -> bytes:
+def _ply_with_comments(data: bytes, names: list[str], meta: Mapping[str, Any]) -> bytes:
     head, sep, body = data.partition(b"end_header\n")
     lines = head.split(b"\n")
-    comments = [f"comment SynthBrain: {SYNTHETIC_NOTICE}", "comment units: RAS millimetres",
-                f"comment structures: {', '.join(names)}"]
+    comments = [f"comment {line}" for line in _provenance_lines(meta)] + [f"comment structures: {', '.join(names)}"]
     lines[2:2] = [c.encode("ascii", "replace") for c in comments]  # after 'ply' and 'format ...'
     return b"\n".join(lines) + sep + body
 
@@ -283,12 +314,12 @@ def export_meshes(path: str | os.PathLike, meshes: Mapping[str, "pyvista.PolyDat
             return path
         combined = trimesh.util.concatenate([_trimesh(n, m) for n, m in meshes.items()])
         if suffix == ".stl":
-            _write_stl(tmp, combined)
+            _write_stl(tmp, combined, meta)
         elif suffix == ".ply":
-            tmp.write_bytes(_ply_with_comments(trimesh.exchange.ply.export_ply(combined, encoding="binary"), names))
+            tmp.write_bytes(_ply_with_comments(trimesh.exchange.ply.export_ply(combined, encoding="binary"), names, meta))
         else:  # .obj
             text = trimesh.exchange.obj.export_obj(combined, include_color=True, include_normals=True, header=None)
-            head = f"# SynthBrain: {SYNTHETIC_NOTICE}\n# units: RAS millimetres\n# structures: {', '.join(names)}\n"
+            head = "".join(f"# {line}\n" for line in _provenance_lines(meta)) + f"# structures: {', '.join(names)}\n"
             tmp.write_text(head + text)
     return path
 
@@ -336,7 +367,7 @@ def save_labels(path: str | os.PathLike, labels: np.ndarray, affine: np.ndarray,
         raise ValueError(f"`labels` must be integer compact labels 0-{len(STRUCTURES)}")
     meta = _metadata(metadata)
     path = Path(path)
-    descrip = f"SYNTHETIC not for clinical use; SynthBrain labels {meta.get('model', '')}".strip()
+    descrip = provenance.descrip(meta, "labels of")
     save_nifti(path, labels.astype(np.uint8), affine, descrip=descrip, intent="label")
     background = {"label": 0, "name": "Background", "rgb": [0, 0, 0], "muse": [0]}
     write_json(sidecar_path(path), {**meta, "labels": [background, *label_table()]})
