@@ -74,5 +74,8 @@ def make_tiny_model(folder: str | Path, seed: int = 0, shape=(32, 32, 32)) -> Pa
                 p.normal_(0.0, 0.05)
     save_file({k: v.contiguous() for k, v in ae.state_dict().items()}, str(folder / "autoencoder.safetensors"))
     save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(folder / "unet.safetensors"))
+    from .io import sha256_file
+
+    cfg.weights_sha256 = {f: sha256_file(folder / f) for f in ("autoencoder.safetensors", "unet.safetensors")}
     cfg.save(folder)
     return folder

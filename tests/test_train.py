@@ -164,8 +164,12 @@ def test_decoder_only_cached_latents_train_exactly_as_encoding_every_step(tmp_pa
         with open(tmp_path / f"ft-{cache}" / "losses.csv") as f:
             runs[cache] = ([float(r["loss"]) for r in csv.DictReader(f)], state["state_dict"])
     np.testing.assert_allclose(runs[True][0], runs[False][0], rtol=1e-4, atol=1e-6)
+    # The two paths encode in different batch shapes, so conv kernels round differently (by ~1e-7), and
+    # Adam, which divides by the gradient's running RMS, can turn that into ~1e-5 on a weight whose
+    # gradient is near zero (1.6e-5 was seen on an AVX2-only CPU). 12 steps at lr 3e-3 move weights by
+    # up to ~4e-2, so 1e-4 still tells a different training apart while holding across CPU kernels.
     for k, v in runs[False][1].items():
-        torch.testing.assert_close(runs[True][1][k], v, rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(runs[True][1][k], v, rtol=1e-3, atol=1e-4)
 
 
 def test_latent_noise_changes_decoder_training_and_needs_a_frozen_encoder(tmp_path):

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..grid import MNI_2MM, Grid
-from ..io import load_nifti, read_json
+from ..io import load_nifti, read_json, verify_weights
 from .labels import STRUCTURES, label_table
 
 __all__ = [
@@ -164,7 +164,9 @@ class Segmenter:
         folder = Path(folder)
         if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
             raise FileNotFoundError(f"no segmenter in {folder}: expected config.json and model.safetensors")
-        config = SegmenterConfig.from_dict(read_json(folder / "config.json"))
+        raw = read_json(folder / "config.json")
+        config = SegmenterConfig.from_dict(raw)
+        verify_weights(folder, raw.get("weights_sha256"))  # before any weights are read
         net = build_network(config.network)
         net.load_state_dict({k: v.float() for k, v in load_file(str(folder / "model.safetensors")).items()})
         return cls(config, net, device=device, **kwargs)

@@ -229,6 +229,9 @@ def export_segmenter(model: torch.nn.Module, folder: str | Path, config: Segment
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_path(folder / "model.safetensors") as tmp:
         save_file({k: v.detach().half().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    from ..io import sha256_file
+
+    record = {**config.to_dict(), "weights_sha256": {"model.safetensors": sha256_file(folder / "model.safetensors")}}
     with atomic_path(folder / "config.json") as tmp:
-        tmp.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
     return folder

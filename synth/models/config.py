@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..io import read_json, write_json
+from ..io import read_json, verify_weights, write_json
 
 __all__ = ["ModelConfig"]
 
@@ -34,6 +34,8 @@ class ModelConfig:
         grid: ``shape``, ``spacing`` and ``origin`` of the image grid (RAS mm).
         normative: A :class:`synth.normative.NormativeModel` as a dict (or ``None``).
         reference: Free text on the model's origin (e.g. the MONAI zoo model it mirrors).
+        weights_sha256: ``{weights file name: hex SHA-256}``, written at package time and checked
+            by :meth:`load` before any weights are read (empty: not checked).
     """
 
     name: str
@@ -50,6 +52,7 @@ class ModelConfig:
     grid: dict[str, Any] = field(default_factory=dict)
     normative: dict[str, Any] | None = None
     reference: str = ""
+    weights_sha256: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.conditioning not in ("crossattn+concat", "crossattn", "concat"):
@@ -71,7 +74,10 @@ class ModelConfig:
 
     @classmethod
     def load(cls, folder: str | Path) -> "ModelConfig":
-        return cls(**read_json(Path(folder) / "config.json"))
+        """Read ``folder/config.json`` and check the weights files against ``weights_sha256``."""
+        config = cls(**read_json(Path(folder) / "config.json"))
+        verify_weights(folder, config.weights_sha256)
+        return config
 
     def save(self, folder: str | Path) -> Path:
         return write_json(Path(folder) / "config.json", asdict(self))

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from ..grid import MNI_2MM
-from ..io import atomic_path
+from ..io import atomic_path, sha256_file
 from ..models.config import ModelConfig
 
 __all__ = ["package_model", "save_weights"]
@@ -59,5 +59,7 @@ def package_model(ae_run: str | Path, ldm_run: str | Path, out: str | Path, *, n
     out.mkdir(parents=True, exist_ok=True)
     save_weights(ae_state["ema_state_dict"], out / "autoencoder.safetensors")
     save_weights(ldm_state["ema_state_dict"], out / "unet.safetensors")
+    # Checked before loading (ModelConfig.load): a truncated or swapped weights file is refused.
+    cfg.weights_sha256 = {f: sha256_file(out / f) for f in ("autoencoder.safetensors", "unet.safetensors")}
     cfg.save(out)
     return out
