@@ -63,10 +63,11 @@ class EMAQuantizer(nn.Module):
     # -- inference ------------------------------------------------------------------------------
     def assign(self, z: torch.Tensor) -> torch.Tensor:
         """Nearest code of each vector of a (B, D, x, y, z) tensor: (B, x, y, z) int64, in float32."""
-        flat = z.float().movedim(1, -1).reshape(-1, self.embedding_dim)
-        cb = self.codebook.float()
-        dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ cb.t() + cb.pow(2).sum(1)[None]
-        return dist.argmin(1).view(z.shape[0], *z.shape[2:])
+        with torch.autocast(z.device.type, enabled=False):  # autocast would run the matmul in bf16
+            flat = z.float().movedim(1, -1).reshape(-1, self.embedding_dim)
+            cb = self.codebook.float()
+            dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ cb.t() + cb.pow(2).sum(1)[None]
+            return dist.argmin(1).view(z.shape[0], *z.shape[2:])
 
     def embed(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, x, y, z) indices -> (B, D, x, y, z) codebook vectors."""
@@ -74,7 +75,10 @@ class EMAQuantizer(nn.Module):
 
     # -- training -------------------------------------------------------------------------------
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
-        z = z.float()
+        with torch.autocast(z.device.type, enabled=False):
+            return self._forward(z.float())
+
+    def _forward(self, z: torch.Tensor) -> QuantizerOutput:
         idx = self.assign(z)
         zq = self.embed(idx)
         counts = torch.bincount(idx.flatten(), minlength=self.num_embeddings).float()

@@ -263,6 +263,7 @@ class IncrementalDecoder:
         >>> logits = dec.step(torch.tensor([17]))    # of token 1 given token 0 = 17  # doctest: +SKIP
     """
 
+    @torch.no_grad()
     def __init__(self, model: CodeTransformer, cond: torch.Tensor):
         self.model, self.t = model, 0
         self.c = model.cond_proj(cond.to(model.cond_proj.weight.dtype))
@@ -276,6 +277,7 @@ class IncrementalDecoder:
             self.state = None
         else:
             self.state = [layer.attention.new_state(self.batch, model.seq_len, self.c) for layer in model.encoder.layers]
+            self.fused = [_fuse(layer) for layer in model.encoder.layers] if model.config["attention"] == "linear" else None
 
     @torch.no_grad()
     def step(self, prev: torch.Tensor | None) -> torch.Tensor:
@@ -290,6 +292,11 @@ class IncrementalDecoder:
             raise ValueError("`prev` is needed after the first token")
         if m.engine == "fast-transformers":
             h, self.state = self.rnn(x, state=self.state)
+        elif self.fused is not None:
+            h = x
+            for w, st in zip(self.fused, self.state):
+                h = _linear_step(h, w, st, m.config["n_heads"])
+            h = m.encoder.norm(h)
         else:
             h = x
             for layer, st in zip(m.encoder.layers, self.state):
@@ -297,3 +304,30 @@ class IncrementalDecoder:
             h = m.encoder.norm(h)
         self.t += 1
         return m.head(h)
+
+
+def _fuse(layer: _TorchLayer) -> dict[str, torch.Tensor]:
+    """A layer's weights laid out for :func:`_linear_step` (query/key/value as one matrix)."""
+    a = layer.attention
+    return {
+        "wqkv": torch.cat([a.query_projection.weight, a.key_projection.weight, a.value_projection.weight]).t().contiguous(),
+        "bqkv": torch.cat([a.query_projection.bias, a.key_projection.bias, a.value_projection.bias]),
+        "wo": a.out_projection.weight.t().contiguous(), "bo": a.out_projection.bias,
+        "w1": layer.linear1.weight.t().contiguous(), "b1": layer.linear1.bias,
+        "w2": layer.linear2.weight.t().contiguous(), "b2": layer.linear2.bias,
+        "n1": (layer.norm1.weight, layer.norm1.bias, layer.norm1.eps), "n2": (layer.norm2.weight, layer.norm2.bias, layer.norm2.eps),
+    }
+
+
+def _linear_step(x: torch.Tensor, w: dict, state: dict, n_heads: int) -> torch.Tensor:
+    """One token through one linear-attention layer (the maths of :meth:`_TorchLayer.step`, fewer calls)."""
+    b, d = x.shape
+    q, k, v = torch.addmm(w["bqkv"], x, w["wqkv"]).view(b, 3, n_heads, d // n_heads).unbind(1)
+    q, k = _phi(q), _phi(k)
+    state["s"].add_(k.unsqueeze(-1) * v.unsqueeze(-2))  # S_i = S_{i-1} + phi(k_i) v_i^T
+    state["z"].add_(k)  # z_i = z_{i-1} + phi(k_i)
+    num = torch.matmul(q.unsqueeze(-2), state["s"]).squeeze(-2)
+    y = (num / ((q * state["z"]).sum(-1, keepdim=True) + _EPS)).reshape(b, d)
+    x = F.layer_norm(x + torch.addmm(w["bo"], y, w["wo"]), (d,), *w["n1"][:2], w["n1"][2])
+    h = torch.addmm(w["b2"], F.gelu(torch.addmm(w["b1"], x, w["w1"])), w["w2"])
+    return F.layer_norm(x + h, (d,), *w["n2"][:2], w["n2"][2])

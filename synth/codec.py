@@ -1,0 +1,306 @@
+"""Neural codec: a T1 volume on the model grid -> VQ-VAE codes -> range coding with the transformer's
+own probabilities -> a few kilobytes (``.sbz``), and back.
+
+The code grid is visited in the transformer's raster order; each code is entropy-coded with the
+distribution the transformer predicts from the codes before it (unconditional input: a scan's
+age or sex is not known), through ``constriction``'s range coder (Bamler 2022). The expected
+size is the transformer's cross-entropy on the codes. Encoding and decoding compute those
+distributions along the same path (the recurrent / key-value-cached decoder, one thread), so the
+decoder sees bit-identical probabilities; a CRC of the codes catches a decode that diverges
+anyway (a file decoded with other floating-point kernels than it was encoded with).
+
+File format ``.sbz`` version 1 (little-endian)::
+
+    offset  size  field
+    0       4     magic b"SBZ\\x1a"
+    4       1     format version (1)
+    5       1     flags: bit 0 = the input was registered to the model grid by SynthBrain
+    6       1     engine that computed the probabilities: 0 torch, 1 fast-transformers
+    7       1     n = length of the model name
+    8       n     model name (UTF-8)
+    8+n     16    first 16 bytes of the SHA-256 of the model's weights (VQ-VAE + transformer)
+    +16     6     image grid shape, 3 x uint16
+    +6      3     code grid shape, 3 x uint8
+    +3      48    affine of the volume, top three rows of the 4x4 (float32, row-major)
+    +48     8     intensity scaling: scale, offset (float32); voxel = decoded * scale + offset
+    +8      4     CRC-32 of the code indices (uint16, raster order)
+    +4      4     payload length P in bytes (uint32)
+    +4      P     payload: the range coder's 32-bit words (uint32)
+    +P      4     CRC-32 of every byte before it
+
+Every decompressed volume is a lossy reconstruction, written with a JSON sidecar that says so,
+that it is not for clinical use, and which model and file it came from.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["MAGIC", "FORMAT_VERSION", "CodecError", "SbzHeader", "compress", "decompress", "read_header",
+           "compress_file", "decompress_file", "code_probabilities"]
+
+MAGIC = b"SBZ\x1a"
+FORMAT_VERSION = 1
+_ENGINE_IDS = {"torch": 0, "fast-transformers": 1}
+_FIXED = struct.Struct("<16s3H3B12f2fII")  # hash, grid, code grid, affine rows, scale/offset, code CRC, payload length
+GRID_TOLERANCE_MM = 0.01
+
+
+class CodecError(ValueError):
+    """A file that is not a valid ``.sbz`` for this model, or input the codec cannot take."""
+
+
+@dataclass
+class SbzHeader:
+    """The header fields of a ``.sbz`` file (see the module docstring)."""
+
+    model: str
+    weights_hash: bytes
+    engine: str
+    registered: bool
+    grid_shape: tuple[int, int, int]
+    code_shape: tuple[int, int, int]
+    affine: np.ndarray
+    scale: float
+    offset: float
+    codes_crc: int
+    payload: bytes
+
+
+def _token_crc(codes: np.ndarray) -> int:
+    return zlib.crc32(np.asarray(codes, "<u2").tobytes())
+
+
+def _pack(h: SbzHeader) -> bytes:
+    name = h.model.encode("utf-8")
+    if len(name) > 255:
+        raise CodecError(f"model name is too long for the format ({len(name)} bytes, at most 255)")
+    flags = 1 if h.registered else 0
+    body = MAGIC + bytes([FORMAT_VERSION, flags, _ENGINE_IDS[h.engine], len(name)]) + name
+    body += _FIXED.pack(h.weights_hash[:16], *h.grid_shape, *h.code_shape, *np.asarray(h.affine, np.float32)[:3].ravel(),
+                        h.scale, h.offset, h.codes_crc, len(h.payload))
+    body += h.payload
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def read_header(data: bytes, source: str = "input") -> SbzHeader:
+    """Parse and check a ``.sbz`` file's bytes (magic, version, lengths, checksum).
+
+    Raises:
+        CodecError: not an ``.sbz`` file, another format version, truncated or damaged.
+    """
+    if len(data) < 8 or data[:4] != MAGIC:
+        raise CodecError(f"{source} is not a SynthBrain .sbz file (bad magic)")
+    if data[4] != FORMAT_VERSION:
+        raise CodecError(f"{source} is .sbz format version {data[4]}; this SynthBrain reads version {FORMAT_VERSION}")
+    n = data[7]
+    fixed_end = 8 + n + _FIXED.size
+    if len(data) < fixed_end + 4:
+        raise CodecError(f"{source} is truncated ({len(data)} bytes)")
+    (digest, gx, gy, gz, cx, cy, cz, *rest) = _FIXED.unpack_from(data, 8 + n)
+    affine_rows, (scale, offset, codes_crc, plen) = rest[:12], rest[12:]
+    if len(data) != fixed_end + plen + 4:
+        raise CodecError(f"{source} is truncated or has trailing bytes ({len(data)} bytes, header says {fixed_end + plen + 4})")
+    if zlib.crc32(data[:-4]) != struct.unpack("<I", data[-4:])[0]:
+        raise CodecError(f"{source} is damaged (checksum mismatch)")
+    engines = {v: k for k, v in _ENGINE_IDS.items()}
+    if data[6] not in engines:
+        raise CodecError(f"{source} names an unknown engine id {data[6]}")
+    try:
+        model = data[8:8 + n].decode("utf-8")
+    except UnicodeDecodeError:
+        raise CodecError(f"{source} is damaged (model name is not UTF-8)") from None
+    affine = np.eye(4)
+    affine[:3] = np.asarray(affine_rows, np.float64).reshape(3, 4)
+    return SbzHeader(model, digest, engines[data[6]], bool(data[5] & 1), (gx, gy, gz), (cx, cy, cz), affine,
+                     float(scale), float(offset), codes_crc, bytes(data[fixed_end:fixed_end + plen]))
+
+
+def code_probabilities(transformer, codes: np.ndarray | None, cond, *, on_symbol=None) -> np.ndarray | None:
+    """Walk the incremental decoder over the sequence on one thread and return float64 probabilities.
+
+    With ``codes`` (encoding), returns the (L, K) probabilities of every position. Without (decoding),
+    ``on_symbol(i, probs)`` must return the i-th code from its (K,) probabilities; returns ``None``.
+    """
+    import torch
+
+    from .vq.sampler import torch_threads
+
+    device = transformer.head.weight.device
+    n = transformer.seq_len
+    out = np.empty((n, transformer.config["num_tokens"]), np.float64) if codes is not None else None
+    with torch_threads(1), torch.no_grad():
+        dec = transformer.decoder(cond.to(device))
+        prev = None
+        for i in range(n):
+            logits = dec.step(prev)[0].float().cpu().double()
+            p = torch.softmax(logits, dim=-1).numpy()
+            sym = int(codes[i]) if codes is not None else int(on_symbol(i, p))
+            if out is not None:
+                out[i] = p
+            prev = torch.tensor([sym], device=device)
+    return out
+
+
+def _intensity_scaling(image: np.ndarray) -> tuple[float, float]:
+    """(scale, offset) mapping the volume to [0, 1] like the prepared training data: the offset is
+    the minimum when negative (else 0) and the 99.5th percentile of the voxels above it maps to 1."""
+    finite = image[np.isfinite(image)]
+    offset = float(min(0.0, finite.min())) if finite.size else 0.0
+    above = finite[finite > offset]
+    scale = float(np.percentile(above, 99.5) - offset) if above.size else 1.0
+    return (scale if scale > 0 else 1.0), offset
+
+
+def compress(image: np.ndarray, affine: np.ndarray, generator, *, registered: bool = False) -> bytes:
+    """Compress an (X, Y, Z) volume on the model's grid to ``.sbz`` bytes.
+
+    Args:
+        image: Intensities (any range; mapped to [0, 1] by :func:`_intensity_scaling`, stored).
+        affine: Its 4x4 voxel -> world affine (stored; the volume is assumed to be on the model grid).
+        generator: A :class:`synth.vq.generator.VQBrainGenerator`.
+        registered: Whether SynthBrain registered the input to the grid (recorded in the flags).
+    """
+    import constriction
+
+    image = np.asarray(image, np.float32)
+    grid = tuple(generator.grid.shape) if generator.grid else image.shape
+    if image.shape != grid:
+        raise CodecError(f"expected a volume of the model grid's shape {grid}, got {image.shape}")
+    scale, offset = _intensity_scaling(image)
+    x = np.clip((np.nan_to_num(image) - offset) / scale, 0.0, 1.0)
+    codes = generator.encode_image(x).flatten().numpy()
+    probs = code_probabilities(generator.transformer, codes, generator.null_condition())
+    enc = constriction.stream.queue.RangeEncoder()
+    enc.encode(codes.astype(np.int32), constriction.stream.model.Categorical(perfect=False), probs)
+    payload = enc.get_compressed().astype("<u4").tobytes()
+    header = SbzHeader(generator.config.name, bytes.fromhex(generator.weights_hash)[:16], generator.engine, registered,
+                       grid, tuple(generator.code_shape()), np.asarray(affine, np.float64), scale, offset,
+                       _token_crc(codes), payload)
+    return _pack(header)
+
+
+def decompress(data: bytes, generator, source: str = "input") -> tuple[np.ndarray, np.ndarray, SbzHeader]:
+    """Decode ``.sbz`` bytes with ``generator`` (the model that wrote them): ``(image, affine, header)``.
+
+    Raises:
+        CodecError: damaged, truncated or foreign file, other model weights, or a decode that diverged.
+    """
+    import constriction
+    import torch
+
+    h = read_header(data, source)
+    if h.model != generator.config.name or h.weights_hash != bytes.fromhex(generator.weights_hash)[:16]:
+        raise CodecError(f"{source} was written by model {h.model} (weights {h.weights_hash.hex()[:12]}); the loaded model is "
+                         f"{generator.config.name} (weights {generator.weights_hash[:12]}): decompress with the same model")
+    if h.code_shape != tuple(generator.code_shape()) or h.grid_shape != tuple(generator.grid.shape):
+        raise CodecError(f"{source} has grid {h.grid_shape} / codes {h.code_shape}, the model {generator.grid.shape} / {generator.code_shape()}")
+    if len(h.payload) % 4:
+        raise CodecError(f"{source} is damaged (payload is not whole 32-bit words)")
+    words = np.frombuffer(h.payload, "<u4").astype(np.uint32)
+    dec = constriction.stream.queue.RangeDecoder(words)
+    family = constriction.stream.model.Categorical(perfect=False)
+    codes = np.empty(generator.transformer.seq_len, np.int64)
+
+    def next_symbol(i: int, p: np.ndarray) -> int:
+        codes[i] = int(dec.decode(family, p[None])[0])
+        return codes[i]
+
+    code_probabilities(generator.transformer, None, generator.null_condition(), on_symbol=next_symbol)
+    if _token_crc(codes) != h.codes_crc:
+        raise CodecError(f"{source}: decoding diverged from encoding (codes checksum mismatch); it was encoded with the "
+                         f"{h.engine} engine, this run uses {generator.engine}, and float kernels must match exactly")
+    image = generator.decode_codes(torch.from_numpy(codes).view(h.code_shape)) * np.float32(h.scale) + np.float32(h.offset)
+    return image.astype(np.float32), h.affine, h
+
+
+# -- files ------------------------------------------------------------------------------------------
+def _on_grid(affine: np.ndarray, shape: tuple[int, ...], grid) -> bool:
+    return tuple(shape) == tuple(grid.shape) and np.allclose(affine, grid.affine, atol=GRID_TOLERANCE_MM)
+
+
+def _load_on_grid(path: Path, generator) -> tuple[np.ndarray, np.ndarray, bool]:
+    """The input volume on the model grid: as is, or registered by ``synth.data.register`` when present."""
+    from .io import load_nifti
+
+    image, affine = load_nifti(path)
+    image = np.asarray(image, np.float32)
+    grid = generator.grid
+    if _on_grid(affine, image.shape, grid):
+        return image, affine, False
+    try:
+        from .data import register as _register  # written by a colleague; used when it exists
+    except ImportError:
+        _register = None
+    fn = getattr(_register, "register_to_grid", None) if _register is not None else None
+    if fn is None:
+        raise CodecError(
+            f"{path.name} is not on the model grid: expected shape {tuple(grid.shape)} with the {grid.spacing:g} mm MNI152 "
+            f"affine of the model (origin {tuple(grid.origin)}), got shape {image.shape}; register it first "
+            "(this SynthBrain has no registration of arbitrary scans)")
+    image = np.asarray(fn(image, affine, grid), np.float32)
+    return image, grid.affine, True
+
+
+def compress_file(src: str | Path, dst: str | Path, generator, *, force: bool = False) -> dict[str, Any]:
+    """``src`` NIfTI -> ``dst`` ``.sbz`` (atomic). Returns sizes and seconds."""
+    from .io import atomic_path
+
+    src, dst = Path(src), Path(dst)
+    if not str(dst).endswith(".sbz"):
+        raise CodecError(f"expected an output path ending in .sbz, got {str(dst)!r}")
+    if dst.exists() and not force:
+        raise CodecError(f"refusing to overwrite {dst} (use --force)")
+    t0 = time.perf_counter()
+    image, affine, registered = _load_on_grid(src, generator)
+    data = compress(image, affine, generator, registered=registered)
+    seconds = time.perf_counter() - t0
+    with atomic_path(dst) as tmp:
+        tmp.write_bytes(data)
+    voxels = int(np.prod(image.shape))
+    return {"bytes": len(data), "input_bytes": src.stat().st_size, "percent_of_uint8_voxels": 100.0 * len(data) / voxels,
+            "seconds": seconds, "engine": generator.engine, "registered": registered}
+
+
+def decompress_file(src: str | Path, dst: str | Path, generator, *, force: bool = False) -> dict[str, Any]:
+    """``src`` ``.sbz`` -> ``dst`` NIfTI + JSON sidecar (both atomic; nothing written on error)."""
+    from .brain import sidecar_path
+    from .io import SYNTHETIC_NOTICE, nifti_suffix, save_nifti, write_json
+
+    src, dst = Path(src), Path(dst)
+    nifti_suffix(dst)
+    side = sidecar_path(dst)
+    for p in (dst, side):
+        if p.exists() and not force:
+            raise CodecError(f"refusing to overwrite {p} (use --force)")
+    if not src.is_file():
+        raise FileNotFoundError(f"no such file: {src}")
+    t0 = time.perf_counter()
+    image, affine, h = decompress(src.read_bytes(), generator, source=src.name)
+    seconds = time.perf_counter() - t0
+    details = {"input": src.name, "model": h.model, "weights_sha256_16": h.weights_hash.hex(), "engine": generator.engine,
+               "bytes": src.stat().st_size, "registered_to_model_grid": h.registered}
+    try:
+        from . import provenance
+
+        prov = provenance.extend({}, "decompress", **details)
+        prov["description"] = "lossy reconstruction by the SynthBrain neural codec (VQ-VAE + transformer)"
+        desc = provenance.descrip(prov, "codec reconstruction")
+    except ImportError:  # older trees without synth.provenance
+        prov = {"notice": SYNTHETIC_NOTICE, "synthetic": False, "history": [{"command": "decompress", **details}]}
+        desc = "SYNTHETIC not for clinical use; SynthBrain codec reconstruction"
+    prov["codec"] = {"format": f"sbz v{FORMAT_VERSION}", **details}
+    save_nifti(dst, image, affine, descrip=desc)
+    try:
+        write_json(side, prov)
+    except BaseException:
+        dst.unlink(missing_ok=True)
+        raise
+    return {"seconds": seconds, "sidecar": str(side), "engine": generator.engine}
