@@ -322,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cohort import add_parser as add_cohort_parser  # light at parse time, like the verbs above
 
     add_cohort_parser(sub)
+    from .tune import add_parser as add_tune_parser
+
+    add_tune_parser(sub)
     return parser
 
 

@@ -60,6 +60,9 @@ class LDMTrainConfig:
     seed: int = 0
     ckpt_every: int = 100
     max_minutes: float | None = None
+    # Multiplies the latent scale 1/std (Rombach et al. 2022's scale factor): 1 trains on unit-variance
+    # latents; other values change the signal-to-noise ratio of every noise level (a tuning knob).
+    latent_scale_factor: float = 1.0
     covariates: list[str] = field(default_factory=lambda: list(DEFAULT_COVARIATES))
     unet: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_UNET))
     scheduler: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_SCHEDULER))
@@ -162,7 +165,7 @@ def train_diffusion(cfg: LDMTrainConfig, *, progress: bool = True, rows: list[di
             with atomic_path(cache) as tmp:
                 np.savez(tmp, latents=latents)
     del ae
-    latent_scale = float(1.0 / latents.std())
+    latent_scale = float(cfg.latent_scale_factor / latents.std())
     ranges = covariate_ranges(rows, cfg.covariates)
     cond = covariate_matrix(rows, cfg.covariates, ranges)
     cond = np.concatenate([cond, cond])  # mirrored copies share their subject's condition
