@@ -109,9 +109,13 @@ class SyntheticBrain:
         }
 
     def save(self, path: str | Path) -> Path:
-        """Write the NIfTI (float32, MNI affine, synthetic ``descrip``) and its JSON sidecar."""
+        """Write the JSON sidecar, then the NIfTI (float32, MNI affine, synthetic ``descrip``).
+
+        Each write is atomic, and the sidecar goes first: a run killed between the two leaves a
+        sidecar without its image, never an image without its provenance.
+        """
         path = Path(path)
         nifti_suffix(path)
-        save_nifti(path, self.image.astype(np.float32), self.affine, descrip=self.descrip)
         write_json(sidecar_path(path), self.metadata())
+        save_nifti(path, self.image.astype(np.float32), self.affine, descrip=self.descrip)
         return path

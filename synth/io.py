@@ -26,6 +26,7 @@ __all__ = [
     "nifti_suffix",
     "MAX_VOXELS",
     "check_writable",
+    "remove_stale_partials",
     "sha256_file",
     "verify_weights",
 ]
@@ -51,14 +52,18 @@ def nifti_suffix(path: str | os.PathLike) -> str:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` and move it into place only if the block succeeds.
 
-    Nothing is left behind on failure, and a reader never sees a half-written file.
+    Nothing is left behind on failure, and a reader never sees a half-written file. A process
+    killed outright (SIGKILL, power loss) cannot clean up: its hidden temporary
+    (``.<name>.partial-<pid>-...``) stays, and the next write into that folder removes it once that
+    process is gone (:func:`remove_stale_partials`).
     """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_partials(path.parent)
         # Keep the full suffix (e.g. .nii.gz) so writers that dispatch on it still work.
         suffix = "".join(path.suffixes) or ".tmp"
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}-", suffix=suffix, dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}{_PARTIAL}{os.getpid()}-", suffix=suffix, dir=path.parent)
         os.close(fd)
     except OSError as exc:
         raise _write_error(path, exc) from None
@@ -75,6 +80,45 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+_PARTIAL = ".partial-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_partials(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporaries that killed writers left in ``folder``; return what was removed.
+
+    Only hidden files named by :func:`atomic_path` (``.<name>.partial-<pid>-...``) whose process no
+    longer runs are touched.
+    """
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        name = entry.name
+        if not name.startswith(".") or _PARTIAL not in name:
+            continue
+        pid_text = name.split(_PARTIAL, 1)[1].split("-", 1)[0]
+        if not pid_text.isdigit() or _alive(int(pid_text)):
+            continue
+        try:
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
+        except OSError:
+            pass
+    return removed
 
 
 def _write_error(path: Path, exc: OSError) -> OSError:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..data.prepare import PreparedData
 from ..models.networks import build_autoencoder, count_parameters, latent_mean
-from .common import EMA, Checkpointer, LossLog, StepClock, autocast, setup_distributed
+from .common import EMA, Checkpointer, LossLog, StepClock, autocast, restore_rng, rng_state, setup_distributed
 
 __all__ = ["AETrainConfig", "train_autoencoder", "DEFAULT_AE", "DEFAULT_DISCRIMINATOR", "gradient_l1", "kl_loss",
            "load_volumes"]
@@ -188,11 +188,13 @@ def train_autoencoder(cfg: AETrainConfig, *, volumes: np.ndarray | None = None, 
             disc.load_state_dict(state["discriminator"])
             d_opt.load_state_dict(state["disc_optimizer"])
         start = state["step"]
-        rng = np.random.default_rng(cfg.seed + ctx.rank + start)
+        if not restore_rng(state.get("rng"), rng, ctx.world_size):  # older checkpoints, or several ranks
+            rng = np.random.default_rng(cfg.seed + ctx.rank + start)
     cached = wrapped.encode_all(volumes, ctx.device, cfg.bf16) if cfg.decoder_only and cfg.cache_latents else None
     net = torch.nn.parallel.DistributedDataParallel(wrapped) if ctx.world_size > 1 else wrapped
     d_net = torch.nn.parallel.DistributedDataParallel(disc) if disc is not None and ctx.world_size > 1 else disc
-    log = LossLog(Path(cfg.run_dir) / "losses.csv", ["loss", "l1", "grad", "kl", "adv", "disc", "lr"]) if ctx.is_main else None
+    log = (LossLog(Path(cfg.run_dir) / "losses.csv", ["loss", "l1", "grad", "kl", "adv", "disc", "lr"], resume_step=start)
+           if ctx.is_main else None)
     clock = StepClock(cfg.steps, cfg.lr, cfg.lr_min, cfg.ckpt_every, cfg.max_minutes)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="autoencoder", disable=not (progress and ctx.is_main))
     step = start
@@ -246,7 +248,7 @@ def train_autoencoder(cfg: AETrainConfig, *, volumes: np.ndarray | None = None, 
             bar.set_postfix(l1=f"{l1.item():.4f}", grad=f"{gl.item():.4f}")
         save, out_of_time = clock.after(step)
         if ctx.is_main and save:
-            ckpt.save(_state(model, ema, opt, step + 1, cfg, disc, d_opt, init_step))
+            ckpt.save({**_state(model, ema, opt, step + 1, cfg, disc, d_opt, init_step), "rng": rng_state(rng)})
         if out_of_time:
             break
     if log:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..io import atomic_path
@@ -110,16 +111,37 @@ class Checkpointer:
         return torch.load(self.path, map_location="cpu", weights_only=False)
 
 
-class LossLog:
-    """Append-only CSV of training metrics (flushed every line, survives a crash)."""
+def rng_state(rng: np.random.Generator) -> dict[str, Any]:
+    """The random state a resumed run needs to draw what an uninterrupted run would have drawn."""
+    return {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state()}
 
-    def __init__(self, path: str | Path, fields: list[str]):
+
+def restore_rng(state: dict[str, Any] | None, rng: np.random.Generator, world_size: int = 1) -> bool:
+    """Put back :func:`rng_state` (single-process runs only: a checkpoint holds rank 0's state,
+    which other ranks must not copy). Returns whether it was restored."""
+    if not state or world_size > 1:
+        return False
+    rng.bit_generator.state = state["numpy"]
+    torch.set_rng_state(state["torch"])
+    return True
+
+
+class LossLog:
+    """Append-only CSV of training metrics (flushed every line, survives a crash).
+
+    ``resume_step``: the step of the checkpoint a run resumes from; rows logged after it by the
+    killed run are dropped, so the file holds each step once.
+    """
+
+    def __init__(self, path: str | Path, fields: list[str], resume_step: int | None = None):
         self.path = Path(path)
         self.fields = ["step", "time_s", *fields]
         new = not self.path.is_file()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not new:
             self._migrate()
+            if resume_step is not None:
+                self._truncate(resume_step)
         self._f = open(self.path, "a", newline="")
         self._w = csv.DictWriter(self._f, fieldnames=self.fields)
         if new:
@@ -144,6 +166,19 @@ class LossLog:
             w = csv.DictWriter(f, fieldnames=self.fields)
             w.writeheader()
             w.writerows(rows)
+
+    def _truncate(self, step: int) -> None:
+        with open(self.path, newline="") as f:
+            reader = csv.DictReader(f)
+            fields = reader.fieldnames or self.fields
+            rows = list(reader)
+        kept = [r for r in rows if str(r.get("step", "")).isdigit() and int(r["step"]) <= step]
+        if len(kept) == len(rows):
+            return
+        with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows(kept)
 
     def close(self) -> None:
         self._f.close()

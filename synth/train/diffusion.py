@@ -21,7 +21,7 @@ from ..condition import VOLUME_KEYS
 from ..data.prepare import PreparedData
 from ..models.networks import build_autoencoder, build_unet, count_parameters, latent_mean
 from ..normative import NormativeModel
-from .common import EMA, Checkpointer, LossLog, StepClock, autocast, setup_distributed
+from .common import EMA, Checkpointer, LossLog, StepClock, autocast, restore_rng, rng_state, setup_distributed
 
 __all__ = ["LDMTrainConfig", "train_diffusion", "DEFAULT_UNET", "DEFAULT_COVARIATES", "encode_dataset", "covariate_matrix"]
 
@@ -185,7 +185,8 @@ def train_diffusion(cfg: LDMTrainConfig, *, progress: bool = True, rows: list[di
         ema.model.load_state_dict(state["ema_state_dict"])
         opt.load_state_dict(state["optimizer"])
         start = state["step"]
-        rng = np.random.default_rng(cfg.seed + ctx.rank + start)
+        if not restore_rng(state.get("rng"), rng, ctx.world_size):  # older checkpoints, or several ranks
+            rng = np.random.default_rng(cfg.seed + ctx.rank + start)
     net = torch.nn.parallel.DistributedDataParallel(unet) if ctx.world_size > 1 else unet
     model_config = {
         "autoencoder": ae_kwargs,
@@ -196,7 +197,7 @@ def train_diffusion(cfg: LDMTrainConfig, *, progress: bool = True, rows: list[di
         "latent_scale": latent_scale,
         "normative": NormativeModel.fit(rows).to_dict(),
     }
-    log = LossLog(run / "losses.csv", ["loss", "lr"]) if ctx.is_main else None
+    log = LossLog(run / "losses.csv", ["loss", "lr"], resume_step=start) if ctx.is_main else None
     z_all = torch.from_numpy(latents * latent_scale)
     c_all = torch.from_numpy(cond)
     clock = StepClock(cfg.steps, cfg.lr, cfg.lr_min, cfg.ckpt_every, cfg.max_minutes)
@@ -227,7 +228,7 @@ def train_diffusion(cfg: LDMTrainConfig, *, progress: bool = True, rows: list[di
             bar.set_postfix(loss=f"{loss.item():.4f}")
         save, out_of_time = clock.after(step)
         if ctx.is_main and save:
-            ckpt.save(_state(unet, ema, opt, step + 1, cfg, model_config))
+            ckpt.save({**_state(unet, ema, opt, step + 1, cfg, model_config), "rng": rng_state(rng)})
         if out_of_time:
             break
     if log:
