@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..io import read_json, write_json
+from ..io import read_json, verify_weights, write_json
 
 __all__ = ["VQModelConfig"]
 
@@ -28,6 +28,8 @@ class VQModelConfig:
         normative: A :class:`synth.normative.NormativeModel` as a dict (or ``None``).
         reference: Free text on how the model was made.
         backend: Always ``vq`` (what :func:`synth.generators.load_generator` dispatches on).
+        weights_sha256: ``{weights file name: hex SHA-256}``, written at package time and checked
+            by :meth:`load` before any weights are read (empty: not checked).
     """
 
     name: str
@@ -42,6 +44,7 @@ class VQModelConfig:
     normative: dict[str, Any] | None = None
     reference: str = ""
     backend: str = "vq"
+    weights_sha256: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.backend != "vq":
@@ -59,7 +62,10 @@ class VQModelConfig:
 
     @classmethod
     def load(cls, folder: str | Path) -> "VQModelConfig":
-        return cls(**read_json(Path(folder) / "config.json"))
+        """Read ``folder/config.json`` and check the weights files against ``weights_sha256``."""
+        config = cls(**read_json(Path(folder) / "config.json"))
+        verify_weights(folder, config.weights_sha256)
+        return config
 
     def save(self, folder: str | Path) -> Path:
         return write_json(Path(folder) / "config.json", asdict(self))

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from ..grid import MNI_2MM
-from ..io import atomic_path
+from ..grid import MNI_2MM, Grid
+from ..io import atomic_path, sha256_file
 from .config import VQModelConfig
 
 __all__ = ["package_vq_model"]
@@ -24,6 +24,8 @@ def package_vq_model(tf_run: str | Path, out: str | Path, *, name: str = "synthb
     """
     tf_state = torch.load(Path(tf_run) / "last.pt", map_location="cpu", weights_only=False)
     mc = tf_state["model_config"]
+    shape = tuple(mc.get("image_shape") or MNI_2MM.shape)
+    grid = MNI_2MM if shape == tuple(MNI_2MM.shape) else Grid(shape, MNI_2MM.spacing, tuple(-(s - 1) * MNI_2MM.spacing / 2 for s in shape))
     vq_state = torch.load(Path(mc["vq_run"]) / mc["vq_checkpoint"], map_location="cpu", weights_only=False)
     cfg = VQModelConfig(
         name=name,
@@ -33,7 +35,7 @@ def package_vq_model(tf_run: str | Path, out: str | Path, *, name: str = "synthb
         covariates=mc["covariates"],
         covariate_ranges=mc["covariate_ranges"],
         sampling={"guidance_scale": guidance_scale, "temperature": temperature, "top_k": top_k},
-        grid={"shape": list(MNI_2MM.shape), "spacing": MNI_2MM.spacing, "origin": list(MNI_2MM.origin)},
+        grid={"shape": list(grid.shape), "spacing": grid.spacing, "origin": list(grid.origin)},
         normative=mc["normative"],
         reference=(f"SynthBrain 2 mm VQ-VAE + transformer trained on IXI; VQ-VAE {vq_state['step']} steps "
                    f"({mc['vq_checkpoint']}), transformer {tf_state['step']} steps ({tf_state.get('engine', '?')})"),
@@ -47,6 +49,7 @@ def package_vq_model(tf_run: str | Path, out: str | Path, *, name: str = "synthb
     tf = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tf_state["state_dict"].items()}
     _save({**half, **keep32}, out / "vqvae.safetensors")
     _save(tf, out / "transformer.safetensors")
+    cfg.weights_sha256 = {f: sha256_file(out / f) for f in ("vqvae.safetensors", "transformer.safetensors")}
     cfg.save(out)
     return out
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from ..io import sha256_file
 from ..testing import toy_normative
 from .config import VQModelConfig
 from .transformer import CodeTransformer
@@ -59,5 +60,6 @@ def make_tiny_vq_model(folder: str | Path, seed: int = 0, shape=(16, 16, 16), at
         tf.head.weight.mul_(5.0)
     save_file({k: v.contiguous() for k, v in vqvae.state_dict().items()}, str(folder / "vqvae.safetensors"))
     save_file({k: v.contiguous() for k, v in tf.state_dict().items()}, str(folder / "transformer.safetensors"))
+    cfg.weights_sha256 = {f: sha256_file(folder / f) for f in ("vqvae.safetensors", "transformer.safetensors")}
     cfg.save(folder)
     return folder

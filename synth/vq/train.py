@@ -286,7 +286,8 @@ def train_transformer(cfg: TFTrainConfig, *, rows: list[dict] | None = None, vol
         if ctx.is_main:
             with atomic_path(cache) as tmp:
                 np.savez(tmp, codes=codes)
-    code_shape = list(vqvae.code_shape(tuple(volumes.shape[2:]) if volumes is not None else (80, 96, 80)))
+    image_shape = list(volumes.shape[2:]) if volumes is not None else list(data.t1(rows[0]).shape)
+    code_shape = list(vqvae.code_shape(tuple(image_shape)))
     del vqvae
     ranges = covariate_ranges(rows, cfg.covariates)
     cond = covariate_matrix(rows, cfg.covariates, ranges)
@@ -306,6 +307,7 @@ def train_transformer(cfg: TFTrainConfig, *, rows: list[dict] | None = None, vol
     net = torch.nn.parallel.DistributedDataParallel(model) if ctx.world_size > 1 else model
     model_config = {"vqvae": vq_config, "vq_run": str(cfg.vq_run), "vq_checkpoint": vq_ckpt, "transformer": tf_kwargs,
                     "covariates": cfg.covariates, "covariate_ranges": ranges, "code_shape": code_shape,
+                    "image_shape": image_shape,
                     "normative": NormativeModel.fit(rows).to_dict() if len(rows) >= 8 else None}
     log = LossLog(run / "losses.csv", ["loss", "bits_per_code", "lr"]) if ctx.is_main else None
     codes_t, cond_t = torch.from_numpy(codes.astype(np.int64)), torch.from_numpy(cond)
