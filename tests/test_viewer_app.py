@@ -84,10 +84,18 @@ def test_page_shows_notice_controls_and_no_brain_yet(app):
     assert not app.get("image")
 
 
-def test_generate_shows_three_slices(app):
+def _niivue(at):
+    return [e for e in at.get("component_instance") if getattr(e, "key", None) == "niivue" or "niivue" in str(e.proto)[:400]]
+
+
+def test_generate_shows_the_brain_in_niivue(app):
+    import gzip
+
+    import nibabel as nib
+
     _generate(app, age=70.0, sex="M", diagnosis="AD", seed=5)
     assert not _errors(app)
-    assert len(app.get("image")) == 3
+    assert _niivue(app), "the NiiVue viewer is not on the page"
     brain = app.session_state["result"].brain
     assert (brain.condition.age, brain.condition.sex, brain.condition.diagnosis, brain.seed) == (70.0, "M", "AD", 5)
     assert brain.image.shape == (32, 32, 32)
@@ -95,15 +103,46 @@ def test_generate_shows_three_slices(app):
     assert labels is not None and labels.shape == brain.image.shape  # segmented by the tiny segmenter
     assert _widget(app, "overlay").value is True
     assert any("age 70, M, AD, seed 5" in m.value for m in app.markdown)
+    sent = app.session_state["nv_data"]  # what the browser gets: the T1 and the painted labels
+    t1 = nib.Nifti1Image.from_bytes(gzip.decompress(sent["t1"]))
+    np.testing.assert_allclose(np.asarray(t1.dataobj, np.float32) * 0 + t1.get_fdata(), brain.image, atol=0.5 / 255 + 1e-6)
+    np.testing.assert_allclose(t1.affine, brain.affine)
+    overlay = nib.Nifti1Image.from_bytes(gzip.decompress(sent["labels"]))
+    assert overlay.shape == brain.image.shape and overlay.get_data_dtype().names == ("R", "G", "B", "A")
+    assert any("Crosshair: voxel (16, 16, 16)" in m.value for m in app.markdown)
 
 
-def test_slice_slider_moves_the_cursor(app):
+def test_a_click_in_niivue_moves_the_cursor_and_names_the_structure(app):
+    from synth.anatomy import STRUCTURES
+
     _generate(app, seed=1)
-    app.slider(key="slice_z").set_value(3)
+    labels = app.session_state["result"].labels
+    x, y, z = (int(v[0]) for v in np.nonzero(labels))  # a labelled voxel
+    app.session_state["niivue"] = {"type": "voxel_click", "voxel": [x, y, z], "mm": [0, 0, 0], "value": 0.5}
     app.run()
     assert not app.exception
-    assert app.session_state["cursor"][2] == 3
-    assert any("Voxel (16, 16, 3)" in c.value for c in app.caption)
+    assert app.session_state["cursor"] == [x, y, z]
+    name = {s.label: s.name for s in STRUCTURES}[int(labels[x, y, z])]
+    assert any(f"Clicked: voxel ({x}, {y}, {z})" in m.value and name in m.value for m in app.markdown)
+
+
+def test_the_legend_lists_the_structures_present(app):
+    _generate(app, seed=1)
+    legend = [h.proto.body for h in app.get("html") if "label-legend" in h.proto.body]
+    assert legend
+    present = set(np.unique(app.session_state["result"].labels)) - {0}
+    assert legend[0].count("background:#") == len(present)
+
+
+def test_changed_controls_mark_the_brain_out_of_date(app):
+    _generate(app, seed=3)
+    assert not any("Out of date" in w.value for w in app.warning)
+    _widget(app, "age").set_value(71.0)
+    app.run()
+    assert any("Out of date" in w.value for w in app.warning)
+    app.sidebar.button(key="generate").click()
+    app.run()
+    assert not any("Out of date" in w.value for w in app.warning)
 
 
 def test_same_request_hits_the_cache(app):
@@ -150,7 +189,7 @@ def test_explicit_targets_reach_the_brain(app):
 def test_age_outside_training_range_warns(app):
     _generate(app, age=90.0)
     assert any("outside the training ages" in w.value for w in app.warning)
-    assert len(app.get("image")) == 3
+    assert _niivue(app)
 
 
 def test_no_model_shows_an_error(tmp_path, monkeypatch):
@@ -174,7 +213,7 @@ def test_downloads_offer_every_format(app):
     _generate(app, seed=2)
     _open_tab(app, "Downloads")
     buttons = {b.key: b for b in app.get("download_button")}
-    assert {"dl_nifti", "dl_json", "dl_png", "dl_labels", "dl_usd", "dl_usdz", "dl_stl", "dl_glb"} <= set(buttons)
+    assert {"dl_nifti", "dl_json", "dl_png", "dl_labels", "dl_dseg", "dl_lut", "dl_ctbl", "dl_usd", "dl_usdz", "dl_stl", "dl_glb"} <= set(buttons)
     assert not any(b.disabled for b in buttons.values())
 
 
@@ -182,7 +221,8 @@ def test_3d_shows_structures_when_labelled(app):
     _generate(app, seed=2)
     _open_tab(app, "3D")
     assert _widget(app, "view3d_mode").options == ["Structures", "Isosurface", "Volume rendering"]
-    assert app.multiselect(key="visible_structures").value  # the structures present
+    shown = app.multiselect(key="visible_structures_Deep grey + ventricles").value  # the default preset
+    assert shown and "CSF" not in shown and not any("Cortex" in n for n in shown)
     _widget(app, "view3d_mode").set_value("Volume rendering")
     app.run()
     assert not app.exception and not _errors(app)
@@ -207,7 +247,7 @@ def test_compare_shows_both_brains_and_the_difference(app):
     ra, rb, ga, gb = app.session_state["compare"]
     assert (ra.condition.age, rb.condition.age) == (50.0, 80.0)
     assert ra.seed == rb.seed == 4
-    assert len(app.get("image")) == 3  # A, B and the difference map
+    assert len(app.get("image")) == 4  # A, B, the difference map and its colour bar
 
 
 def test_age_sweep_makes_a_gif(app):
@@ -223,15 +263,15 @@ def test_age_sweep_makes_a_gif(app):
 
 
 def test_a_failing_panel_shows_an_error_not_a_traceback(app, monkeypatch):
-    from viewer import render
+    from viewer import niivue
 
     _generate(app, seed=7)
 
     def broken(*args, **kwargs):
         raise KeyError("simulated bug")
 
-    monkeypatch.setattr(render, "orthogonal_views", broken)
-    app.slider(key="slice_z").set_value(2)
+    monkeypatch.setattr(niivue, "readout", broken)
+    app.session_state["niivue"] = {"type": "voxel_click", "voxel": [2, 2, 2], "mm": [0, 0, 0], "value": 0.1}
     app.run()
     assert not app.exception
     assert any("Something went wrong" in e and "simulated bug" in e for e in _errors(app))

@@ -369,3 +369,16 @@ def test_no_wasm_download_points_vtklocal_at_an_existing_empty_folder(monkeypatc
     folder = scene.no_wasm_download()
     assert os.path.isdir(folder) and os.environ["VTK_WASM_DIR_OVERRIDE"] == folder
     assert scene.no_wasm_download() == folder  # kept, not a new folder per render
+
+
+def test_export_label_tables_and_target_check_in_the_json(generated):
+    import json
+
+    _, result, _ = generated
+    checks = [{"volume": "hippocampus", "requested": 0.005, "measured": 0.004, "gap_pct": -20.0, "missed": True}]
+    files = service.export_files(result.brain, ["json", "dseg", "lut", "ctbl"], target_checks=checks)
+    doc = json.loads(files["json"][1])
+    assert doc["target_check"] == checks
+    assert files["dseg"][0].endswith("_dseg.tsv") and files["dseg"][1].startswith(b"index\tname")
+    assert files["lut"][0].endswith("_LUT.txt") and b"Left-Hippocampus" in files["lut"][1]
+    assert files["ctbl"][0].endswith(".ctbl") and b"NOT FOR CLINICAL USE" in files["ctbl"][1].upper()

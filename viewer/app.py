@@ -156,6 +156,21 @@ def on_generate(values: dict, models: list[str]) -> None:
     st.session_state.pop("compare", None)
 
 
+def stale_ui(values: dict, request: service.Request, models: list[str]) -> bool:
+    """Say so, until Generate is pressed, when the controls no longer match the brain on screen."""
+    try:
+        wanted = service.parse_request(models=models, **{k: v for k, v in values.items() if k != "clicked"})
+        same = wanted.key() == request.key()
+    except USER_ERRORS:
+        same = False
+    if not same:
+        st.warning(
+            f"**Out of date:** the brain below was made for {describe(request)}; the controls have changed since. "
+            "Press **Generate** to make the brain the controls describe.", icon="⏳",
+        )
+    return not same
+
+
 # -- page -------------------------------------------------------------------------------------
 def warm_up() -> None:
     """Load the chosen model (and segmenter) while the user sets the condition; errors wait for Generate."""
@@ -172,6 +187,8 @@ def main() -> None:
     st.title("SynthBrain viewer")
     st.warning(NOTICE, icon="⚠️")
     st.caption(service.DISEASE_LINE)
+    with st.expander("What CN, MCI, AD, GM, WM, z and % ICV mean here"):
+        st.markdown(service.GLOSSARY)
     models = service.generator_models()
     if not models:
         st.error(
@@ -190,6 +207,7 @@ def main() -> None:
         return
     request: service.Request = st.session_state.request
     result: service.Generated = st.session_state.result
+    stale_ui(values, request, models)
     secs = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
     st.markdown(
         f"**{describe(request)}** · model `{request.model}` on {result.brain.provenance.get('device', '?')} · "

@@ -18,6 +18,7 @@ import numpy as np
 __all__ = [
     "PLANES",
     "SYNTHETIC_LABEL",
+    "colorbar",
     "crosshair_rc",
     "diff_colors",
     "difference_map",
@@ -233,6 +234,36 @@ def difference_map(a: np.ndarray, b: np.ndarray, *, vmax: float | None = None) -
         _DIFF_LUT = diff_colors()
     idx = np.clip(np.round((d / vmax + 1.0) * 127.5), 0, 255).astype(np.intp)
     return _DIFF_LUT[idx], vmax
+
+
+def colorbar(
+    lut: np.ndarray, vmin: float, vmax: float, *, width: int = 288, height: int = 14, label: str = "", ticks: int = 5
+) -> np.ndarray:
+    """A horizontal colour bar of ``lut`` ((n, 3) uint8) from ``vmin`` to ``vmax`` with tick values.
+
+    Returns:
+        (height + 30, width + 20, 3) uint8 on a dark background, tick labels under the bar.
+    """
+    from PIL import Image, ImageDraw
+
+    if not vmax > vmin:
+        raise ValueError(f"colour bar needs vmin < vmax, got ({vmin:g}, {vmax:g})")
+    lut = np.asarray(lut, np.uint8)
+    idx = np.linspace(0, len(lut) - 1, width).round().astype(np.intp)
+    pad = 10
+    im = Image.new("RGB", (width + 2 * pad, height + 30), (17, 17, 17))
+    im.paste(Image.fromarray(np.repeat(lut[idx][None], height, axis=0)), (pad, 2))
+    draw = ImageDraw.Draw(im)
+    for i in range(ticks):
+        f = i / (ticks - 1)
+        x = pad + int(round(f * (width - 1)))
+        draw.line((x, height + 2, x, height + 6), fill=(220, 220, 220))
+        text = f"{vmin + f * (vmax - vmin):+.2g}" if vmin < 0 < vmax else f"{vmin + f * (vmax - vmin):.2g}"
+        tw = draw.textlength(text)
+        draw.text((min(max(0, x - tw / 2), im.width - tw), height + 7), text, fill=(230, 230, 230))
+    if label:
+        draw.text((pad, height + 18), label, fill=(200, 200, 200))
+    return np.asarray(im)
 
 
 def stamp(rgb: np.ndarray, text: str = SYNTHETIC_LABEL) -> np.ndarray:

@@ -30,7 +30,13 @@ __all__ = [
     "brain_meshes",
     "default_model",
     "export_files",
+    "GLOSSARY",
+    "conditioned_keys",
+    "dseg_tsv",
+    "freesurfer_lut",
     "label_colors",
+    "slicer_ctbl",
+    "target_check",
     "morphometry_rows",
     "normative_curves",
     "parse_request",
@@ -45,6 +51,23 @@ DISEASE_LINE = (
     "the conditioned volumes (hippocampus, ventricles, brain, grey matter) are shifted by effect "
     "sizes from the literature, not learned from patients' scans."
 )
+
+
+GLOSSARY = """
+**CN, MCI, AD.** CN: cognitively normal (healthy). MCI: mild cognitive impairment. AD: Alzheimer's disease.
+SynthBrain was trained on healthy volunteers only (IXI). A normative model of the training brains gives the
+volumes a healthy brain of that age and sex is expected to have; MCI and AD **shrink the hippocampus by 12 % and
+24 %** (Shi et al. 2009, *Hippocampus* 19:1055), enlarge the ventricles and shrink the whole brain by approximate
+literature effects, and the generator is asked for those volumes. So an "AD" brain here has the morphometry of
+AD, not patterns learned from patients' scans.
+
+**Units and abbreviations.** % ICV: percent of the intracranial volume (everything inside the skull: brain and
+CSF), which removes head size. GM: grey matter (cortex and deep grey nuclei). WM: white matter. Brain: GM + WM.
+Lateral ventricles: the two large CSF cavities (they grow with age and in AD). z: how many standard deviations a
+volume lies from the healthy expected value for that age and sex (|z| > 1.96: outside the healthy 95 % range).
+Requested: the volume the generator was asked for. Measured: what the shipped segmenter finds in the generated
+brain (its own error on real scans is a few percent). T1 intensity: 0-1, arbitrary units, scaled per brain.
+"""
 
 
 # -- requests ---------------------------------------------------------------------------------
@@ -347,6 +370,52 @@ def morphometry_rows(brain: synth.SyntheticBrain, normative=None, labels: np.nda
     return rows
 
 
+def conditioned_keys(generator) -> list[str]:
+    """The volumes ``generator`` is conditioned on (its config's covariates that are volumes)."""
+    covariates = getattr(getattr(generator, "config", None), "covariates", None) or ()
+    return [k for k in synth.VOLUME_KEYS if k in covariates]
+
+
+def target_check(
+    rows: Sequence[Mapping], condition: synth.Condition, normative=None, keys: Sequence[str] | None = None,
+    *, z_gap: float = 1.0, rel_gap: float = 0.15,
+) -> list[dict]:
+    """Measured against requested volume, per conditioned structure; flags a brain that missed its target.
+
+    A volume is flagged when the measured value lies at least ``z_gap`` normative standard deviations
+    from the requested one (with a normative model), else when it differs by more than ``rel_gap``
+    (a fraction of the requested value).
+
+    Args:
+        rows: :func:`morphometry_rows` of the brain.
+        condition: The brain's condition (age and sex for the z-scores).
+        normative: The generator's normative model, or ``None``.
+        keys: The conditioned volumes (:func:`conditioned_keys`); default every row with a request.
+
+    Returns:
+        One dict per checked volume: ``volume, requested, measured, gap_pct, z_requested, z_measured,
+        z_gap, missed`` (fractions of ICV; ``None`` where not measured).
+    """
+    out = []
+    for r in rows:
+        k = r["volume"]
+        req, meas = r.get("requested"), r.get("measured")
+        if (keys is not None and k not in keys) or req is None:
+            continue
+        item = {"volume": k, "requested": float(req), "measured": None if meas is None else float(meas),
+                "gap_pct": None, "z_requested": None, "z_measured": None, "z_gap": None, "missed": False}
+        if meas is not None and req > 0 and meas > 0:
+            item["gap_pct"] = 100.0 * (meas - req) / req
+            if normative is not None:
+                zr = normative.zscore(k, float(req), condition.age, condition.sex)
+                zm = normative.zscore(k, float(meas), condition.age, condition.sex)
+                item.update(z_requested=zr, z_measured=zm, z_gap=zm - zr, missed=abs(zm - zr) >= z_gap)
+            else:
+                item["missed"] = abs(meas - req) > rel_gap * req
+        out.append(item)
+    return out
+
+
 def structure_rows(labels: np.ndarray, voxel_volume_mm3: float) -> list[dict]:
     """Per-structure volumes (mm^3, % of ICV) of ``labels`` via ``synth.anatomy.morphometry``."""
     anat = anatomy()
@@ -361,37 +430,43 @@ def structure_rows(labels: np.ndarray, voxel_volume_mm3: float) -> list[dict]:
 
 def morphometry_figure(rows: Sequence[Mapping], curves: Mapping[str, Mapping], age: float, sex: str):
     """A matplotlib figure: per volume, the normative curve and 95 % band over age, the requested
-    volume and (when measured) the measured one at ``age``."""
+    volume and (when measured) the measured one at ``age``; a legend on every panel."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 
     keys = [r["volume"] for r in rows]
-    fig = Figure(figsize=(3.0 * len(keys), 2.8), layout="constrained")
-    axes = fig.subplots(1, len(keys), squeeze=False)[0]
+    ncol = min(3, len(keys))
+    nrow = -(-len(keys) // ncol)
+    fig = Figure(figsize=(4.6 * ncol, 3.7 * nrow), layout="constrained", dpi=110)
+    axes = fig.subplots(nrow, ncol, squeeze=False).ravel()
+    titles = {"brain": "Brain (GM + WM)", "gm": "Grey matter (GM)", "wm": "White matter (WM)",
+              "lateral_ventricles": "Lateral ventricles", "hippocampus": "Hippocampus"}
     for ax, row in zip(axes, rows):
         k = row["volume"]
+        ax.axvspan(20, 82, color="0.92", zorder=-1, label="training ages")
         if k in curves:
             cv = curves[k]
-            ax.fill_between(cv["age"], cv["low"] * 100, cv["high"] * 100, color="#9ecae1", alpha=0.5, label="healthy 95 %")
-            ax.plot(cv["age"], cv["expected"] * 100, color="#3182bd", lw=1.5, label="healthy expected")
+            ax.fill_between(cv["age"], cv["low"] * 100, cv["high"] * 100, color="#9ecae1", alpha=0.6, label="healthy 95 % range")
+            ax.plot(cv["age"], cv["expected"] * 100, color="#3182bd", lw=2, label="healthy expected")
         if row.get("requested") is not None:
-            ax.plot([age], [row["requested"] * 100], "D", color="#e6550d", label="requested")
+            ax.plot([age], [row["requested"] * 100], "D", color="#e6550d", ms=9, label="requested")
         if row.get("measured") is not None:
-            ax.plot([age], [row["measured"] * 100], "o", color="#31a354", label="measured")
-        ax.axvspan(20, 82, color="0.9", zorder=-1)
-        ax.set_title(k.replace("_", " "), fontsize=10)
-        ax.set_xlabel("age (years)", fontsize=8)
-        ax.tick_params(labelsize=7)
-    axes[0].set_ylabel("% of intracranial volume", fontsize=8)
-    axes[0].legend(fontsize=6, loc="best")
-    fig.suptitle(f"Synthetic brain vs normative volumes ({'female' if sex == 'F' else 'male'}); shaded: training ages 20-82", fontsize=9)
+            ax.plot([age], [row["measured"] * 100], "o", color="#31a354", ms=9, label="measured")
+        ax.set_title(titles.get(k, k.replace("_", " ")), fontsize=13)
+        ax.set_xlabel("age (years)", fontsize=11)
+        ax.set_ylabel("% of intracranial volume", fontsize=11)
+        ax.tick_params(labelsize=10)
+        ax.legend(fontsize=9, loc="best", framealpha=0.85)
+    for ax in axes[len(rows):]:
+        ax.remove()
+    fig.suptitle(f"Synthetic brain vs healthy normative volumes ({'female' if sex == 'F' else 'male'}, age {age:g})", fontsize=13)
     return fig
 
 
 # -- exports ----------------------------------------------------------------------------------
-EXPORT_FORMATS = ("nifti", "labels", "json", "usd", "usdz", "stl", "glb")
+EXPORT_FORMATS = ("nifti", "labels", "dseg", "lut", "ctbl", "json", "usd", "usdz", "stl", "glb")
 
 
 def _stem(brain: synth.SyntheticBrain) -> str:
@@ -406,11 +481,15 @@ def export_files(
     labels: np.ndarray | None = None,
     meshes: Mapping[str, Any] | None = None,
     workdir: str | Path | None = None,
+    target_checks: Sequence[Mapping] | None = None,
 ) -> dict[str, tuple[str, bytes, str]]:
     """Write ``brain`` in ``formats`` and return ``{format: (file_name, data, mime)}``.
 
     Every file carries the synthetic notice: the NIfTI ``descrip`` and JSON sidecar via
     ``SyntheticBrain.save``, labels and meshes via ``synth.anatomy``'s writers (metadata).
+    ``dseg``, ``lut`` and ``ctbl`` are the labels' colour tables for other tools (BIDS
+    ``dseg.tsv``, FreeSurfer LUT, 3D Slicer ``.ctbl``). ``target_checks`` (:func:`target_check`)
+    goes into the JSON provenance and the labels' metadata as ``target_check``.
 
     Raises:
         ValueError: unknown format, or a label/mesh format without ``labels``/``meshes``.
@@ -421,6 +500,8 @@ def export_files(
         raise ValueError(f"unknown export format(s) {unknown}; supported: {', '.join(EXPORT_FORMATS)}")
     stem = _stem(brain)
     meta = brain.metadata()
+    if target_checks is not None:
+        meta["target_check"] = [dict(t) for t in target_checks]
     anat = anatomy()
     if labels is not None and anat is not None:
         meta["volumes_mm3"] = anat.measure_volumes(labels, voxel_volume_mm3=float(abs(np.linalg.det(brain.affine[:3, :3]))))
@@ -433,7 +514,22 @@ def export_files(
             if "nifti" in formats:
                 out["nifti"] = (nii.name, nii.read_bytes(), "application/gzip")
             if "json" in formats:
-                out["json"] = (f"{stem}_provenance.json", side.read_bytes(), "application/json")
+                data = side.read_bytes()
+                if target_checks is not None:
+                    import json
+
+                    doc = json.loads(data)
+                    doc["target_check"] = meta["target_check"]
+                    data = (json.dumps(doc, indent=2) + "\n").encode()
+                out["json"] = (f"{stem}_provenance.json", data, "application/json")
+        tables = {"dseg": (dseg_tsv, f"{stem}_dseg.tsv", "text/tab-separated-values"),
+                  "lut": (freesurfer_lut, f"{stem}_labels_LUT.txt", "text/plain"),
+                  "ctbl": (slicer_ctbl, f"{stem}_labels.ctbl", "text/plain")}
+        for fmt, (make, name, mime) in tables.items():
+            if fmt in formats:
+                if anat is None:
+                    raise RuntimeError(anatomy_error())
+                out[fmt] = (name, make(anat.STRUCTURES).encode(), mime)
         need_anat = [f for f in formats if f in ("labels", "usd", "usdz", "stl", "glb")]
         if need_anat:
             anat = anatomy()
@@ -444,7 +540,7 @@ def export_files(
                     raise ValueError("label export needs a segmentation: generate with anatomy available")
                 p = anat.save_labels(tmp / f"{stem}_labels.nii.gz", labels, brain.affine, meta) or tmp / f"{stem}_labels.nii.gz"
                 out["labels"] = (Path(p).name, Path(p).read_bytes(), "application/gzip")
-            mesh_formats = [f for f in need_anat if f != "labels"]
+            mesh_formats = [f for f in need_anat if f not in ("labels",)]
             if mesh_formats and not meshes:
                 raise ValueError("mesh exports need structure surfaces: generate with anatomy available")
             for fmt in mesh_formats:
@@ -457,6 +553,47 @@ def export_files(
                 mime = {"usdz": "model/vnd.usdz+zip", "stl": "model/stl", "glb": "model/gltf-binary"}.get(fmt, "application/octet-stream")
                 out[fmt] = (Path(p).name, Path(p).read_bytes(), mime)
     return out
+
+
+# -- label tables other tools read ---------------------------------------------------------------
+def _rgb255(rgb) -> tuple[int, int, int]:
+    c = np.asarray(rgb, float)[:3]
+    if c.max(initial=0) <= 1.0:
+        c = c * 255
+    return tuple(int(v) for v in np.clip(np.round(c), 0, 255))
+
+
+def dseg_tsv(structures) -> str:
+    """A BIDS ``dseg.tsv`` (``index``, ``name``, ``abbreviation``, ``color``) for a labels NIfTI."""
+    lines = ["index\tname\tabbreviation\tcolor", "0\tbackground\tBG\t#000000"]
+    for s in structures:
+        r, g, b = _rgb255(s.rgb)
+        abbr = "".join(w[0] for w in str(s.name).replace("-", " ").split()).upper()
+        lines.append(f"{int(s.label)}\t{s.name}\t{abbr}\t#{r:02x}{g:02x}{b:02x}")
+    return "\n".join(lines) + "\n"
+
+
+def freesurfer_lut(structures, notice: str = synth.SYNTHETIC_NOTICE) -> str:
+    """A FreeSurfer colour table (``FreeSurferColorLUT.txt`` format: ``No. Label-Name R G B A``).
+
+    3D Slicer opens it as a colour table too (load it, then pick it for the labels volume), as do
+    freeview (``:colormap=lut:lut=FILE``) and ITK-SNAP.
+    """
+    lines = [f"# SynthBrain label table. {notice}", "#No. Label-Name                          R   G   B   A",
+             f"{0:<4d} {'Unknown':<36s} {0:3d} {0:3d} {0:3d} {0:3d}"]
+    for s in structures:
+        r, g, b = _rgb255(s.rgb)
+        lines.append(f"{int(s.label):<4d} {s.name:<36s} {r:3d} {g:3d} {b:3d} {0:3d}")
+    return "\n".join(lines) + "\n"
+
+
+def slicer_ctbl(structures, notice: str = synth.SYNTHETIC_NOTICE) -> str:
+    """A 3D Slicer colour table (``.ctbl``: ``index name R G B A`` with A = 255 opaque)."""
+    lines = [f"# SynthBrain label table. {notice}", "# Color table file for 3D Slicer", "0 Background 0 0 0 0"]
+    for s in structures:
+        r, g, b = _rgb255(s.rgb)
+        lines.append(f"{int(s.label)} {s.name} {r} {g} {b} 255")
+    return "\n".join(lines) + "\n"
 
 
 def settle_heap() -> int:

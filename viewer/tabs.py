@@ -7,13 +7,14 @@ slider reruns only that panel.
 
 from __future__ import annotations
 
+import html
 import time
 
 import numpy as np
 import streamlit as st
 
 import synth
-from viewer import render, scene, service
+from viewer import niivue, render, scene, service
 from viewer.resources import USER_ERRORS, describe, generate, get_generator, guarded, models_root, settle_once
 
 TABS = ["Slices", "3D", "Morphometry", "Compare", "Age sweep", "Downloads"]
@@ -33,16 +34,103 @@ def _lut(result):
     return render.label_lut(service.label_colors(anat.STRUCTURES))
 
 
+LAYOUTS = {"Multiplanar + 3D": "multiplanar", "Axial": "axial", "Coronal": "coronal", "Sagittal": "sagittal", "3D render": "3d"}
+NAVIGATION = (
+    "Click or drag: move the crosshair (the readout below names the structure there) · scroll: next slice · "
+    "right-drag: window/level · middle-drag or the Zoom menu: pan and zoom · orientation letters on every pane"
+)
+
+
+def _names() -> dict[int, str]:
+    anat = service.anatomy()
+    return {} if anat is None else {int(s.label): s.name for s in anat.STRUCTURES}
+
+
+def _niivue():
+    try:
+        from niivue_component import niivue_viewer
+    except ImportError:
+        return None
+    return niivue_viewer
+
+
+def _nv_data(result: service.Generated, lut) -> dict:
+    """The NIfTI bytes NiiVue gets, made once per brain (kept in session state)."""
+    cached = st.session_state.get("nv_data")
+    if cached is None or cached["id"] != id(result):
+        brain = result.brain
+        cached = {
+            "id": id(result),
+            "t1": niivue.t1_bytes(brain.image, brain.affine),
+            "labels": None if lut is None else niivue.label_overlay_bytes(result.labels, brain.affine, lut),
+        }
+        st.session_state.nv_data = cached
+    return cached
+
+
 @st.fragment
 @guarded
 def slices_ui() -> None:
-    """Orthogonal slices; a slider move reruns only this fragment."""
+    """NiiVue slices (WebGL, drawn in the browser); a click reruns only this fragment for the readout."""
+    result: service.Generated = st.session_state.result
+    viewer = _niivue()
+    if viewer is None:
+        st.info("NiiVue is not installed (`pip install niivue-streamlit`): showing server-drawn slices.")
+        return png_slices_ui()
+    brain = result.brain
+    lut = _lut(result)
+    o1, o2, o3, o4, o5 = st.columns([3, 1, 1, 1, 1], vertical_alignment="bottom")
+    layout = o1.radio("Layout", list(LAYOUTS), horizontal=True, key="nv_layout")
+    overlay = o2.toggle("Labels", value=lut is not None, key="overlay", disabled=lut is None,
+                        help=None if lut is not None else service.anatomy_error() or result.note or "no segmentation")
+    opacity = o3.slider("Label opacity", 0.0, 1.0, 0.4, 0.05, key="opacity", disabled=not overlay)
+    crosshair = o4.toggle("Crosshair", value=True, key="crosshair")
+    radiological = o5.toggle("Radiological", value=False, key="radiological",
+                             help="Off: neurological (the subject's right on the right). On: right on the left, as radiologists read.")
+    data = _nv_data(result, lut)
+    overlays = []
+    if overlay and data["labels"] is not None:
+        overlays = [{"data": data["labels"], "name": "labels.nii.gz", "colormap": "gray", "opacity": float(opacity)}]
+    event = viewer(
+        nifti_data=data["t1"], filename="synthetic_T1w.nii.gz", overlays=overlays, height=560,
+        view_mode=LAYOUTS[layout], styled=True, update_interval_ms=100, key="niivue",
+        settings={"crosshair": crosshair, "radiological": radiological, "colorbar": True, "interpolation": False},
+    )
+    voxel = niivue.voxel_from_event(event, brain.image.shape)
+    if voxel is not None:
+        st.session_state.cursor = voxel
+    cur = _cursor(brain.image.shape)
+    st.session_state.slice_view = {"window": (0.0, 1.0), "overlay": overlay, "opacity": opacity, "crosshair": crosshair}
+    r = niivue.readout(brain.image, brain.affine, cur, result.labels, _names())
+    st.markdown(("Clicked: " if voxel is not None else "Crosshair: ") + niivue.readout_text(r), help=NAVIGATION)
+    st.caption(NAVIGATION + ". Grey bar: T1 intensity, 0-1 (arbitrary units, scaled per brain).")
+    if lut is not None:
+        with st.expander("Legend: label colours", expanded=False):
+            _legend(result.labels)
+
+
+def _legend(labels) -> None:
+    anat = service.anatomy()
+    rows = niivue.legend_rows(anat.STRUCTURES, labels)
+    cells = "".join(
+        f'<div style="display:flex;align-items:center;gap:6px;font-size:0.9rem">'
+        f'<span style="display:inline-block;width:14px;height:14px;border-radius:3px;background:{r["color"]};'
+        f'border:1px solid #888"></span>{r["label"]} {html.escape(r["name"])}</div>'
+        for r in rows
+    )
+    st.html(f'<div data-testid="label-legend" style="display:grid;grid-template-columns:repeat(3,1fr);gap:4px">{cells}</div>')
+    st.caption("FreeSurfer colours; left and right share a colour. The same colours are used in 3D and in the exported colour tables.")
+
+
+@guarded
+def png_slices_ui() -> None:
+    """Orthogonal slices drawn on the server as PNG (used when NiiVue is not installed)."""
     result: service.Generated = st.session_state.result
     image = result.brain.image
     shape = image.shape
     cur = _cursor(shape)
     cols = st.columns(3)
-    names = {"sagittal": ("x", 0), "coronal": ("y", 1), "axial": ("z", 2)}
+    names = {"axial": ("z", 2), "coronal": ("y", 1), "sagittal": ("x", 0)}
     for col, (plane, (axis_name, i)) in zip(cols, names.items()):
         key = f"slice_{axis_name}"
         if key not in st.session_state or not 0 <= st.session_state[key] < shape[i]:
@@ -74,6 +162,24 @@ def slices_ui() -> None:
         f"Voxel ({cur[0]}, {cur[1]}, {cur[2]}) = MNI ({mm[0]:.0f}, {mm[1]:.0f}, {mm[2]:.0f}) mm · "
         f"neurological view (right is right) · slices drawn in {ms:.1f} ms"
     )
+
+
+PRESETS = {
+    "Deep grey + ventricles": ("Ventricle", "Vent", "Hippocampus", "Amygdala", "Thalamus", "Caudate", "Putamen", "Pallidum", "Brain-Stem"),
+    "Ventricles": ("Ventricle", "Vent"),
+    "Hippocampus": ("Hippocampus", "Amygdala"),
+    "Deep grey": ("Thalamus", "Caudate", "Putamen", "Pallidum", "Hippocampus", "Amygdala"),
+    "All but CSF": None,
+}
+
+
+def preset_structures(preset: str, names) -> list[str]:
+    """The structures a 3D preset shows, among ``names`` (the cortex hides everything deep, so only
+    "All but CSF" shows it)."""
+    parts = PRESETS[preset]
+    if parts is None:
+        return [n for n in names if n != "CSF"] or list(names)
+    return [n for n in names if any(p in n for p in parts)] or [n for n in names if n != "CSF"] or list(names)
 
 
 def _meshes(result: service.Generated):
@@ -119,10 +225,13 @@ def view3d_ui() -> None:
             meshes = _meshes(result)
             colors = {s.name: s.rgb for s in anat.STRUCTURES}
             names = [n for n in meshes if getattr(meshes[n], "n_points", 0) > 0]
-            shown = [n for n in names if n != "CSF"] or names  # CSF wraps everything else
-            visible = st.multiselect("Visible structures", names, default=shown, key="visible_structures")
+            preset = st.radio("Show", list(PRESETS), horizontal=True, key="view3d_preset",
+                              help="Deep structures with the cortex as a translucent shell, or one group alone. "
+                                   "Colours match the slice legend.")
+            shown = preset_structures(preset, names)
+            visible = st.multiselect("Visible structures", names, default=shown, key=f"visible_structures_{preset}")
             outer = None
-            if hasattr(anat, "outer_surface") and st.toggle("Outer brain surface", value=False, key="show_outer"):
+            if hasattr(anat, "outer_surface") and st.toggle("Outer brain surface (translucent)", value=preset == "Deep grey + ventricles", key="show_outer"):
                 outer = anat.outer_surface(brain.image, brain.affine)
             plotter = scene.surface_plotter(meshes, colors, visible, outer=outer)
         else:
@@ -166,6 +275,9 @@ def morphometry_ui() -> None:
         for r in rows
     ]
     st.dataframe(table, hide_index=True, width="stretch")
+    target_ui(rows, brain, gen)
+    with st.expander("What CN, MCI, AD, GM, WM, z and % ICV mean here"):
+        st.markdown(service.GLOSSARY)
     if gen.normative is not None:
         curves = service.normative_curves(gen.normative, brain.condition.sex)
         fig = service.morphometry_figure(rows, curves, brain.condition.age, brain.condition.sex)
@@ -174,6 +286,34 @@ def morphometry_ui() -> None:
         with st.expander("Every structure"):
             voxel = float(abs(np.linalg.det(brain.affine[:3, :3])))
             st.dataframe(service.structure_rows(result.labels, voxel), hide_index=True, width="stretch")
+
+
+def _checks(result: service.Generated, gen) -> list[dict]:
+    rows = service.morphometry_rows(result.brain, gen.normative, result.labels)
+    return service.target_check(rows, result.brain.condition, gen.normative, service.conditioned_keys(gen) or None)
+
+
+def target_ui(rows, brain, gen) -> None:
+    """Measured against requested volumes of the conditioned structures, with a flag when a brain missed."""
+    checks = service.target_check(rows, brain.condition, gen.normative, service.conditioned_keys(gen) or None)
+    measured = [c for c in checks if c["gap_pct"] is not None]
+    if not measured:
+        return
+    missed = [c for c in measured if c["missed"]]
+    lines = []
+    for c in measured:
+        z = "" if c["z_gap"] is None else f", z {c['z_measured']:+.1f} measured vs {c['z_requested']:+.1f} requested"
+        mark = "**missed**" if c["missed"] else "on target"
+        lines.append(f"- {c['volume'].replace('_', ' ')}: requested {c['requested'] * 100:.3g} % ICV, measured "
+                     f"{c['measured'] * 100:.3g} % ({c['gap_pct']:+.0f} %{z}): {mark}")
+    text = "\n".join(lines)
+    if missed:
+        st.warning(
+            f"**This brain missed its target** for {', '.join(c['volume'].replace('_', ' ') for c in missed)}: the "
+            "measured volume lies a normative standard deviation or more from the one requested. Treat its "
+            "morphometry with care; another seed may land closer.\n\n" + text, icon="🎯")
+    else:
+        st.success("Measured volumes match the request (within one normative standard deviation).\n\n" + text)
 
 
 def _pct(v):
@@ -236,6 +376,8 @@ def _compare_view(ra, rb, ga, gb) -> None:
     cols[0].image(sa, caption=f"A: {describe(ra)}", width="stretch")
     cols[1].image(sb, caption=f"B: {describe(rb)}", width="stretch")
     cols[2].image(diff, caption=f"B − A (±{vmax:.3g} intensity)", width="stretch")
+    cols[2].image(render.colorbar(render.diff_colors(), -vmax, vmax, label="B - A, T1 intensity (blue: B darker, red: B brighter)"),
+                  width="stretch")
     rows = [
         {"volume": k.replace("_", " "), "A requested %ICV": _pct(ga.brain.targets.get(k)),
          "B requested %ICV": _pct(gb.brain.targets.get(k)),
@@ -307,13 +449,17 @@ def downloads_ui() -> None:
     st.caption("Every file says it is synthetic: NIfTI `descrip`, JSON provenance, USD/mesh metadata, PNG text chunk.")
 
     ready_meshes = st.session_state.get("meshes")  # the callables below run outside the script
+    try:
+        checks = _checks(result, get_generator(models_root(), st.session_state.request.model))
+    except Exception:  # noqa: BLE001 - no normative model or no labels: the JSON simply lacks it
+        checks = None
 
     def lazy(fmt):
         def make():
             meshes = None
             if fmt in ("usd", "usdz", "stl", "glb"):
                 meshes = ready_meshes or service.brain_meshes(result.labels, brain.affine)
-            return service.export_files(brain, [fmt], labels=result.labels, meshes=meshes)[fmt][1]
+            return service.export_files(brain, [fmt], labels=result.labels, meshes=meshes, target_checks=checks)[fmt][1]
         return make
 
     c = st.columns(4)
@@ -326,6 +472,14 @@ def downloads_ui() -> None:
     why_meshes = service.anatomy_missing("structure_meshes", "export_usd", "export_meshes") or no_labels
     c[3].download_button("Labels (NIfTI)", lazy("labels"), file_name=f"{stem}_labels.nii.gz", mime="application/gzip",
                          key="dl_labels", on_click="ignore", disabled=bool(why_labels), help=why_labels or None)
+    t = st.columns(4)
+    for col, fmt, label, name, mime in (
+        (t[0], "dseg", "Label table (BIDS dseg.tsv)", f"{stem}_dseg.tsv", "text/tab-separated-values"),
+        (t[1], "lut", "Colour table (FreeSurfer LUT)", f"{stem}_labels_LUT.txt", "text/plain"),
+        (t[2], "ctbl", "Colour table (3D Slicer .ctbl)", f"{stem}_labels.ctbl", "text/plain"),
+    ):
+        col.download_button(label, lazy(fmt), file_name=name, mime=mime, key=f"dl_{fmt}", on_click="ignore",
+                            disabled=bool(why_labels), help=why_labels or "Goes with the labels NIfTI: 3D Slicer, freeview, ITK-SNAP and BIDS tools read it")
     m = st.columns(4)
     for col, fmt, label, mime in (
         (m[0], "usdz", "Surfaces (USDZ)", "model/vnd.usdz+zip"),
