@@ -111,11 +111,16 @@ class SyntheticBrain:
     def save(self, path: str | Path) -> Path:
         """Write the JSON sidecar, then the NIfTI (float32, MNI affine, synthetic ``descrip``).
 
-        Each write is atomic, and the sidecar goes first: a run killed between the two leaves a
-        sidecar without its image, never an image without its provenance.
+        Each write is atomic, and the sidecar goes first and is removed again if the image cannot
+        be written (a full disk): a process killed between the two leaves at most a sidecar without
+        its image, never an image without its provenance.
         """
         path = Path(path)
         nifti_suffix(path)
-        write_json(sidecar_path(path), self.metadata())
-        save_nifti(path, self.image.astype(np.float32), self.affine, descrip=self.descrip)
+        side = write_json(sidecar_path(path), self.metadata())
+        try:
+            save_nifti(path, self.image.astype(np.float32), self.affine, descrip=self.descrip)
+        except BaseException:
+            side.unlink(missing_ok=True)
+            raise
         return path

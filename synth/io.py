@@ -281,6 +281,13 @@ def load_nifti(path: str | os.PathLike, *, canonical: bool = True) -> tuple[np.n
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise ValueError(f"expected an invertible voxel -> world affine in {path}, got {affine[:3].round(3).tolist()}")
     try:
+        if str(path).lower().endswith(".gz"):
+            # Read the whole gzip stream so its CRC and length are checked: nibabel stops once it
+            # has the voxels it needs, and would return a silently corrupted volume.
+            import gzip
+
+            with gzip.open(path, "rb") as f:
+                img = type(img).from_bytes(f.read())
         if canonical:
             img = nib.as_closest_canonical(img)
         data = np.asanyarray(img.dataobj)
