@@ -498,7 +498,7 @@ def _cell(v: Any) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "n/a"
     if isinstance(v, float):
-        return f"{v:.6g}"
+        return str(int(v)) if v.is_integer() and abs(v) < 1e15 else f"{v:.6g}"  # mm^3 are whole numbers
     return str(v)
 
 

@@ -23,13 +23,21 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1")  # the suite's processes share two c
 
 
 @pytest.fixture(scope="module")
-def seg_dir(tmp_path_factory, tiny_model_dir):
+def model_dir(tmp_path_factory):
+    """The tiny test model on a 16^3 grid (a cohort of 20 takes seconds)."""
+    from synth.testing import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-test-model", shape=(16, 16, 16))
+
+
+@pytest.fixture(scope="module")
+def seg_dir(tmp_path_factory, model_dir):
     """A tiny segmenter on the tiny model's grid (a few training steps: its labels need only exist)."""
     from synth.anatomy.testing import make_tiny_segmenter
     from synth.grid import Grid
     from synth.models.config import ModelConfig
 
-    g = ModelConfig.load(tiny_model_dir).grid
+    g = ModelConfig.load(model_dir).grid
     grid = Grid(tuple(g["shape"]), float(g["spacing"]), tuple(g["origin"]))
     return make_tiny_segmenter(tmp_path_factory.mktemp("seg") / "tiny-seg", grid, steps=5)
 
@@ -50,7 +58,7 @@ def flags(model, seg, out, n=N):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_model_dir, seg_dir):
+def reference(tmp_path_factory, model_dir, seg_dir):
     """An uninterrupted 20-subject cohort made in this process (one torch thread)."""
     import torch
 
@@ -58,7 +66,7 @@ def reference(tmp_path_factory, tiny_model_dir, seg_dir):
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert main(flags(tiny_model_dir, seg_dir, out)) == 0
+        assert main(flags(model_dir, seg_dir, out)) == 0
     finally:
         torch.set_num_threads(n)
     return out
@@ -170,9 +178,9 @@ def test_torchrun_two_ranks_share_the_cohort(reference, tmp_path):
     assert res.stdout.count("subjects complete") == 1  # only rank 0 reports
 
 
-def test_yaml_spec_flags_override_and_another_spec_is_refused(tmp_path, tiny_model_dir, seg_dir, one_thread, capsys):
+def test_yaml_spec_flags_override_and_another_spec_is_refused(tmp_path, model_dir, seg_dir, one_thread, capsys):
     spec = tmp_path / "spec.yaml"
-    spec.write_text(f"n: 2\nage: 50:60\nsex-ratio: 1.0\ndiagnosis: AD\nmodel: {tiny_model_dir}\nsegmenter: {seg_dir}\nseed: 3\n")
+    spec.write_text(f"n: 2\nage: 50:60\nsex-ratio: 1.0\ndiagnosis: AD\nmodel: {model_dir}\nsegmenter: {seg_dir}\nseed: 3\n")
     out = tmp_path / "c"
     assert main(["cohort", "--spec", str(spec), "--steps", "2", "--out", str(out), "--device", "cpu", "--quiet"]) == 0
     saved = json.loads((out / "code" / "cohort_spec.json").read_text())
@@ -187,7 +195,7 @@ def test_yaml_spec_flags_override_and_another_spec_is_refused(tmp_path, tiny_mod
     assert checksums(out) == before
 
 
-def test_a_failed_subject_leaves_nothing_half_written(tmp_path, tiny_model_dir, seg_dir, one_thread, monkeypatch, capsys):
+def test_a_failed_subject_leaves_nothing_half_written(tmp_path, model_dir, seg_dir, one_thread, monkeypatch, capsys):
     import synth.anatomy
 
     def full_disk(*args, **kwargs):
@@ -195,7 +203,7 @@ def test_a_failed_subject_leaves_nothing_half_written(tmp_path, tiny_model_dir, 
 
     monkeypatch.setattr(synth.anatomy, "save_labels", full_disk)  # fails after the T1w is written
     out = tmp_path / "c"
-    assert main(flags(tiny_model_dir, seg_dir, out, n=2)) == 2
+    assert main(flags(model_dir, seg_dir, out, n=2)) == 2
     assert "No space left on device" in capsys.readouterr().err
     assert not list(out.glob("sub-*")) and not list((out / ".partial").glob("*"))
 
@@ -216,8 +224,8 @@ def test_a_failed_subject_leaves_nothing_half_written(tmp_path, tiny_model_dir, 
         ({"--model": "no-such-model"}, "no model named or found at 'no-such-model'"),
     ],
 )
-def test_bad_flags_are_one_line_errors_and_write_nothing(tmp_path, tiny_model_dir, seg_dir, capsys, change, message):
-    argv = flags(tiny_model_dir, seg_dir, tmp_path / "c")
+def test_bad_flags_are_one_line_errors_and_write_nothing(tmp_path, model_dir, seg_dir, capsys, change, message):
+    argv = flags(model_dir, seg_dir, tmp_path / "c")
     for key, value in change.items():
         if key in argv:
             argv[argv.index(key) + 1] = value
@@ -248,10 +256,10 @@ def test_bad_spec_files_are_one_line_errors(tmp_path, capsys, text, suffix, mess
     assert not (tmp_path / "c").exists()
 
 
-def test_a_foreign_folder_is_refused(tmp_path, tiny_model_dir, seg_dir, capsys):
+def test_a_foreign_folder_is_refused(tmp_path, model_dir, seg_dir, capsys):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("my own files")
-    assert main(flags(tiny_model_dir, seg_dir, out)) == 2
+    assert main(flags(model_dir, seg_dir, out)) == 2
     assert "holds no code/cohort_spec.json" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
