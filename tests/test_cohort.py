@@ -263,3 +263,12 @@ def test_a_foreign_folder_is_refused(tmp_path, model_dir, seg_dir, capsys):
     assert main(flags(model_dir, seg_dir, out)) == 2
     assert "holds no code/cohort_spec.json" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_two_cpu_workers_make_the_same_files(reference, tmp_path, one_thread):
+    out = tmp_path / "workers"
+    spec = reference / "code" / "cohort_spec.json"
+    assert main(["cohort", "--spec", str(spec), "--out", str(out), "--device", "cpu", "--workers", "2", "--quiet"]) == 0
+    assert checksums(out) == checksums(reference)
+    made = [json.loads(p.read_text())["cohort"] for p in sorted(out.glob("sub-*/anat/*_T1w.json"))]
+    assert sorted(m["worker"] for m in made) == [0] * (N // 2) + [1] * (N // 2)
