@@ -18,10 +18,10 @@ TINY_AE = {"spatial_dims": 3, "in_channels": 1, "out_channels": 1, "latent_chann
            "with_encoder_nonlocal_attn": False, "with_decoder_nonlocal_attn": False}
 
 
-def tiny_tf(engine, attention="linear", seq_len=40, seed=0):
+def tiny_tf(engine, attention="linear", seq_len=40, seed=0, code_shape=(2, 4, 5)):
     torch.manual_seed(seed)
     return CodeTransformer(12, seq_len, 3, d_model=16, n_layers=2, n_heads=2, d_ff=32, attention=attention,
-                           engine=engine).eval()
+                           code_shape=code_shape, engine=engine).eval()
 
 
 # -- quantiser ------------------------------------------------------------------------------------
@@ -87,8 +87,9 @@ def test_vqvae_assignments_do_not_depend_on_bf16_autocast():
 # -- transformer ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("attention", ["linear", "softmax"])
-def test_recurrent_decoding_matches_the_parallel_pass_token_by_token(engine, attention):
-    model = tiny_tf(engine, attention)
+@pytest.mark.parametrize("code_shape", [(2, 4, 5), None])
+def test_recurrent_decoding_matches_the_parallel_pass_token_by_token(engine, attention, code_shape):
+    model = tiny_tf(engine, attention, code_shape=code_shape)
     tokens, cond = torch.randint(0, 12, (2, 40)), torch.rand(2, 3)
     with torch.no_grad():
         parallel = model(tokens, cond)
@@ -120,6 +121,18 @@ def test_prefix_predictions_do_not_see_the_future():
         la, lb = model(a, torch.ones(1, 3)), model(b, torch.ones(1, 3))
     assert torch.allclose(la[:, :26], lb[:, :26], atol=1e-5)  # logits up to 25 see tokens < 25 only
     assert not torch.allclose(la[:, 26:], lb[:, 26:], atol=1e-5)
+
+
+def test_neighbour_context_is_the_code_one_row_and_one_slab_back():
+    from synth.vq.transformer import _context_index
+
+    idx = _context_index((2, 3, 4))  # raster: pos = (x * 3 + y) * 4 + z
+    assert idx[0, (1 * 3 + 2) * 4 + 1].item() == (1 * 3 + 1) * 4 + 1  # y - 1
+    assert idx[1, (1 * 3 + 2) * 4 + 1].item() == (0 * 3 + 2) * 4 + 1  # x - 1
+    assert idx[0, (1 * 3 + 0) * 4 + 3].item() == -1 and idx[1, 3].item() == -1
+    assert (idx < torch.arange(24)).all()  # always earlier in raster order
+    with pytest.raises(ValueError, match="code_shape"):
+        CodeTransformer(4, 10, 1, d_model=8, n_heads=2, code_shape=(2, 2, 2), engine="torch")
 
 
 def test_engine_choice_is_validated():

@@ -293,7 +293,7 @@ def train_transformer(cfg: TFTrainConfig, *, rows: list[dict] | None = None, vol
     cond = covariate_matrix(rows, cfg.covariates, ranges)
     cond = np.concatenate([cond, cond])  # mirrored copies share their subject's condition
     tf_kwargs = dict(cfg.transformer, num_tokens=int(vq_config["num_embeddings"]), seq_len=int(codes.shape[1]),
-                     n_conditioning=int(cond.shape[1]))
+                     n_conditioning=int(cond.shape[1]), code_shape=code_shape)
     model = CodeTransformer(**tf_kwargs, engine=cfg.engine).to(ctx.device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     ckpt = Checkpointer(run)

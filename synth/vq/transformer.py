@@ -189,24 +189,37 @@ class CodeTransformer(nn.Module):
         attention: ``linear`` (causal linear attention; recurrent sampling at constant cost per token)
             or ``softmax``.
         dropout: Dropout in the layers (training only).
+        code_shape: (x, y, z) of the code grid (raster order, z fastest). When given, each input also
+            carries the embeddings of the already-decoded codes one row (y - 1) and one slab (x - 1)
+            back, so local 3D context need not be found by attention (a causal PixelCNN-like context;
+            the code one step back, z - 1, is the previous token anyway).
         engine: ``auto`` (fast-transformers when installed, else torch), ``fast-transformers`` or ``torch``.
     """
 
     def __init__(self, num_tokens: int, seq_len: int, n_conditioning: int, d_model: int = 128, n_layers: int = 4,
                  n_heads: int = 4, d_ff: int | None = None, attention: str = "linear", dropout: float = 0.0,
-                 engine: str = "auto"):
+                 code_shape: list[int] | tuple[int, ...] | None = None, engine: str = "auto"):
         super().__init__()
         if attention not in ATTENTIONS:
             raise ValueError(f"`attention` must be linear or softmax, got {attention!r}")
         if d_model % n_heads:
             raise ValueError(f"`d_model` ({d_model}) must divide by `n_heads` ({n_heads})")
+        if code_shape is not None and math.prod(code_shape) != seq_len:
+            raise ValueError(f"`code_shape` {tuple(code_shape)} must hold `seq_len` = {seq_len} codes")
         self.config = dict(num_tokens=int(num_tokens), seq_len=int(seq_len), n_conditioning=int(n_conditioning),
                            d_model=int(d_model), n_layers=int(n_layers), n_heads=int(n_heads),
-                           d_ff=int(d_ff or 4 * d_model), attention=attention, dropout=float(dropout))
+                           d_ff=int(d_ff or 4 * d_model), attention=attention, dropout=float(dropout),
+                           code_shape=list(code_shape) if code_shape is not None else None)
         self.engine = resolve_engine(engine)
         self.tok_emb = nn.Embedding(num_tokens, d_model)
         self.pos_emb = nn.Embedding(seq_len, d_model)
         self.cond_proj = nn.Linear(n_conditioning, d_model)
+        if code_shape is not None:  # index num_tokens = "no such neighbour"
+            self.ctx_emb = nn.Embedding(2 * (num_tokens + 1), d_model)
+            nn.init.normal_(self.ctx_emb.weight, std=0.02)
+            self.register_buffer("ctx_index", _context_index(code_shape), persistent=False)
+        else:
+            self.ctx_emb = None
         if self.engine == "fast-transformers":
             from fast_transformers.builders import TransformerEncoderBuilder
 
@@ -226,8 +239,17 @@ class CodeTransformer(nn.Module):
         """(B, L) tokens and (B, C) conditions -> (B, L, D) inputs, shifted right by the condition token."""
         c = self.cond_proj(cond.to(self.cond_proj.weight.dtype))[:, None]
         prev = self.tok_emb(tokens[:, :-1])
-        x = torch.cat([torch.zeros_like(c), prev], dim=1) + c
-        return x + self.pos_emb.weight[: tokens.shape[1]]
+        n = tokens.shape[1]
+        x = torch.cat([torch.zeros_like(c), prev], dim=1) + c + self.pos_emb.weight[:n]
+        if self.ctx_emb is not None:
+            x = x + self.ctx_emb(self._context_ids(tokens, self.ctx_index[:, :n])).sum(1)
+        return x
+
+    def _context_ids(self, tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """(B, L) tokens and (2, n) neighbour positions (-1: none) -> (B, 2, n) ids of ``ctx_emb``."""
+        k = self.config["num_tokens"]
+        ids = torch.where(index >= 0, tokens[:, index.clamp(min=0)], torch.full_like(index, k)[None])
+        return ids + torch.tensor([0, k + 1], device=tokens.device)[None, :, None]
 
     def forward(self, tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits: (B, L) tokens, (B, C) conditions -> (B, L, K); ``[:, i]`` predicts token ``i``."""
@@ -268,6 +290,7 @@ class IncrementalDecoder:
         self.model, self.t = model, 0
         self.c = model.cond_proj(cond.to(model.cond_proj.weight.dtype))
         self.batch = cond.shape[0]
+        self.history = torch.zeros(self.batch, model.seq_len, dtype=torch.long, device=self.c.device)
         if model.engine == "fast-transformers":
             from fast_transformers.builders import RecurrentEncoderBuilder
 
@@ -287,9 +310,13 @@ class IncrementalDecoder:
             raise ValueError(f"all {m.seq_len} tokens are decoded")
         x = self.c + m.pos_emb.weight[self.t]
         if prev is not None:
-            x = x + m.tok_emb(prev.to(self.c.device))
+            prev = prev.to(self.c.device)
+            x = x + m.tok_emb(prev)
+            self.history[:, self.t - 1] = prev
         elif self.t:
             raise ValueError("`prev` is needed after the first token")
+        if m.ctx_emb is not None:
+            x = x + m.ctx_emb(m._context_ids(self.history, m.ctx_index[:, self.t:self.t + 1])).sum(1)[:, 0]
         if m.engine == "fast-transformers":
             h, self.state = self.rnn(x, state=self.state)
         elif self.fused is not None:
@@ -304,6 +331,16 @@ class IncrementalDecoder:
             h = m.encoder.norm(h)
         self.t += 1
         return m.head(h)
+
+
+def _context_index(code_shape) -> torch.Tensor:
+    """(2, L) raster positions of each code's neighbour one row back (y - 1) and one slab back (x - 1); -1 if none."""
+    nx, ny, nz = (int(v) for v in code_shape)
+    ix, iy, iz = torch.meshgrid(torch.arange(nx), torch.arange(ny), torch.arange(nz), indexing="ij")
+    pos = (ix * ny + iy) * nz + iz
+    row = torch.where(iy > 0, pos - nz, -1)
+    slab = torch.where(ix > 0, pos - ny * nz, -1)
+    return torch.stack([row.flatten(), slab.flatten()])
 
 
 def _fuse(layer: _TorchLayer) -> dict[str, torch.Tensor]:
