@@ -272,3 +272,12 @@ def test_two_cpu_workers_make_the_same_files(reference, tmp_path, one_thread):
     assert checksums(out) == checksums(reference)
     made = [json.loads(p.read_text())["cohort"] for p in sorted(out.glob("sub-*/anat/*_T1w.json"))]
     assert sorted(m["worker"] for m in made) == [0] * (N // 2) + [1] * (N // 2)
+
+
+def test_bad_flags_fail_before_torch_is_imported(tmp_path):
+    code = ("import sys; from synth.cli import main; "
+            f"rc = main(['cohort', '--n', '5', '--diagnosis', 'CN:0.9', '--out', {str(tmp_path / 'c')!r}]); "
+            "print(rc, 'torch' in sys.modules, 'monai' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
+    assert res.stdout.split() == ["2", "False", "False"], res.stderr
+    assert "summing to 1" in res.stderr and not (tmp_path / "c").exists()
