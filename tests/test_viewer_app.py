@@ -327,3 +327,55 @@ def test_slices_png_download_returns_a_png_outside_the_script_run(app, monkeypat
     picture = Image.open(io.BytesIO(data))
     assert picture.width > picture.height > 32 and "NOT FOR CLINICAL USE" in picture.text["Description"].upper()
     assert len(np.unique(np.asarray(picture.convert("L")))) > 10  # a brain, not a blank picture
+
+
+def _phantom_bytes() -> bytes:
+    """A small T1-like head: the MNI152 template brain in a bright skull shell, shifted by 4 mm."""
+    import gzip
+
+    import nibabel as nib
+    from scipy import ndimage
+
+    from synth.data.register import template_images
+
+    tpl, mask = template_images(TINY_GRID)
+    head = tpl.copy()
+    head[ndimage.binary_dilation(mask, iterations=3) & ~ndimage.binary_dilation(mask, iterations=1)] = 0.9
+    affine = TINY_GRID.affine.copy()
+    affine[:3, 3] += (4.0, 0.0, -2.0)
+    return gzip.compress(nib.Nifti1Image((head * 300).astype(np.int16), affine).to_bytes())
+
+
+def test_your_scan_is_prepared_and_shown_beside_a_synthetic_brain(app):
+    pytest.importorskip("SimpleITK")
+    pytest.importorskip("nilearn")
+    _generate(app, seed=8)
+    _open_tab(app, "Your scan")
+    app.get("file_uploader")[0].upload("my scan.nii.gz", _phantom_bytes())
+    app.run()
+    assert not app.exception and not _errors(app)
+    _widget(app, "scan_age").set_value(60.0)
+    app.button(key="scan_go").click()
+    app.run()
+    assert not app.exception and not _errors(app), _errors(app)
+    digest, name, scan, ref, other = app.session_state["scan"]
+    assert name == "my scan.nii.gz" and scan.image.shape == (32, 32, 32) and scan.labels is not None
+    assert (ref.condition.age, ref.condition.diagnosis) == (60.0, "CN") and other.brain.condition.age == 60.0
+    keys = {e.proto.id for e in app.get("component_instance")}
+    assert len([e for e in app.get("component_instance")]) >= 2, keys  # your scan and the synthetic brain
+    assert any("your scan %ICV" in list(d.value.columns) for d in app.dataframe)
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"", "empty"),
+    (b"not a nifti at all" * 10, "NIfTI"),
+])
+def test_an_unreadable_scan_gets_a_clear_error(app, content, expected):
+    _generate(app, seed=8)
+    _open_tab(app, "Your scan")
+    app.get("file_uploader")[0].upload("bad.nii", content)
+    app.run()
+    assert not app.exception
+    errors = _errors(app)
+    assert errors and "Cannot open bad.nii" in errors[0] and expected in errors[0], errors
+    assert "scan" not in app.session_state

@@ -141,3 +141,48 @@ def test_label_tables_other_tools_read():
     ctbl = [line.split() for line in service.slicer_ctbl(anat.STRUCTURES).splitlines() if not line.startswith("#")]
     assert ["10", "Left-Hippocampus", "220", "216", "20", "255"] in ctbl
     assert "NOT FOR CLINICAL USE" in service.freesurfer_lut(anat.STRUCTURES).upper()
+
+
+def _nifti(array, affine=AFFINE) -> bytes:
+    import nibabel as nib
+
+    return gzip.compress(nib.Nifti1Image(np.asarray(array), affine).to_bytes())
+
+
+def _singular_affine() -> bytes:
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.ones((4, 4, 4), np.float32), AFFINE)
+    img.header.set_qform(None, code=0)
+    img.header["srow_x"] = [0.0, 0.0, 0.0, 0.0]
+    img.header["sform_code"] = 1
+    return gzip.compress(img.header.binaryblock + b"\x00" * 4 + np.ones((4, 4, 4), "<f4").tobytes(order="F"))
+
+
+def test_read_upload_returns_a_ras_image_in_memory():
+    data = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    flipped = AFFINE.copy()
+    flipped[0, 0] = -2.0  # LAS on disk: read back as RAS
+    img = service.read_upload(_nifti(data, flipped))
+    assert img.shape == (4, 5, 6) and img.affine[0, 0] > 0
+    np.testing.assert_array_equal(np.asarray(img.dataobj), data[::-1])
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda: b"", "empty"),
+    (lambda: b"\x1f\x8b" + b"\x00" * 50, "NIfTI"),
+    (lambda: _nifti(np.zeros((4, 4), np.float32)), "3D"),
+    (lambda: _nifti(np.zeros((4, 4, 4, 3), np.float32)), "3D"),
+    (lambda: _nifti(np.full((4, 4, 4), np.nan, np.float32)), "NaN"),
+    (lambda: _nifti(np.zeros((4, 4, 4), np.float32), np.diag([20.0, 20.0, 20.0, 1.0])), "0.2-6 mm"),
+    (lambda: _singular_affine(), "invertible"),
+    (lambda: _nifti(np.zeros((4, 4, 4), np.float32))[:-20], "NIfTI"),
+])
+def test_read_upload_refuses_what_it_cannot_read(make, expected):
+    with pytest.raises(ValueError, match=expected):
+        service.read_upload(make())
+
+
+def test_read_upload_refuses_a_file_over_the_limit():
+    with pytest.raises(ValueError, match="at most 0.001 MB"):
+        service.read_upload(b"\x00" * 2000, max_mb=0.001)

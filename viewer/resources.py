@@ -104,6 +104,15 @@ def generate_cached(
     return result
 
 
+@st.cache_data(max_entries=4, show_spinner=False)
+def prepare_scan_cached(digest: str, root: str, segmenter: str | None, _img) -> service.PreparedScan:
+    """A user's scan registered, masked, segmented; cached by its bytes' SHA-256 (``digest``)."""
+    seg = get_segmenter(root, segmenter) if service.anatomy() is not None else None
+    queue = device_queue()
+    with queue.slot("registration"):  # one registration at a time: it takes both cores for ~20 s
+        return service.prepare_scan(_img, seg)
+
+
 class _Progress:
     """Feeds ``generate(progress=...)`` into a progress bar drawn outside the cached function.
 

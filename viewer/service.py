@@ -40,6 +40,9 @@ __all__ = [
     "morphometry_rows",
     "normative_curves",
     "parse_request",
+    "prepare_scan",
+    "read_upload",
+    "scan_rows",
     "generator_models",
     "run_generation",
     "settle_heap",
@@ -340,13 +343,22 @@ def morphometry_rows(brain: synth.SyntheticBrain, normative=None, labels: np.nda
     labels they are ``None``. All values are fractions of ICV; ``z`` is the measured volume's
     normative z-score.
     """
-    c = brain.condition
+    return scan_rows(labels, brain.condition, normative, brain.targets)
+
+
+def scan_rows(
+    labels: np.ndarray | None, condition: synth.Condition, normative=None, targets: Mapping[str, float] | None = None,
+    voxel_volume_mm3: float = 8.0,
+) -> list[dict]:
+    """:func:`morphometry_rows` for any label map (e.g. a user's scan, ``targets`` empty)."""
+    c = condition
+    targets = dict(targets or {})
     expected = normative.expected(c.age, c.sex) if normative else {}
     interval = normative.interval(c.age, c.sex) if normative else {}
     measured = {}
     anat = anatomy()
     if anat is not None and labels is not None:
-        for row in anat.morphometry(labels, condition=c, targets=brain.targets, normative=normative):
+        for row in anat.morphometry(labels, condition=c, targets=targets, normative=normative, voxel_volume_mm3=voxel_volume_mm3):
             if row["name"] in synth.VOLUME_KEYS and np.isfinite(row["pct_icv"]):
                 measured[row["name"]] = row["pct_icv"] / 100.0
     rows = []
@@ -359,7 +371,7 @@ def morphometry_rows(brain: synth.SyntheticBrain, normative=None, labels: np.nda
         rows.append(
             {
                 "volume": key,
-                "requested": brain.targets.get(key),
+                "requested": targets.get(key),
                 "measured": value,
                 "expected": expected.get(key),
                 "low": low,
@@ -368,6 +380,80 @@ def morphometry_rows(brain: synth.SyntheticBrain, normative=None, labels: np.nda
             }
         )
     return rows
+
+
+# -- your own scan ------------------------------------------------------------------------------
+MAX_UPLOAD_MB = 64
+
+
+def read_upload(data: bytes, max_mb: float = MAX_UPLOAD_MB):
+    """Parse uploaded bytes as a 3D NIfTI with nibabel only (``synth.io.load_nifti``'s checks).
+
+    The bytes go to a fixed file name inside a fresh temporary folder (the user's file name is
+    never used as a path) and are removed with it.
+
+    Returns:
+        A RAS+ ``nibabel.Nifti1Image`` held in memory.
+
+    Raises:
+        ValueError: too large, empty, or not a readable 3D NIfTI (the message says what was expected).
+    """
+    import nibabel as nib
+
+    from synth.io import load_nifti
+
+    size = len(data or b"")
+    if size == 0:
+        raise ValueError("the uploaded file is empty: expected a .nii or .nii.gz T1 scan")
+    if size > max_mb * 1024 * 1024:
+        raise ValueError(f"the uploaded file is {size / 1024 / 1024:.1f} MB: at most {max_mb:g} MB is accepted")
+    name = "upload.nii.gz" if data[:2] == b"\x1f\x8b" else "upload.nii"
+    with tempfile.TemporaryDirectory(prefix="synthbrain-upload-") as tmp:
+        path = Path(tmp) / name
+        path.write_bytes(data)
+        try:
+            array, affine = load_nifti(path)
+        except ValueError as exc:
+            raise ValueError(str(exc).replace(str(path), "the uploaded file")) from None
+    array = np.asarray(array, np.float32)
+    if not np.isfinite(array).all():
+        raise ValueError("the uploaded scan holds NaN or infinite values: expected a T1 intensity volume")
+    zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    if zooms.min() < 0.2 or zooms.max() > 6.0:
+        raise ValueError(f"the uploaded scan has voxels of {', '.join(f'{z:.2g}' for z in zooms)} mm: expected 0.2-6 mm (a brain MRI)")
+    return nib.Nifti1Image(array, affine)
+
+
+@dataclass
+class PreparedScan:
+    """A user's scan on the model grid, segmented and measured."""
+
+    image: np.ndarray
+    affine: np.ndarray
+    labels: np.ndarray | None
+    ncc: float
+    notes: list[str]
+    seconds: float
+
+
+def prepare_scan(img, segmenter=None, threads: int | None = None) -> PreparedScan:
+    """Register ``img`` to MNI152, mask its brain (``synth.data.register``) and segment it."""
+    import time
+
+    from synth.data.register import register_scan
+
+    from synth.grid import MNI_2MM
+
+    t = time.perf_counter()
+    grid = getattr(segmenter, "grid", None) or MNI_2MM  # the segmenter's grid (the model grid when shipped)
+    reg = register_scan(img, grid=grid, segmenter=segmenter, threads=threads)
+    labels = None
+    if segmenter is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            labels = np.asarray(segmenter.segment(reg.image)).astype(np.uint8)
+        labels[~reg.mask] = 0
+    return PreparedScan(reg.image, reg.affine, labels, reg.ncc, reg.notes, time.perf_counter() - t)
 
 
 def conditioned_keys(generator) -> list[str]:

@@ -15,9 +15,19 @@ import streamlit as st
 
 import synth
 from viewer import niivue, render, scene, service
-from viewer.resources import USER_ERRORS, describe, generate, get_generator, guarded, models_root, settle_once
+from viewer.resources import (
+    USER_ERRORS,
+    describe,
+    generate,
+    get_generator,
+    guarded,
+    models_root,
+    prepare_scan_cached,
+    segmenter_name,
+    settle_once,
+)
 
-TABS = ["Slices", "3D", "Morphometry", "Compare", "Age sweep", "Downloads"]
+TABS = ["Slices", "3D", "Morphometry", "Compare", "Your scan", "Age sweep", "Downloads"]
 
 
 def _cursor(shape) -> list[int]:
@@ -387,6 +397,98 @@ def _compare_view(ra, rb, ga, gb) -> None:
     st.dataframe(rows, hide_index=True)
 
 
+def scan_ui() -> None:
+    """Your own T1 scan, prepared onto the model grid and shown beside a synthetic brain of the same age and sex."""
+    import hashlib
+
+    request: service.Request = st.session_state.request
+    st.markdown(
+        "Open a T1-weighted NIfTI (`.nii` or `.nii.gz`, at most "
+        f"{service.MAX_UPLOAD_MB} MB). It is read by nibabel only, in a temporary folder deleted straight after; "
+        "nothing is kept on disk or sent anywhere. It is registered to MNI152 (affine), its brain masked with the "
+        "template's mask (refined by the segmenter), segmented and measured, then shown beside a healthy (CN) "
+        "synthetic brain of the age and sex you set. **Not for clinical use**: this is a teaching comparison."
+    )
+    up = st.file_uploader("T1 scan (NIfTI)", type=["nii", "gz"], key="scan_upload")
+    c1, c2 = st.columns(2)
+    age = c1.number_input("Age for the synthetic brain and the norms (years)", float(synth.AGE_RANGE[0]),
+                          float(synth.AGE_RANGE[1]), float(request.condition.age), 1.0, key="scan_age")
+    sex = c2.radio("Sex", synth.SEXES, index=synth.SEXES.index(request.condition.sex), horizontal=True,
+                   format_func={"F": "Female", "M": "Male"}.get, key="scan_sex")
+    if up is None:
+        return
+    data = up.getvalue()
+    try:
+        img = service.read_upload(data)
+    except ValueError as exc:
+        st.error(f"Cannot open {up.name}: {exc}")
+        return
+    digest = hashlib.sha256(data).hexdigest()
+    st.caption(f"{up.name}: {' x '.join(str(s) for s in img.shape)} voxels, read.")
+    if st.button("Prepare and compare", type="primary", key="scan_go"):
+        try:
+            with st.spinner("Registering to MNI152, masking and segmenting your scan…"):
+                scan = prepare_scan_cached(digest, models_root(), segmenter_name(), _img=img)
+            ref = request.with_condition(age=float(age), sex=sex, diagnosis="CN", volumes={})
+            bar = st.progress(0.0)
+            try:
+                other = generate(ref, bar, "Synthetic brain")
+            finally:
+                bar.empty()
+        except USER_ERRORS as exc:
+            st.error(f"Cannot prepare {up.name}: {exc}")
+            return
+        st.session_state.scan = (digest, up.name, scan, ref, other)
+    if st.session_state.get("scan", (None,))[0] != digest:
+        return
+    _, name, scan, ref, other = st.session_state.scan
+    _scan_view(name, scan, ref, other)
+
+
+@st.fragment
+@guarded
+def _scan_view(name: str, scan: service.PreparedScan, ref: service.Request, other: service.Generated) -> None:
+    viewer = _niivue()
+    lut = _lut(other) if scan.labels is not None else None
+    cols = st.columns(2)
+    for col, title, image, affine, labels, key in (
+        (cols[0], f"**Your scan** ({name}), registered, brain only", scan.image, scan.affine, scan.labels, "niivue_scan"),
+        (cols[1], f"**Synthetic brain**: {describe(ref)} (SYNTHETIC)", other.brain.image, other.brain.affine, other.labels, "niivue_synth"),
+    ):
+        with col:
+            st.markdown(title)
+            if viewer is None:
+                pos = [s // 2 for s in image.shape]
+                st.image(render.montage([render.render_slice(image, p, pos) for p in render.PLANES]), width="stretch")
+                continue
+            overlays = []
+            if lut is not None and labels is not None:
+                overlays = [{"data": niivue.label_overlay_bytes(labels, affine, lut), "name": "labels.nii.gz", "colormap": "gray", "opacity": 0.3}]
+            viewer(nifti_data=niivue.t1_bytes(image, affine), filename=f"{key}.nii.gz", overlays=overlays, height=420,
+                   view_mode="multiplanar", styled=False, update_interval_ms=None, key=key,
+                   settings={"crosshair": True, "radiological": False, "colorbar": True, "interpolation": False})
+    st.caption(
+        f"Registration: correlation with the MNI152 template {scan.ncc:.2f} (IXI scans: about 0.45-0.55); "
+        f"{'; '.join(scan.notes)}; {scan.seconds:.1f} s."
+    )
+    gen = get_generator(models_root(), ref.model)
+    cond = ref.condition
+    voxel = float(abs(np.linalg.det(scan.affine[:3, :3])))
+    mine = service.scan_rows(scan.labels, cond, gen.normative, voxel_volume_mm3=voxel)
+    theirs = service.morphometry_rows(other.brain, gen.normative, other.labels)
+    st.dataframe(
+        [{"volume": a["volume"].replace("_", " "), "your scan %ICV": _pct(a["measured"]),
+          "your scan z": None if a["z"] is None else round(a["z"], 2), "synthetic %ICV": _pct(b["measured"]),
+          "healthy expected %ICV": _pct(a["expected"])} for a, b in zip(mine, theirs)],
+        hide_index=True, width="stretch",
+    )
+    if gen.normative is not None and scan.labels is not None:
+        curves = service.normative_curves(gen.normative, cond.sex)
+        fig = service.morphometry_figure([{**r, "requested": None} for r in mine], curves, cond.age, cond.sex)
+        fig.suptitle(f"Your scan's volumes on the healthy normative curves ({'female' if cond.sex == 'F' else 'male'}, age {cond.age:g})", fontsize=13)
+        st.pyplot(fig, width="stretch")
+
+
 def sweep_ui() -> None:
     request: service.Request = st.session_state.request
     c1, c2, c3, c4 = st.columns([3, 1, 2, 1])
@@ -498,4 +600,4 @@ def downloads_ui() -> None:
 
 
 
-PANELS = [slices_ui, view3d_ui, morphometry_ui, compare_ui, sweep_ui, downloads_ui]
+PANELS = [slices_ui, view3d_ui, morphometry_ui, compare_ui, scan_ui, sweep_ui, downloads_ui]
