@@ -452,3 +452,74 @@ def test_format_readers_only_raise_value_error(name, read, example, data, prefix
         read(blob)
     except ValueError as exc:
         assert str(exc) and "\n" not in str(exc).strip()
+
+
+# -- a true zero background ---------------------------------------------------------------------------
+def test_zero_background_keeps_the_brain_and_its_ventricles_and_zeroes_the_haze():
+    from synth.brain import brain_mask, zero_background
+
+    rng = np.random.default_rng(0)
+    shape = (48, 56, 48)
+    ijk = np.stack(np.meshgrid(*[np.arange(s, dtype=float) for s in shape], indexing="ij"), -1)
+    centre = np.asarray(shape) / 2
+    r = np.linalg.norm((ijk - centre) / [18, 22, 18], axis=-1)
+    brain = r <= 1.0
+    ventricle = np.linalg.norm((ijk - centre) / [4, 8, 4], axis=-1) <= 1.0  # dark CSF inside the brain
+    blob = np.linalg.norm(ijk - [4, 4, 4], axis=-1) <= 2.5  # a bright speck outside, not connected
+    image = rng.uniform(0.0, 0.06, shape).astype(np.float32)  # the decoder's faint haze: every voxel > 0
+    image[brain] = rng.uniform(0.35, 0.95, int(brain.sum()))
+    image[ventricle] = rng.uniform(0.02, 0.08, int(ventricle.sum()))  # darker than some of the haze
+    image[blob] = 0.9
+    assert (image > 0).mean() == 1.0
+
+    mask = brain_mask(image)
+    assert np.array_equal(mask, brain)  # ventricle kept (hole filled), haze and speck dropped
+    out = zero_background(image)
+    assert out.dtype == image.dtype and out.shape == image.shape
+    assert np.array_equal(out > 0, brain) and np.array_equal(out[brain], image[brain])
+    assert (out[~brain] == 0).all()
+    # Nothing to find: all zero stays all zero; bad input is refused.
+    assert not brain_mask(np.zeros(shape, np.float32)).any()
+    with pytest.raises(ValueError, match=r"3D \(X, Y, Z\)"):
+        brain_mask(np.zeros((4, 4)))
+    with pytest.raises(ValueError, match="within \\(0, 1\\)"):
+        brain_mask(image, threshold=1.5)
+
+
+# -- the dependency audit -----------------------------------------------------------------------------
+FAKE_PIP_AUDIT = """#!/usr/bin/env python3
+import json, sys
+args = sys.argv[1:]
+out = args[args.index("-o") + 1]
+ignored = [args[i + 1] for i, a in enumerate(args) if a == "--ignore-vuln"]
+mode = "{mode}"
+if mode == "offline":
+    sys.stderr.write("requests.exceptions.ConnectionError: Max retries exceeded (Name or service not known)\\n")
+    sys.exit(1)
+if mode == "unknown":
+    deps = [{{"name": "numpy", "version": "2.0.0", "skip_reason": "Dependency not found on PyPI"}}]
+else:
+    vulns = [v for v in [{{"id": "PYSEC-0000-1", "fix_versions": ["9.9"], "aliases": [], "description": "x"}}] if v["id"] not in ignored]
+    deps = [{{"name": "numpy", "version": "2.0.0", "vulns": vulns}}, {{"name": "scipy", "version": "1.0", "vulns": []}}]
+json.dump({{"dependencies": deps, "fixes": []}}, open(out, "w"))
+sys.exit(1 if any(d.get("vulns") for d in deps) else 0)
+"""
+
+
+@pytest.mark.parametrize("mode, allow, code, line", [
+    ("offline", "", 0, "pip-audit: SKIPPED - no vulnerability service reachable"),
+    ("unknown", "", 0, "pip-audit: SKIPPED - the vulnerability service knew none"),
+    ("finding", "", 1, "pip-audit: numpy 2.0.0: PYSEC-0000-1 (fixed in 9.9)"),
+    ("finding", "PYSEC-0000-1  not reachable from SynthBrain (test)\n", 0, "2 packages audited (0 could not be), 0 known"),
+    ("finding", "PYSEC-0000-1\n", 1, "lists PYSEC-0000-1 without a reason"),
+])
+def test_dependency_audit_fails_on_findings_and_skips_clearly_offline(tmp_path, mode, allow, code, line):
+    fake = tmp_path / "pip-audit"
+    fake.write_text(FAKE_PIP_AUDIT.format(mode=mode))
+    fake.chmod(0o755)
+    allow_file = tmp_path / "allow.txt"
+    allow_file.write_text("# id  reason\n" + allow)
+    env = {**os.environ, "PIP_AUDIT": str(fake), "SYNTHBRAIN_AUDIT_ALLOWLIST": str(allow_file)}
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "audit.sh")], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == code, r.stdout + r.stderr
+    assert line in r.stdout + r.stderr
