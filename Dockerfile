@@ -14,6 +14,13 @@ WORKDIR /app
 COPY requirements.txt pyproject.toml README.md ./
 COPY synth ./synth
 RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir -r requirements.txt
+# The VQ transformer's engine, pytorch-fast-transformers 0.4.0, compiles C++ at install (its setup
+# imports torch: --no-build-isolation); the compiler and headers stay in this layer only. This
+# runtime image has no nvcc, so only its CPU kernels are built and the model runs on the plain-torch
+# engine on a GPU; build FROM a -devel CUDA image (with nvcc) to get its CUDA kernels too.
+RUN apt-get update && apt-get install -y --no-install-recommends g++ python3-dev \
+    && /opt/venv/bin/pip install --no-cache-dir --no-build-isolation pytorch-fast-transformers==0.4.0 \
+    && apt-get purge -y g++ python3-dev && apt-get autoremove -y && rm -rf /var/lib/apt/lists/*
 COPY . .
 RUN /opt/venv/bin/pip install --no-cache-dir --no-deps -e . && chown -R synth /app
 USER synth

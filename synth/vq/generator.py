@@ -18,7 +18,7 @@ from ..normative import NormativeModel, target_volumes
 from ..version import __version__
 from .config import VQModelConfig
 from .sampler import sample_codes
-from .transformer import CodeTransformer
+from .transformer import CodeTransformer, fast_transformers_available
 from .vqvae import VQVAE, build_vqvae
 
 __all__ = ["VQBrainGenerator", "state_hash"]
@@ -82,6 +82,8 @@ class VQBrainGenerator:
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"no model in {folder}: expected config.json, vqvae.safetensors, transformer.safetensors")
         config = VQModelConfig.load(folder)
+        if engine == "auto" and pick_device(device).type == "cuda" and not fast_transformers_available(cuda=True):
+            engine = "torch"  # fast-transformers built without its CUDA kernels (no nvcc at install)
         vqvae = build_vqvae(config.vqvae)
         transformer = CodeTransformer(**config.transformer, engine=engine)
         _load_weights(vqvae, folder / "vqvae.safetensors")

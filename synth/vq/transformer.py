@@ -36,14 +36,14 @@ ATTENTIONS = ("linear", "softmax")
 _EPS = 1e-6  # fast_transformers' linear attention eps
 
 
-def fast_transformers_available() -> bool:
-    """Whether the compiled ``fast_transformers`` extension imports."""
+def fast_transformers_available(cuda: bool = False) -> bool:
+    """Whether the compiled ``fast_transformers`` extension imports (with its CUDA kernels if ``cuda``)."""
     try:
-        import fast_transformers.causal_product  # noqa: F401 (the compiled part)
+        import fast_transformers.causal_product as cp
         from fast_transformers.builders import RecurrentEncoderBuilder, TransformerEncoderBuilder  # noqa: F401
     except Exception:
         return False
-    return True
+    return not cuda or getattr(cp, "causal_dot_product_cuda", None) is not None
 
 
 def resolve_engine(engine: str = "auto") -> str:
