@@ -382,3 +382,38 @@ def test_export_label_tables_and_target_check_in_the_json(generated):
     assert files["dseg"][0].endswith("_dseg.tsv") and files["dseg"][1].startswith(b"index\tname")
     assert files["lut"][0].endswith("_LUT.txt") and b"Left-Hippocampus" in files["lut"][1]
     assert files["ctbl"][0].endswith(".ctbl") and b"NOT FOR CLINICAL USE" in files["ctbl"][1].upper()
+
+
+def test_device_queue_serves_in_arrival_order_and_tells_each_its_place():
+    q = service.DeviceQueue()
+    order, told = [], {}
+    gate = threading.Event()
+
+    def first():
+        with q.slot("cpu"):
+            gate.wait(5)
+            order.append(0)
+
+    def later(i):
+        with q.slot("cpu", on_wait=lambda ahead: told.setdefault(i, []).append(ahead)):
+            order.append(i)
+            time.sleep(0.2)  # a generation takes a while: those behind see their place move up
+
+    threads = [threading.Thread(target=first)]
+    threads[0].start()
+    while q.waiting("cpu") < 1:
+        time.sleep(0.001)
+    for i in (1, 2, 3):
+        t = threading.Thread(target=later, args=(i,))
+        t.start()
+        threads.append(t)
+        while q.waiting("cpu") < i + 1:  # queued in this order
+            time.sleep(0.001)
+    time.sleep(0.1)
+    gate.set()
+    for t in threads:
+        t.join(5)
+    assert order == [0, 1, 2, 3]
+    assert told[1][0] == 1 and told[2][0] == 2 and told[3][0] == 3  # places when they queued
+    assert told[3] == [3, 2, 1]  # moving up to "next"
+    assert q.waiting("cpu") == 0

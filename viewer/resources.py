@@ -96,9 +96,8 @@ def generate_cached(
             note = f"Segmenter unavailable, so no labels, surfaces or measured volumes: {exc}"
             log.warning(note)
     queue, where = device_queue(), str(generator.device)
-    if _progress is not None and queue.waiting(where):
-        _progress(0, 1)  # someone else's generation is running: say so before blocking
-    with queue.slot(where):
+    on_wait = None if _progress is None else _progress.queued
+    with queue.slot(where, on_wait=on_wait):
         result = service.run_generation(generator, request, progress=_progress, segmenter=segmenter)
     result.note = result.note or note
     return result
@@ -125,8 +124,12 @@ class _Progress:
         self.ctx = contextvars.copy_context()
 
     def __call__(self, step: int, total: int) -> None:
-        text = f"{self.label}: waiting for the device…" if step == 0 else f"{self.label}: step {step}/{total}"
-        self.ctx.run(self.bar.progress, min(step / max(total, 1), 1.0), text=text)
+        self.ctx.run(self.bar.progress, min(step / max(total, 1), 1.0), text=f"{self.label}: step {step}/{total}")
+
+    def queued(self, ahead: int) -> None:
+        """Tell the user their place in the device queue (``ahead`` generations before theirs)."""
+        text = f"{self.label}: queued, {ahead} generation{'s' if ahead != 1 else ''} ahead of yours (one runs at a time)"
+        self.ctx.run(self.bar.progress, 0.0, text=text)
 
 
 def generate(request: service.Request, bar=None, label: str = "Sampling") -> service.Generated:

@@ -231,43 +231,65 @@ def _segment(segmenter, brain: synth.SyntheticBrain) -> np.ndarray:
 
 # -- one generation at a time per device ------------------------------------------------------
 class DeviceQueue:
-    """A lock per device so that sessions queue their generations instead of exhausting memory.
+    """A first-come, first-served line per device, so that sessions queue their generations instead
+    of exhausting memory, and each can tell its user where it stands.
 
-    Shared by all sessions (the app keeps one in ``st.cache_resource``). ``waiting(device)`` tells
-    a session how many generations are queued or running there.
+    Shared by all sessions (the app keeps one in ``st.cache_resource``). ``waiting(device)`` counts
+    the generations queued or running there.
     """
 
     def __init__(self) -> None:
-        self._guard = threading.Lock()
-        self._locks: dict[str, threading.Lock] = {}
-        self._count: dict[str, int] = {}
+        self._cond = threading.Condition()
+        self._lines: dict[str, list[object]] = {}
 
     def waiting(self, device: str) -> int:
-        with self._guard:
-            return self._count.get(str(device), 0)
+        with self._cond:
+            return len(self._lines.get(str(device), ()))
 
     @contextmanager
-    def slot(self, device: str, timeout: float | None = None) -> Iterator[int]:
-        """Hold ``device`` for one generation; yields how many were ahead when we queued.
+    def slot(
+        self, device: str, timeout: float | None = None, on_wait: Callable[[int], None] | None = None
+    ) -> Iterator[int]:
+        """Hold ``device`` for one generation, in arrival order; yields how many were ahead when we queued.
+
+        Args:
+            device: The device's name (one line per device).
+            timeout: Seconds to wait at most (``None``: no limit).
+            on_wait: Called while waiting with the number of generations still ahead (1 = next),
+                whenever that changes; called outside the queue's lock.
 
         Raises:
             TimeoutError: waited longer than ``timeout`` seconds.
         """
+        import time
+
         device = str(device)
-        with self._guard:
-            lock = self._locks.setdefault(device, threading.Lock())
-            ahead = self._count.get(device, 0)
-            self._count[device] = ahead + 1
+        ticket = object()
+        with self._cond:
+            line = self._lines.setdefault(device, [])
+            line.append(ticket)
+            ahead = len(line) - 1
+        deadline = None if timeout is None else time.monotonic() + timeout
+        told = None
         try:
-            if not lock.acquire(timeout=-1 if timeout is None else timeout):
-                raise TimeoutError(f"{device} stayed busy for {timeout:g} s; try again in a moment")
-            try:
-                yield ahead
-            finally:
-                lock.release()
+            while True:
+                with self._cond:
+                    position = line.index(ticket)
+                    if position == 0:
+                        break
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise TimeoutError(f"{device} stayed busy for {timeout:g} s; try again in a moment")
+                if on_wait is not None and position != told:
+                    on_wait(position)
+                    told = position
+                with self._cond:
+                    if line.index(ticket) != 0:
+                        self._cond.wait(0.25 if deadline is None else max(0.0, min(0.25, deadline - time.monotonic())))
+            yield ahead
         finally:
-            with self._guard:
-                self._count[device] -= 1
+            with self._cond:
+                line.remove(ticket)
+                self._cond.notify_all()
 
 
 # -- anatomy (synth.anatomy, optional until it lands) -----------------------------------------
