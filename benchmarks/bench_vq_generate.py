@@ -62,7 +62,7 @@ def load(model: str, engine: str):
 
     torch.manual_seed(0)
     tf = dict(DEFAULT_TRANSFORMER, num_tokens=DEFAULT_VQVAE["num_embeddings"], seq_len=9600, n_conditioning=6,
-              code_shape=[20, 24, 20])
+              code_shape=[20, 24, 20], window=24 * 20)
     cfg = VQModelConfig("random-vq", "0", DEFAULT_VQVAE, tf, ["age", "sex", "brain", "lateral_ventricles", "hippocampus"],
                         grid={"shape": [80, 96, 80], "spacing": 2.0, "origin": [-79.0, -112.0, -74.0]},
                         normative=toy_normative().to_dict())

@@ -18,10 +18,10 @@ TINY_AE = {"spatial_dims": 3, "in_channels": 1, "out_channels": 1, "latent_chann
            "with_encoder_nonlocal_attn": False, "with_decoder_nonlocal_attn": False}
 
 
-def tiny_tf(engine, attention="linear", seq_len=40, seed=0, code_shape=(2, 4, 5)):
+def tiny_tf(engine, attention="linear", seq_len=40, seed=0, code_shape=(2, 4, 5), window=None):
     torch.manual_seed(seed)
     return CodeTransformer(12, seq_len, 3, d_model=16, n_layers=2, n_heads=2, d_ff=32, attention=attention,
-                           code_shape=code_shape, engine=engine).eval()
+                           code_shape=code_shape, window=window, engine=engine).eval()
 
 
 # -- quantiser ------------------------------------------------------------------------------------
@@ -87,9 +87,9 @@ def test_vqvae_assignments_do_not_depend_on_bf16_autocast():
 # -- transformer ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("attention", ["linear", "softmax"])
-@pytest.mark.parametrize("code_shape", [(2, 4, 5), None])
-def test_recurrent_decoding_matches_the_parallel_pass_token_by_token(engine, attention, code_shape):
-    model = tiny_tf(engine, attention, code_shape=code_shape)
+@pytest.mark.parametrize("code_shape,window", [((2, 4, 5), None), (None, None), ((2, 4, 5), 20), ((2, 4, 5), 15)])
+def test_recurrent_decoding_matches_the_parallel_pass_token_by_token(engine, attention, code_shape, window):
+    model = tiny_tf(engine, attention, code_shape=code_shape, window=window)
     tokens, cond = torch.randint(0, 12, (2, 40)), torch.rand(2, 3)
     with torch.no_grad():
         parallel = model(tokens, cond)
@@ -121,6 +121,18 @@ def test_prefix_predictions_do_not_see_the_future():
         la, lb = model(a, torch.ones(1, 3)), model(b, torch.ones(1, 3))
     assert torch.allclose(la[:, :26], lb[:, :26], atol=1e-5)  # logits up to 25 see tokens < 25 only
     assert not torch.allclose(la[:, 26:], lb[:, 26:], atol=1e-5)
+
+
+def test_a_window_restarts_attention_at_block_boundaries():
+    a = torch.randint(0, 12, (1, 40))
+    b = a.clone()
+    b[0, :18] = (b[0, :18] + 3) % 12  # the first block changes, except its last two tokens
+    for window, reaches in ((20, False), (None, True)):
+        model = tiny_tf("torch", window=window, code_shape=None)  # no row/slab context: attention only
+        with torch.no_grad():
+            la, lb = model(a, torch.ones(1, 3)), model(b, torch.ones(1, 3))
+        assert not torch.allclose(la[:, :19], lb[:, :19], atol=1e-5)
+        assert torch.allclose(la[:, 20:], lb[:, 20:], atol=1e-6) != reaches
 
 
 def test_neighbour_context_is_the_code_one_row_and_one_slab_back():

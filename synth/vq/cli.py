@@ -132,8 +132,14 @@ def _cmd_train_transformer(args: argparse.Namespace) -> int:
     if args.d_model % args.heads:
         raise _usage(f"--d-model ({args.d_model}) must divide by --heads ({args.heads})")
     engine = resolve_engine(args.engine)
+    window = {"slab": "slab", "none": None}.get(args.window, args.window)
+    if window not in ("slab", None):
+        try:
+            window = int(window)
+        except ValueError:
+            raise _usage(f"--window expects slab, none or a number of tokens, got {args.window!r}") from None
     tf = dict(DEFAULT_TRANSFORMER, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
-              d_ff=4 * args.d_model, attention=args.attention)
+              d_ff=4 * args.d_model, attention=args.attention, window=window)
     cfg = TFTrainConfig(data_dir=args.data, vq_run=args.vq_run, run_dir=args.run, steps=args.steps,
                         batch_size=args.batch_size, lr=args.lr, p_uncond=args.p_uncond, bf16=not args.no_bf16,
                         seed=args.seed, max_minutes=args.max_minutes, engine=engine, transformer=tf)
@@ -212,6 +218,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
             t.add_argument("--layers", type=_positive_int, default=4)
             t.add_argument("--heads", type=_positive_int, default=4)
             t.add_argument("--p-uncond", type=_nonnegative_float, default=0.1, help="condition dropout (classifier-free guidance)")
+            t.add_argument("--window", default="slab",
+                           help="attention restarts every N tokens: slab (one x-slab of the code grid, default), none, or N")
             t.set_defaults(func=_cmd_train_transformer)
 
     k = sub.add_parser("package-vq", help="write a VQ model folder (safetensors + config.json) from training runs")

@@ -40,7 +40,7 @@ __all__ = ["VQTrainConfig", "TFTrainConfig", "train_vqvae", "train_transformer",
            "reconstruction_metrics", "encode_codes", "DEFAULT_TRANSFORMER"]
 
 DEFAULT_TRANSFORMER: dict[str, Any] = {"d_model": 128, "n_layers": 4, "n_heads": 4, "d_ff": 512,
-                                       "attention": "linear", "dropout": 0.0}
+                                       "attention": "linear", "dropout": 0.0, "window": "slab"}
 
 
 @dataclass
@@ -79,6 +79,7 @@ class TFTrainConfig:
     ckpt_every: int = 50
     max_minutes: float | None = None
     engine: str = "auto"
+    blocks_per_volume: int = 4
     covariates: list[str] = field(default_factory=lambda: list(DEFAULT_COVARIATES))
     transformer: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_TRANSFORMER))
 
@@ -292,8 +293,11 @@ def train_transformer(cfg: TFTrainConfig, *, rows: list[dict] | None = None, vol
     ranges = covariate_ranges(rows, cfg.covariates)
     cond = covariate_matrix(rows, cfg.covariates, ranges)
     cond = np.concatenate([cond, cond])  # mirrored copies share their subject's condition
+    window = cfg.transformer.get("window")
+    if window == "slab":  # one x-slab of the code grid per attention block
+        window = code_shape[1] * code_shape[2]
     tf_kwargs = dict(cfg.transformer, num_tokens=int(vq_config["num_embeddings"]), seq_len=int(codes.shape[1]),
-                     n_conditioning=int(cond.shape[1]), code_shape=code_shape)
+                     n_conditioning=int(cond.shape[1]), code_shape=code_shape, window=window)
     model = CodeTransformer(**tf_kwargs, engine=cfg.engine).to(ctx.device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     ckpt = Checkpointer(run)
@@ -304,7 +308,7 @@ def train_transformer(cfg: TFTrainConfig, *, rows: list[dict] | None = None, vol
         opt.load_state_dict(state["optimizer"])
         start = state["step"]
         rng = np.random.default_rng(cfg.seed + ctx.rank + start)
-    net = torch.nn.parallel.DistributedDataParallel(model) if ctx.world_size > 1 else model
+    net = model  # gradients are averaged by hand under torchrun (block training bypasses forward())
     model_config = {"vqvae": vq_config, "vq_run": str(cfg.vq_run), "vq_checkpoint": vq_ckpt, "transformer": tf_kwargs,
                     "covariates": cfg.covariates, "covariate_ranges": ranges, "code_shape": code_shape,
                     "image_shape": image_shape,
@@ -322,10 +326,24 @@ def train_transformer(cfg: TFTrainConfig, *, rows: list[dict] | None = None, vol
         c = cond_t[idx].clone()
         c[torch.from_numpy(rng.random(cfg.batch_size) < cfg.p_uncond)] = 0.0
         with autocast(ctx.device, cfg.bf16):
-            logits = net(tok, c.to(ctx.device))
-        loss = F.cross_entropy(logits.float().flatten(0, 1), tok.flatten())
+            if window and codes_t.shape[1] % window == 0:  # a few random attention blocks of each volume
+                x = model.inputs(tok, c.to(ctx.device))
+                nb = tok.shape[1] // window
+                pick = torch.from_numpy(rng.integers(0, nb, size=(cfg.batch_size, min(cfg.blocks_per_volume, nb))))
+                rows_ = torch.arange(cfg.batch_size)[:, None].expand_as(pick)
+                xb = x.view(cfg.batch_size, nb, window, -1)[rows_, pick].flatten(0, 1)
+                target = tok.view(cfg.batch_size, nb, window)[rows_, pick]
+                logits = model.head(model.encode_inputs(xb))
+            else:
+                logits, target = net(tok, c.to(ctx.device)), tok
+        loss = F.cross_entropy(logits.float().flatten(0, -2), target.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if ctx.world_size > 1:
+            for p in model.parameters():
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad /= ctx.world_size
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if ctx.is_main:

@@ -106,7 +106,7 @@ class _TorchAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.out_projection(y.transpose(1, 2).reshape(x.shape))
 
-    def step(self, x: torch.Tensor, state: dict, t: int) -> torch.Tensor:  # (B, D), one position
+    def step(self, x: torch.Tensor, state: dict, t: int, start: int = 0) -> torch.Tensor:  # (B, D), one position
         q, k, v = self._qkv(x)  # (B, H, E)
         if self.kind == "linear":
             q, k = _phi(q), _phi(k)
@@ -117,7 +117,7 @@ class _TorchAttention(nn.Module):
         else:  # key-value cache, preallocated for the whole sequence
             state["k"][:, :, t] = k
             state["v"][:, :, t] = v
-            y = F.scaled_dot_product_attention(q[:, :, None], state["k"][:, :, : t + 1], state["v"][:, :, : t + 1])[:, :, 0]
+            y = F.scaled_dot_product_attention(q[:, :, None], state["k"][:, :, start: t + 1], state["v"][:, :, start: t + 1])[:, :, 0]
         return self.out_projection(y.reshape(x.shape))
 
     def new_state(self, batch: int, seq_len: int, like: torch.Tensor) -> dict:
@@ -145,8 +145,8 @@ class _TorchLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._ff(x + self.dropout(self.attention(x)))
 
-    def step(self, x: torch.Tensor, state: dict, t: int) -> torch.Tensor:
-        return self._ff(x + self.attention.step(x, state, t))
+    def step(self, x: torch.Tensor, state: dict, t: int, start: int = 0) -> torch.Tensor:
+        return self._ff(x + self.attention.step(x, state, t, start))
 
 
 class _TorchEncoder(nn.Module):
@@ -193,12 +193,17 @@ class CodeTransformer(nn.Module):
             carries the embeddings of the already-decoded codes one row (y - 1) and one slab (x - 1)
             back, so local 3D context need not be found by attention (a causal PixelCNN-like context;
             the code one step back, z - 1, is the previous token anyway).
+        window: Attention restarts every ``window`` tokens (e.g. one x-slab of the code grid): each
+            block attends only within itself (earlier blocks reach it through ``code_shape``'s
+            context and the absolute positions). Training then runs on blocks, far cheaper than whole
+            sequences, and is exactly what the recurrent decoder computes (it resets its state at
+            every block). ``None``: one causal attention over the whole sequence.
         engine: ``auto`` (fast-transformers when installed, else torch), ``fast-transformers`` or ``torch``.
     """
 
     def __init__(self, num_tokens: int, seq_len: int, n_conditioning: int, d_model: int = 128, n_layers: int = 4,
                  n_heads: int = 4, d_ff: int | None = None, attention: str = "linear", dropout: float = 0.0,
-                 code_shape: list[int] | tuple[int, ...] | None = None, engine: str = "auto"):
+                 code_shape: list[int] | tuple[int, ...] | None = None, window: int | None = None, engine: str = "auto"):
         super().__init__()
         if attention not in ATTENTIONS:
             raise ValueError(f"`attention` must be linear or softmax, got {attention!r}")
@@ -206,10 +211,13 @@ class CodeTransformer(nn.Module):
             raise ValueError(f"`d_model` ({d_model}) must divide by `n_heads` ({n_heads})")
         if code_shape is not None and math.prod(code_shape) != seq_len:
             raise ValueError(f"`code_shape` {tuple(code_shape)} must hold `seq_len` = {seq_len} codes")
+        if window is not None and not 1 <= window <= seq_len:
+            raise ValueError(f"`window` must be within 1-{seq_len} (or None), got {window}")
         self.config = dict(num_tokens=int(num_tokens), seq_len=int(seq_len), n_conditioning=int(n_conditioning),
                            d_model=int(d_model), n_layers=int(n_layers), n_heads=int(n_heads),
                            d_ff=int(d_ff or 4 * d_model), attention=attention, dropout=float(dropout),
-                           code_shape=list(code_shape) if code_shape is not None else None)
+                           code_shape=list(code_shape) if code_shape is not None else None,
+                           window=int(window) if window is not None else None)
         self.engine = resolve_engine(engine)
         self.tok_emb = nn.Embedding(num_tokens, d_model)
         self.pos_emb = nn.Embedding(seq_len, d_model)
@@ -255,14 +263,23 @@ class CodeTransformer(nn.Module):
         """Teacher-forced logits: (B, L) tokens, (B, C) conditions -> (B, L, K); ``[:, i]`` predicts token ``i``."""
         if tokens.shape[1] > self.seq_len:
             raise ValueError(f"sequence of {tokens.shape[1]} tokens is longer than the model's {self.seq_len}")
-        x = self.inputs(tokens, cond)
+        return self.head(self.encode_inputs(self.inputs(tokens, cond)))
+
+    def encode_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """The causal encoder over (B, n, D) inputs, block by block when the model has a ``window``
+        (``x`` then starts at a block boundary)."""
+        b, n, d = x.shape
+        w = self.config["window"]
+        if w is not None and n > w:
+            nb = -(-n // w)
+            x = F.pad(x, (0, 0, 0, nb * w - n)).reshape(b * nb, w, d)  # padding at the end: causal, unseen
         if self.engine == "fast-transformers":
             from fast_transformers.masking import TriangularCausalMask
 
             h = self.encoder(x, attn_mask=TriangularCausalMask(x.shape[1], device=x.device))
         else:
             h = self.encoder(x)
-        return self.head(h)
+        return h.reshape(b, -1, d)[:, :n]
 
     def decoder(self, cond: torch.Tensor) -> "IncrementalDecoder":
         """An :class:`IncrementalDecoder` (recurrent / key-value-cached) for conditions (B, C)."""
@@ -317,6 +334,9 @@ class IncrementalDecoder:
             raise ValueError("`prev` is needed after the first token")
         if m.ctx_emb is not None:
             x = x + m.ctx_emb(m._context_ids(self.history, m.ctx_index[:, self.t:self.t + 1])).sum(1)[:, 0]
+        w = m.config["window"]
+        if w is not None and self.t and self.t % w == 0:  # a new attention block
+            self._reset()
         if m.engine == "fast-transformers":
             h, self.state = self.rnn(x, state=self.state)
         elif self.fused is not None:
@@ -326,11 +346,20 @@ class IncrementalDecoder:
             h = m.encoder.norm(h)
         else:
             h = x
+            start = self.t - self.t % w if w else 0
             for layer, st in zip(m.encoder.layers, self.state):
-                h = layer.step(h, st, self.t)
+                h = layer.step(h, st, self.t, start)
             h = m.encoder.norm(h)
         self.t += 1
         return m.head(h)
+
+    def _reset(self) -> None:
+        if self.model.engine == "fast-transformers":
+            self.state = None
+        elif self.fused is not None:  # linear attention: empty running sums (the KV cache needs no reset)
+            for st in self.state:
+                st["s"].zero_()
+                st["z"].zero_()
 
 
 def _context_index(code_shape) -> torch.Tensor:
