@@ -13,6 +13,7 @@ Environment:
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -144,13 +145,60 @@ def _tab(page, name: str) -> None:
     page.get_by_role("tab", name=name, exact=True).click()
 
 
+NIIVUE = 'iframe[title="niivue_component.niivue_viewer"]'
+
+
+def _niivue_frame(page, index: int = 0):
+    """The Playwright frame of the ``index``-th NiiVue viewer on the page."""
+    handle = page.locator(NIIVUE).nth(index).element_handle()
+    return handle.content_frame()
+
+
+REDRAW_JS = """async ([fx, fy]) => {
+  const c = document.querySelector('canvas');
+  const r = c.getBoundingClientRect();
+  const o = {clientX: r.left + r.width * fx, clientY: r.top + r.height * fy, bubbles: true, button: 0};
+  const t0 = performance.now();
+  c.dispatchEvent(new MouseEvent('mousedown', {...o, buttons: 1}));
+  c.dispatchEvent(new MouseEvent('mouseup', {...o, buttons: 0}));
+  await new Promise(res => requestAnimationFrame(() => requestAnimationFrame(res)));
+  return performance.now() - t0;
+}"""
+
+
+def _phantom(path: Path) -> Path:
+    """A small T1-like head made here: the MNI152 template brain in a bright skull shell, shifted 4 mm."""
+    import nibabel as nib
+    import numpy as np
+    from scipy import ndimage
+
+    sys.path.insert(0, str(ROOT))
+    from synth.data.register import template_images
+    from synth.grid import MNI_2MM
+
+    tpl, mask = template_images(MNI_2MM)
+    head = tpl.copy()
+    head[ndimage.binary_dilation(mask, iterations=4) & ~ndimage.binary_dilation(mask, iterations=2)] = 0.9
+    affine = MNI_2MM.affine.copy()
+    affine[:3, 3] += (4.0, -3.0, 2.0)
+    nib.save(nib.Nifti1Image((head * 300).astype(np.int16), affine), str(path))
+    return path
+
+
 def test_viewer_end_to_end(page, server, tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
     timings = {}
     t = time.perf_counter()
     page.goto(server)
     page.get_by_text("SynthBrain viewer").first.wait_for()
     page.get_by_text("not for clinical use").first.wait_for()
     page.get_by_text("expressed through morphometry").first.wait_for()
+    page.get_by_text("What CN, MCI, AD, GM, WM, z and % ICV mean here").first.click()
+    page.get_by_text("mild cognitive impairment").first.wait_for()
     timings["page"] = time.perf_counter() - t
 
     if os.environ.get("SYNTHBRAIN_E2E_MODEL"):
@@ -165,50 +213,71 @@ def test_viewer_end_to_end(page, server, tmp_path):
         age.press("ArrowRight")
     page.wait_for_function("() => document.querySelector('input[aria-label=\"Age (years)\"]').value === '70'")
 
+    # Generate: the first brain is shown when NiiVue has drawn it.
     t = time.perf_counter()
     page.get_by_role("button", name="Generate").click()
-    slices = page.locator('[data-testid="stImage"] img')
-    slices.nth(2).wait_for(timeout=110_000)
-    timings["first brain"] = time.perf_counter() - t
+    page.locator(NIIVUE).first.wait_for(timeout=110_000)
+    frame = _niivue_frame(page)
+    canvas = frame.locator("canvas").first
+    canvas.wait_for()
+    assert _drawn(page.locator(NIIVUE).first), "NiiVue stayed blank"
+    timings["first brain shown"] = time.perf_counter() - t
     page.get_by_text("age 70, F, CN, seed 0").first.wait_for()
-    assert slices.count() == 3
+    page.get_by_text("Crosshair: voxel").first.wait_for()
 
-    # Slice slider: each key press redraws the axial image (timed from key press to new picture).
-    z = page.get_by_role("slider", name="Axial (z)")
-    z.focus()
-    redraws = []
-    for _ in range(3):
-        before = slices.nth(0).get_attribute("src")
-        t = time.perf_counter()
-        z.press("ArrowLeft")
-        page.wait_for_function(
-            "(b) => { const i = document.querySelector('[data-testid=\"stImage\"] img');"
-            " return i && i.src !== b && i.complete; }",
-            arg=before,
-        )
-        redraws.append(time.perf_counter() - t)
-    timings["slice redraw in the browser (median)"] = sorted(redraws)[1]
-    server_ms = page.get_by_text("slices drawn in").first.inner_text()
+    # Click a slice: the crosshair moves there (the picture changes) and the readout names the structure.
+    before = np.asarray(Image.open(io.BytesIO(canvas.screenshot())).convert("RGB"), float)
+    box = canvas.bounding_box()
+    canvas.click(position={"x": box["width"] * 0.22, "y": box["height"] * 0.30})
+    clicked = page.get_by_text("Clicked: voxel").first
+    clicked.wait_for(timeout=30_000)
+    after = np.asarray(Image.open(io.BytesIO(canvas.screenshot())).convert("RGB"), float)
+    assert np.abs(after - before).mean() > 0.5, "the crosshair did not move"
+    readout = clicked.inner_text()
+    assert "structure:" in readout and "voxel (" in readout
+    assert "Crosshair: voxel" not in page.content()  # the readout now follows the click
+
+    # Slice redraw in the browser: NiiVue's own click handler and two animation frames (median of 5).
+    redraws = [frame.evaluate(REDRAW_JS, [0.15 + 0.03 * i, 0.25 + 0.02 * i]) for i in range(5)]
+    timings["slice redraw in the browser, ms (median)"] = sorted(redraws)[2]
+
+    # The legend of the label colours.
+    page.get_by_text("Legend: label colours").first.click()
+    legend = page.locator('[data-testid="label-legend"]').first
+    legend.wait_for()
+    assert "Left-Hippocampus" in legend.inner_text() or "Brain-Stem" in legend.inner_text() or legend.inner_text().strip()
 
     if os.environ.get("SYNTHBRAIN_UPDATE_SCREENSHOT") == "1":
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(SCREENSHOT), full_page=False)
 
+    # Morphometry: measured against requested, with the verdict.
+    _tab(page, "Morphometry")
+    page.get_by_text(re.compile("This brain missed its target|Measured volumes match the request")).first.wait_for(timeout=60_000)
+
     # 3D: the stpyvista (trame / vtk.js) view.
     _tab(page, "3D")
     page.get_by_text("Isosurface", exact=True).click()  # drawn for any brain, labelled or not
-    frame = page.locator("iframe#stpyvistaframe")
-    frame.wait_for()
+    frame3d = page.locator("iframe#stpyvistaframe")
+    frame3d.wait_for()
     page.frame_locator("iframe#stpyvistaframe").locator("canvas").first.wait_for()
-    assert _drawn(frame), "the 3D view stayed blank"
+    assert _drawn(frame3d), "the 3D view stayed blank"
 
-    # Compare: same seed, age 50 vs 80, and the difference map.
+    # Compare: same seed, age 50 vs 80, the difference map and its colour bar.
     _tab(page, "Compare")
     page.get_by_role("button", name="Compare", exact=True).click()
     page.get_by_text("B − A (±").first.wait_for(timeout=110_000)
-    assert page.locator('[data-testid="stImage"] img').count() == 3  # A, B and B − A
 
-    # Download the T1 NIfTI and open it.
+    # Your scan: a NIfTI made here, beside a synthetic brain.
+    _tab(page, "Your scan")
+    page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(str(_phantom(tmp_path / "phantom_T1w.nii.gz")))
+    page.get_by_text("voxels, read.").first.wait_for(timeout=60_000)
+    page.get_by_role("button", name="Prepare and compare").click()
+    page.get_by_text("Your scan (phantom_T1w.nii.gz)").first.wait_for(timeout=180_000)
+    page.get_by_text("Synthetic brain: age 70, F, CN").first.wait_for()
+    assert page.locator(NIIVUE).count() >= 2
+
+    # Downloads: the T1 NIfTI and the slices PNG really arrive.
     _tab(page, "Downloads")
     with page.expect_download() as dl:
         page.get_by_role("button", name="T1 (NIfTI)").click()
@@ -218,7 +287,22 @@ def test_viewer_end_to_end(page, server, tmp_path):
 
     img = nib.load(str(target))
     assert len(img.shape) == 3 and b"SYNTHETIC" in img.header["descrip"].tobytes()
+    with page.expect_download() as dl:
+        page.get_by_role("button", name="Slices (PNG)").click()
+    png = tmp_path / dl.value.suggested_filename
+    dl.value.save_as(png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.name.endswith("_slices.png")
+    with page.expect_download() as dl:
+        page.get_by_role("button", name="Label table (BIDS dseg.tsv)").click()
+    tsv = tmp_path / "dseg.tsv"
+    dl.value.save_as(tsv)
+    assert tsv.read_text().startswith("index\tname")
+
+    # Change a control: the brain on screen is marked out of date until Generate.
+    age.focus()
+    age.press("ArrowRight")
+    page.get_by_text("Out of date").first.wait_for(timeout=30_000)
 
     assert not page.outside_requests, f"the page reached outside the server: {page.outside_requests[:5]}"
     _assert_no_outbound_attempt(LOGS[server])
-    print("e2e timings (s):", {k: round(v, 2) for k, v in timings.items()}, "| server:", server_ms.split("·")[-1].strip())
+    print("e2e timings:", {k: round(v, 2) for k, v in timings.items()})

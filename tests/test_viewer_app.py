@@ -379,3 +379,15 @@ def test_an_unreadable_scan_gets_a_clear_error(app, content, expected):
     errors = _errors(app)
     assert errors and "Cannot open bad.nii" in errors[0] and expected in errors[0], errors
     assert "scan" not in app.session_state
+
+
+def test_server_png_layout_draws_three_planes_and_its_slider_moves_the_cursor(app):
+    _generate(app, seed=1)
+    _widget(app, "nv_layout").set_value("Server PNG")
+    app.run()
+    assert not app.exception and not _errors(app)
+    assert len(app.get("image")) == 3 and not _niivue(app)
+    app.slider(key="slice_z").set_value(3)
+    app.run()
+    assert app.session_state["cursor"][2] == 3
+    assert any("Voxel (16, 16, 3)" in c.value for c in app.caption)

@@ -44,7 +44,12 @@ def _lut(result):
     return render.label_lut(service.label_colors(anat.STRUCTURES))
 
 
-LAYOUTS = {"Multiplanar + 3D": "multiplanar", "Axial": "axial", "Coronal": "coronal", "Sagittal": "sagittal", "3D render": "3d"}
+LAYOUTS = {"Multiplanar + 3D": "multiplanar", "Axial": "axial", "Coronal": "coronal", "Sagittal": "sagittal", "3D render": "3d",
+           "Server PNG": None}
+LAYOUT_HELP = (
+    "NiiVue draws in your browser with WebGL2: instant with a graphics card. 'Server PNG' draws the three planes "
+    "on the server instead (sliders, no WebGL): quicker in a browser without a GPU, where WebGL runs in software."
+)
 NAVIGATION = (
     "Click or drag: move the crosshair (the readout below names the structure there) · scroll: next slice · "
     "right-drag: window/level · middle-drag or the Zoom menu: pan and zoom · orientation letters on every pane"
@@ -89,13 +94,15 @@ def slices_ui() -> None:
         return png_slices_ui()
     brain = result.brain
     lut = _lut(result)
-    o1, o2, o3, o4, o5 = st.columns([3, 1, 1, 1, 1], vertical_alignment="bottom")
-    layout = o1.radio("Layout", list(LAYOUTS), horizontal=True, key="nv_layout")
+    layout = st.radio("Layout", list(LAYOUTS), horizontal=True, key="nv_layout", help=LAYOUT_HELP)
+    if LAYOUTS[layout] is None:
+        return png_slices_ui()
+    o2, o3, o4, o5 = st.columns([1, 1, 1, 1], vertical_alignment="bottom")
     overlay = o2.toggle("Labels", value=lut is not None, key="overlay", disabled=lut is None,
                         help=None if lut is not None else service.anatomy_error() or result.note or "no segmentation")
     opacity = o3.slider("Label opacity", 0.0, 1.0, 0.4, 0.05, key="opacity", disabled=not overlay)
     crosshair = o4.toggle("Crosshair", value=True, key="crosshair")
-    radiological = o5.toggle("Radiological", value=False, key="radiological",
+    radiological = o5.toggle("Radiological view", value=False, key="radiological",
                              help="Off: neurological (the subject's right on the right). On: right on the left, as radiologists read.")
     data = _nv_data(result, lut)
     overlays = []
