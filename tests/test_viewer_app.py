@@ -391,3 +391,26 @@ def test_server_png_layout_draws_three_planes_and_its_slider_moves_the_cursor(ap
     app.run()
     assert app.session_state["cursor"][2] == 3
     assert any("Voxel (16, 16, 3)" in c.value for c in app.caption)
+
+
+def test_precision_reaches_the_generator(app):
+    from viewer import service
+
+    _widget(app, "precision").set_value("fp32")
+    _generate(app, seed=9)
+    assert not _errors(app)
+    assert app.session_state["request"].precision == "fp32"
+    brain = app.session_state["result"].brain
+    if service.takes_precision(_tiny_generator()):
+        assert brain.provenance["precision"] == "fp32"
+    _widget(app, "precision").set_value("auto")
+    app.run()
+    assert any("Out of date" in w.value for w in app.warning)  # auto is another request
+
+
+def _tiny_generator():
+    import os
+
+    import synth
+
+    return synth.load_generator(Path(os.environ["SYNTHBRAIN_MODELS"]) / "tiny-test-model", device="cpu")

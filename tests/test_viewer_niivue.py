@@ -186,3 +186,11 @@ def test_read_upload_refuses_what_it_cannot_read(make, expected):
 def test_read_upload_refuses_a_file_over_the_limit():
     with pytest.raises(ValueError, match="at most 0.001 MB"):
         service.read_upload(b"\x00" * 2000, max_mb=0.001)
+
+
+def test_parse_request_checks_precision():
+    req = service.parse_request(model="m", age=60, sex="F", diagnosis="CN", seed=1, models=["m"], precision="FP32")
+    assert req.precision == "fp32" and req.key()[-1] == "fp32"
+    assert service.parse_request(model="m", age=60, sex="F", diagnosis="CN", seed=1, models=["m"], precision="auto").precision is None
+    with pytest.raises(ValueError, match="precision"):
+        service.parse_request(model="m", age=60, sex="F", diagnosis="CN", seed=1, models=["m"], precision="fp8")

@@ -59,6 +59,7 @@ def init_state(models: list[str]) -> None:
         "use_targets": False,
         "steps": None,
         "guidance": None,
+        "precision": "auto",
         "cursor": None,
     }
     for k, v in defaults.items():
@@ -121,12 +122,16 @@ def controls_ui(models: list[str]) -> dict:
                         help="DDIM steps; empty = the model's default")
         st.number_input("Guidance scale", min_value=0.0, max_value=20.0, step=0.5, key="guidance",
                         placeholder="model default", help="Classifier-free guidance weight; empty = the model's default")
+        st.selectbox("Precision", service.PRECISIONS, key="precision",
+                     help="auto: bfloat16 only where the processor computes it natively (fast), else float32. "
+                          "bf16 elsewhere is emulated and far slower; fp32 is the reference.")
         st.caption(f"Device: `{device_setting()}` → {synth.pick_device(device_setting())}")
     clicked = sb.button("Generate", type="primary", key="generate", width="stretch")
     return {
         "model": st.session_state.model, "age": st.session_state.age, "sex": st.session_state.sex,
         "diagnosis": st.session_state.diagnosis, "seed": st.session_state.seed, "volumes": volumes or None,
-        "steps": st.session_state.steps, "guidance": st.session_state.guidance, "clicked": clicked,
+        "steps": st.session_state.steps, "guidance": st.session_state.guidance, "precision": st.session_state.precision,
+        "clicked": clicked,
     }
 
 
@@ -211,7 +216,7 @@ def main() -> None:
     secs = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
     st.markdown(
         f"**{describe(request)}** · model `{request.model}` on {result.brain.provenance.get('device', '?')} · "
-        f"{result.brain.provenance.get('steps')} steps · {secs}"
+        f"{result.brain.provenance.get('steps')} steps · {result.brain.provenance.get('precision', 'default')} precision · {secs}"
     )
     if result.note:
         st.caption(f"Note: {result.note}")

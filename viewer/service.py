@@ -85,6 +85,7 @@ class Request:
         steps: DDIM steps, or ``None`` for the model's default.
         guidance: Classifier-free guidance scale, or ``None`` for the model's default.
         warnings: Messages raised while validating (e.g. age outside the training range).
+        precision: ``fp32`` or ``bf16``, or ``None`` for the model's ``auto`` choice.
     """
 
     model: str
@@ -93,11 +94,13 @@ class Request:
     steps: int | None = None
     guidance: float | None = None
     warnings: tuple[str, ...] = field(default=(), compare=False)
+    precision: str | None = None
 
     def key(self) -> tuple:
         """Plain, hashable values for ``st.cache_data``."""
         c = self.condition
-        return (self.model, c.age, c.sex, c.diagnosis, tuple(sorted(c.volumes.items())), self.seed, self.steps, self.guidance)
+        return (self.model, c.age, c.sex, c.diagnosis, tuple(sorted(c.volumes.items())), self.seed, self.steps, self.guidance,
+                self.precision)
 
     def with_condition(self, **changes: Any) -> "Request":
         """The same request with some condition fields changed (validated again)."""
@@ -106,7 +109,8 @@ class Request:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             cond = synth.Condition.from_dict(d)
-        return Request(self.model, cond, self.seed, self.steps, self.guidance, tuple(str(w.message) for w in caught))
+        return Request(self.model, cond, self.seed, self.steps, self.guidance, tuple(str(w.message) for w in caught),
+                       precision=self.precision)
 
 
 def parse_request(
@@ -120,6 +124,7 @@ def parse_request(
     steps: Any = None,
     guidance: Any = None,
     models: Sequence[str] | None = None,
+    precision: Any = None,
 ) -> Request:
     """Validate what the widgets hold; raise ``ValueError``/``TypeError`` whose message the user can act on.
 
@@ -129,6 +134,8 @@ def parse_request(
         seed: Non-negative integer.
         steps: Positive integer or ``None`` (model default).
         guidance: 0-20 or ``None`` (model default).
+        precision: ``auto`` or ``None`` (the model's choice: bf16 only where the CPU or GPU computes it
+            natively), ``fp32`` or ``bf16``.
     """
     models = list(generator_models() if models is None else models)
     if not models:
@@ -158,7 +165,23 @@ def parse_request(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         condition = synth.Condition(age=age, sex=sex, diagnosis=diagnosis, volumes=dict(volumes or {}))
-    return Request(str(model), condition, int(seed), steps, guidance, tuple(str(w.message) for w in caught))
+    if precision is not None and str(precision).lower() not in PRECISIONS:
+        raise ValueError(f"`precision` must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    precision = None if precision is None or str(precision).lower() == "auto" else str(precision).lower()
+    return Request(str(model), condition, int(seed), steps, guidance, tuple(str(w.message) for w in caught), precision=precision)
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def takes_precision(generator) -> bool:
+    """Whether ``generator.generate`` has a ``precision`` argument (newer ``synth``)."""
+    import inspect
+
+    try:
+        return "precision" in inspect.signature(generator.generate).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def generator_models() -> list[str]:
@@ -201,8 +224,13 @@ def run_generation(
     t = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the request already reported them
+        extra = {}
+        if request.precision is not None:
+            if not takes_precision(generator):
+                raise ValueError("this version of synth has no precision option: leave precision on auto")
+            extra["precision"] = request.precision
         brain = generator.generate(
-            request.condition, request.seed, steps=request.steps, guidance_scale=request.guidance, progress=progress
+            request.condition, request.seed, steps=request.steps, guidance_scale=request.guidance, progress=progress, **extra
         )
     seconds = {"generate": time.perf_counter() - t}
     labels, note = None, ""
