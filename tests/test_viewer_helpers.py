@@ -169,7 +169,7 @@ def _parse(**kw):
 
 def test_parse_request_is_a_hashable_cache_key():
     r = _parse(volumes={"hippocampus": 0.005}, steps=10, guidance=2)
-    assert r.key() == ("m", 60.0, "F", "CN", (("hippocampus", 0.005),), 1, 10, 2.0)
+    assert r.key() == ("m", 60.0, "F", "CN", (("hippocampus", 0.005),), 1, 10, 2.0, None)  # None: precision auto
     hash(r.key())
 
 
