@@ -26,6 +26,7 @@ from .condition import Condition
 from .data.prepare import PreparedData
 from .metrics import intensity_distance, masked_correlation, median_relative_error, pearson_r, psnr, sharpness, ssim
 from .pipeline import BrainGenerator
+from .runtime import resolve_precision
 
 __all__ = ["reconstruction", "resampled", "sample_sharpness", "latent_detail", "highpass_energy", "condition_following", "age_sweep", "fidelity", "volume_agreement", "AGE_BANDS"]
 
@@ -54,8 +55,8 @@ def reconstruction(gen: BrainGenerator, data: PreparedData, split: str = "test",
     ``reference_factors`` and linearly upsampled back (:func:`resampled`): the autoencoder
     compresses by 4 along each axis, so these bracket what its decoder adds over interpolation.
     """
-    if bf16 is None:
-        bf16 = bool(gen.config.sampling.get("bf16", False))
+    if bf16 is None:  # the generator's own numeric path on this hardware (never emulated bf16)
+        bf16 = resolve_precision(None, gen.device, model_allows=bool(gen.config.sampling.get("bf16", False))) == "bf16"
     rows, per = data.subset(split), []
     ref: dict[int, list[tuple[float, float]]] = {f: [] for f in reference_factors}
     for r in rows:
@@ -131,7 +132,8 @@ def latent_detail(gen: BrainGenerator, data: PreparedData, split: str = "test", 
     real = [gen.encode(data.t1(r)) for r in rows]
     sampled = [gen.sample_latent(Condition(age=min(max(r["age"], 20), 82), sex=r["sex"]), seed=seed0 + i,
                                  steps=gen.config.sampling["steps"], guidance_scale=gen.config.sampling["guidance_scale"],
-                                 bf16=gen.config.sampling["bf16"], progress=None) for i, r in enumerate(rows)]
+                                 bf16=resolve_precision(None, gen.device, model_allows=bool(gen.config.sampling["bf16"])) == "bf16",
+                                 progress=None) for i, r in enumerate(rows)]
     out = {"n": len(rows)}
     for name, zs in (("real", real), ("sampled", sampled)):
         out[f"{name}_highpass"] = float(np.mean([highpass_energy(z) for z in zs]))

@@ -1,8 +1,13 @@
-"""Latent diffusion brain generator: noise -> DDIM in latent space -> decoder -> T1 volume.
+"""Latent diffusion brain generator: noise -> sampler in latent space -> decoder -> T1 volume.
 
-The sampler only orchestrates; the diffusion maths is MONAI's ``DDIMScheduler`` (Song et al. 2021)
-and the networks are MONAI's ``DiffusionModelUNet`` and ``AutoencoderKL`` (Pinaya et al. 2022).
-Classifier-free guidance (Ho & Salimans 2022): ``eps = eps_u + w (eps_c - eps_u)``.
+The networks are MONAI's ``DiffusionModelUNet`` and ``AutoencoderKL`` (Pinaya et al. 2022). Samplers:
+DPM-Solver++(2M) (Lu et al. 2022; :mod:`synth.sampling`) or MONAI's ``DDIMScheduler`` (Song et al.
+2021), chosen by the model config. Classifier-free guidance (Ho & Salimans 2022):
+``eps = eps_u + w (eps_c - eps_u)``, optionally only on an interval of noise levels.
+
+The numeric path (float32 or bfloat16) follows the hardware (:mod:`synth.runtime`): bf16 only where it
+is native. Inference runs an exact, cheaper form of the decoder's upsampling
+(:mod:`synth.models.fast`) and PyTorch's fused attention in the UNet.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from .io import SYNTHETIC_NOTICE
 from .models.config import ModelConfig
 from .models.networks import autocast, build_autoencoder, build_unet, latent_mean
 from .normative import NormativeModel, target_volumes
+from .runtime import pick_threads, resolve_precision
+from .sampling import SAMPLERS, dpm_solver_pp_2m, dpm_timesteps
 from .version import __version__
 
 __all__ = ["BrainGenerator", "DEFAULT_MODEL", "available_models", "load_generator", "pick_device", "models_dir"]
@@ -100,6 +107,8 @@ class BrainGenerator:
         self.device = pick_device(device)
         self.autoencoder = autoencoder.to(self.device).eval().requires_grad_(False)
         self.unet = unet.to(self.device).eval().requires_grad_(False)
+        _use_fused_attention(self.unet)
+        self._decoder = None  # the fast inference form of the decoder, built on first use
         self.source = source
         self.normative = NormativeModel.from_dict(config.normative) if config.normative else None
         g = config.grid
@@ -172,32 +181,73 @@ class BrainGenerator:
             clip_sample=False,
         )
 
+    def sampling_options(self, steps: int | None = None, guidance_scale: float | None = None,
+                         sampler: str | None = None) -> dict:
+        """The sampler, steps, guidance scale and guidance interval to use, checked.
+
+        Defaults come from the model config's ``sampling`` (``sampler``, ``steps``, ``guidance_scale``,
+        ``guidance_interval`` as ``[t_lo, t_hi]`` training timesteps where guidance applies).
+
+        Raises:
+            ValueError: a value out of range.
+        """
+        cfg = self.config.sampling
+        sampler = str(cfg.get("sampler", "ddim") if sampler is None else sampler)
+        if sampler not in SAMPLERS:
+            raise ValueError(f"`sampler` must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        n_train = int(self.config.scheduler["num_train_timesteps"])
+        steps = int(cfg.get("steps", 20) if steps is None else steps)
+        if not 1 <= steps <= n_train:
+            raise ValueError(f"`steps` must be within 1-{n_train}, got {steps}")
+        guidance_scale = float(cfg.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale)
+        if not 0.0 <= guidance_scale <= 20.0:
+            raise ValueError(f"`guidance_scale` must be within 0-20, got {guidance_scale:g}")
+        lo, hi = (int(v) for v in cfg.get("guidance_interval", (0, n_train - 1)))
+        return {"sampler": sampler, "steps": steps, "guidance_scale": guidance_scale, "guidance_interval": [lo, hi]}
+
     @torch.no_grad()
     def sample_latent(
-        self, condition: Condition, seed: int, steps: int, guidance_scale: float, bf16: bool, progress: ProgressFn | None
+        self, condition: Condition, seed: int, steps: int, guidance_scale: float, bf16: bool, progress: ProgressFn | None,
+        *, sampler: str | None = None, guidance_interval: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """Run DDIM from seeded noise and return the (1, C, x, y, z) latent (unscaled)."""
-        scheduler = self.make_scheduler()
-        scheduler.set_timesteps(steps)
+        """Sample from seeded noise and return the (1, C, x, y, z) latent (unscaled).
+
+        ``sampler`` (``ddim`` or ``dpm++2m``) and ``guidance_interval`` default to the model config.
+        """
+        opts = self.sampling_options(steps, guidance_scale, sampler)
+        lo, hi = opts["guidance_interval"] if guidance_interval is None else guidance_interval
         gen = torch.Generator(device="cpu").manual_seed(int(seed))
         z = torch.randn(self.latent_shape(), generator=gen).to(self.device)
         cond = self.encode_condition(condition).to(self.device)
         use_cfg = guidance_scale != 1.0 and self.config.null_condition
-        cond_in = torch.cat([torch.zeros_like(cond), cond]) if use_cfg else cond
         amp = autocast(self.device, bf16)
-        total = len(scheduler.timesteps)
-        for i, t in enumerate(scheduler.timesteps):
-            z_in = torch.cat([z, z]) if use_cfg else z
-            x, context = self._unet_inputs(z_in, cond_in)
+
+        def eps(x: torch.Tensor, t: int, guided: bool) -> torch.Tensor:
+            guided = guided and use_cfg
+            x_in = torch.cat([x, x]) if guided else x
+            c_in = torch.cat([torch.zeros_like(cond), cond]) if guided else cond
+            net_in, context = self._unet_inputs(x_in, c_in)
             with amp:
-                out = self.unet(x, timesteps=torch.full((z_in.shape[0],), int(t), device=self.device), context=context)
+                out = self.unet(net_in, timesteps=torch.full((x_in.shape[0],), t, device=self.device), context=context)
             out = out.float()
-            if use_cfg:
+            if guided:
                 out_u, out_c = out.chunk(2)
                 out = out_u + guidance_scale * (out_c - out_u)
-            z, _ = scheduler.step(out, t, z)
-            if progress:
-                progress(i + 1, total)
+            return out
+
+        if opts["sampler"] == "dpm++2m":
+            scheduler = self.make_scheduler()
+            timesteps = dpm_timesteps(scheduler.alphas_cumprod, steps, self.config.sampling.get("spacing", "logsnr"))
+            guided = [lo <= t <= hi for t in timesteps]
+            z = dpm_solver_pp_2m(eps, z, scheduler.alphas_cumprod, timesteps, guided, progress)
+        else:
+            scheduler = self.make_scheduler()
+            scheduler.set_timesteps(steps)
+            total = len(scheduler.timesteps)
+            for i, t in enumerate(scheduler.timesteps):
+                z, _ = scheduler.step(eps(z, int(t), lo <= int(t) <= hi), t, z)
+                if progress:
+                    progress(i + 1, total)
         return z / self.config.latent_scale
 
     @torch.no_grad()
@@ -209,9 +259,16 @@ class BrainGenerator:
 
     @torch.no_grad()
     def decode(self, latent: torch.Tensor, bf16: bool = False) -> np.ndarray:
-        """Decode a latent to an (X, Y, Z) float32 volume in [0, 1]."""
+        """Decode a latent to an (X, Y, Z) float32 volume in [0, 1].
+
+        Runs the inference form of the decoder (upsampling convolutions at low resolution,
+        :func:`synth.models.fast.fuse_upsample_convs`): the same image to float rounding, a third
+        less work.
+        """
+        if self._decoder is None:
+            self._decoder = _fast_decoder(self.autoencoder)
         with autocast(self.device, bf16):
-            img = self.autoencoder.decode_stage_2_outputs(latent)
+            img = self._decoder(latent)
         return img.float().clamp_(0, 1)[0, 0].cpu().numpy()
 
     def generate(
@@ -221,6 +278,9 @@ class BrainGenerator:
         *,
         steps: int | None = None,
         guidance_scale: float | None = None,
+        precision: str | None = None,
+        threads: int | None = None,
+        sampler: str | None = None,
         bf16: bool | None = None,
         progress: ProgressFn | bool | None = None,
     ) -> SyntheticBrain:
@@ -228,35 +288,47 @@ class BrainGenerator:
 
         Args:
             condition: Age, sex, diagnosis and optional volume targets.
-            seed: Seed of the initial noise; same model, condition, seed and device -> same brain.
-            steps: DDIM steps (default from the model config).
+            seed: Seed of the initial noise; same model, condition, seed, device and precision ->
+                same brain.
+            steps: Sampling steps (default from the model config).
             guidance_scale: Classifier-free guidance weight (1 = plain conditional).
-            bf16: bfloat16 autocast (default: on for CPU and CUDA when the config says so).
+            precision: ``auto`` (bf16 only where the hardware computes it natively and the model
+                config allows it), ``fp32`` or ``bf16``; default ``$SYNTHBRAIN_PRECISION`` or ``auto``.
+            threads: CPU threads (default ``$SYNTHBRAIN_THREADS`` or the idle cores,
+                :func:`synth.runtime.pick_threads`).
+            sampler: ``dpm++2m`` or ``ddim`` (default from the model config).
+            bf16: Older spelling of ``precision`` (``True`` = ``"bf16"``, ``False`` = ``"fp32"``).
             progress: ``True`` for a progress bar, or a callback ``f(step, total)``.
         """
         if not isinstance(condition, Condition):
             raise TypeError(f"`condition` must be a synth.Condition, got {type(condition).__name__}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**63:
             raise ValueError(f"`seed` must be a non-negative integer, got {seed!r}")
-        steps = int(self.config.sampling.get("steps", 20) if steps is None else steps)
-        if not 1 <= steps <= self.config.scheduler["num_train_timesteps"]:
-            raise ValueError(f"`steps` must be within 1-{self.config.scheduler['num_train_timesteps']}, got {steps}")
-        guidance_scale = float(self.config.sampling.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale)
-        if not 0.0 <= guidance_scale <= 20.0:
-            raise ValueError(f"`guidance_scale` must be within 0-20, got {guidance_scale:g}")
-        if bf16 is None:
-            bf16 = bool(self.config.sampling.get("bf16", False)) and self.device.type in ("cpu", "cuda")
+        opts = self.sampling_options(steps, guidance_scale, sampler)
+        if bf16 is not None and precision is None:
+            precision = "bf16" if bf16 else "fp32"
+        precision = resolve_precision(precision, self.device, model_allows=bool(self.config.sampling.get("bf16", False)))
+        use_bf16 = precision == "bf16"
         callback = progress if callable(progress) else None
         bar = None
         if progress is True:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=steps, desc="sampling", leave=False)
+            bar = tqdm(total=opts["steps"], desc="sampling", leave=False)
             callback = lambda i, n: bar.update(1)  # noqa: E731
-        latent = self.sample_latent(condition, int(seed), steps, guidance_scale, bf16, callback)
-        if bar:
-            bar.close()
-        image = zero_background(self.decode(latent, bf16=bf16))
+        n_threads = None
+        if self.device.type == "cpu":
+            n_threads, before = pick_threads(threads), torch.get_num_threads()
+            torch.set_num_threads(n_threads)
+        try:
+            latent = self.sample_latent(condition, int(seed), opts["steps"], opts["guidance_scale"], use_bf16, callback,
+                                        sampler=opts["sampler"], guidance_interval=opts["guidance_interval"])
+            if bar:
+                bar.close()
+            image = zero_background(self.decode(latent, bf16=use_bf16))
+        finally:
+            if n_threads is not None:
+                torch.set_num_threads(before)
         affine = self.grid.affine if self.grid else np.eye(4)
         provenance = {
             "generator": "SynthBrain",
@@ -264,10 +336,12 @@ class BrainGenerator:
             "model": self.config.name,
             "model_version": self.config.version,
             "model_source": _provenance.model_reference(self.source),  # a name or relative path, never absolute
-            "sampler": "DDIM",
-            "steps": steps,
-            "guidance_scale": guidance_scale,
-            "bf16": bf16,
+            "sampler": "DPM-Solver++(2M)" if opts["sampler"] == "dpm++2m" else "DDIM",
+            "steps": opts["steps"],
+            "guidance_scale": opts["guidance_scale"],
+            "guidance_interval": opts["guidance_interval"],
+            "precision": precision,
+            "bf16": use_bf16,
             "device": str(self.device),
             "space": "MNI152 (RAS), affine in the NIfTI header",
             "intensity": "T1-weighted, scaled to [0, 1], skull-stripped",
@@ -277,6 +351,30 @@ class BrainGenerator:
             "history": [_provenance.step("generate", model=self.config.name, seed=int(seed))],
         }
         return SyntheticBrain(image, affine, condition, int(seed), self.targets(condition), provenance)
+
+
+def _use_fused_attention(unet: torch.nn.Module) -> None:
+    """Let MONAI's attention blocks call ``torch.nn.functional.scaled_dot_product_attention`` (one fused
+    kernel instead of matmul, softmax, matmul): same parameters, same result to float rounding."""
+    for m in unet.modules():
+        if hasattr(m, "use_flash_attention") and not getattr(m, "save_attn", False) \
+                and getattr(m, "rel_positional_embedding", None) is None:
+            m.use_flash_attention = True
+
+
+def _fast_decoder(autoencoder: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``latent -> image`` through a copy of the decoder with its upsampling convolutions fused."""
+    import copy
+
+    from .models.fast import fuse_upsample_convs
+
+    post_quant_conv, decoder = copy.deepcopy(autoencoder.post_quant_conv), copy.deepcopy(autoencoder.decoder)
+    fuse_upsample_convs(decoder)
+
+    def run(z: torch.Tensor) -> torch.Tensor:
+        return decoder(post_quant_conv(z))
+
+    return run
 
 
 def load_generator(name_or_path: str | Path = DEFAULT_MODEL, device: str = "auto") -> BrainGenerator:

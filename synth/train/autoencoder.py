@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from ..data.prepare import PreparedData
 from ..models.networks import build_autoencoder, count_parameters, latent_mean
-from .common import EMA, Checkpointer, LossLog, StepClock, autocast, restore_rng, rng_state, setup_distributed
+from .common import (EMA, Checkpointer, LossLog, StepClock, autocast, restore_rng, rng_state, setup_distributed,
+                     training_bf16)
 
 __all__ = ["AETrainConfig", "train_autoencoder", "DEFAULT_AE", "DEFAULT_DISCRIMINATOR", "gradient_l1", "kl_loss",
            "load_volumes"]
@@ -157,6 +158,7 @@ def train_autoencoder(cfg: AETrainConfig, *, volumes: np.ndarray | None = None, 
 
     ctx = setup_distributed()
     torch.manual_seed(cfg.seed + ctx.rank)
+    cfg.bf16 = training_bf16(cfg.bf16, ctx.device)  # never emulated bf16
     rng = np.random.default_rng(cfg.seed + ctx.rank)
     if volumes is None:
         volumes = load_volumes(PreparedData.load(cfg.data_dir), cfg.splits)

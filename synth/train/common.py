@@ -182,3 +182,12 @@ class LossLog:
 
     def close(self) -> None:
         self._f.close()
+
+
+def training_bf16(requested: bool, device: torch.device) -> bool:
+    """Whether to train under bf16 autocast: only when asked (``--no-bf16`` says no) *and* the numeric
+    path of :func:`synth.runtime.resolve_precision` is bf16 (native hardware, or forced through
+    ``$SYNTHBRAIN_PRECISION``). Emulated bf16 trains about a hundred times slower."""
+    from ..runtime import resolve_precision
+
+    return bool(requested) and resolve_precision(None, device) == "bf16"

@@ -21,7 +21,8 @@ from ..condition import VOLUME_KEYS
 from ..data.prepare import PreparedData
 from ..models.networks import build_autoencoder, build_unet, count_parameters, latent_mean
 from ..normative import NormativeModel
-from .common import EMA, Checkpointer, LossLog, StepClock, autocast, restore_rng, rng_state, setup_distributed
+from .common import (EMA, Checkpointer, LossLog, StepClock, autocast, restore_rng, rng_state, setup_distributed,
+                     training_bf16)
 
 __all__ = ["LDMTrainConfig", "train_diffusion", "DEFAULT_UNET", "DEFAULT_COVARIATES", "encode_dataset", "covariate_matrix"]
 
@@ -143,6 +144,7 @@ def train_diffusion(cfg: LDMTrainConfig, *, progress: bool = True, rows: list[di
 
     ctx = setup_distributed()
     torch.manual_seed(cfg.seed + ctx.rank)
+    cfg.bf16 = training_bf16(cfg.bf16, ctx.device)  # never emulated bf16
     rng = np.random.default_rng(cfg.seed + ctx.rank)
     run = Path(cfg.run_dir)
     run.mkdir(parents=True, exist_ok=True)

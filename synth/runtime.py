@@ -1,0 +1,152 @@
+"""The numeric path and thread count for this machine: one place decides them for every model.
+
+bfloat16 halves the cost of the convolutions only where the hardware computes it natively: CUDA GPUs
+with bf16 (Ampere and later) and CPUs with AVX512-BF16 or AMX (Intel Cooper Lake / Sapphire Rapids
+and later, AMD Zen 4 and later). Elsewhere PyTorch *emulates* bf16 and a brain takes a hundred times
+longer (measured on an AVX2 AMD EPYC: 441 s for two sampling steps and the decoding, against 3.4 s in
+float32). So ``auto`` picks bf16 only where it is native, and float32 otherwise.
+
+The choice can be forced: the ``precision`` argument of the API, ``--precision`` in the command line,
+or the ``SYNTHBRAIN_PRECISION`` environment variable (``auto``, ``fp32`` or ``bf16``). The same goes
+for threads (``SYNTHBRAIN_THREADS``).
+
+Example:
+    >>> import torch
+    >>> resolve_precision("fp32", torch.device("cpu"))
+    'fp32'
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+__all__ = [
+    "PRECISIONS",
+    "cpu_description",
+    "idle_cpus",
+    "native_bf16",
+    "pick_threads",
+    "resolve_precision",
+]
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def native_bf16(device: torch.device | str = "cpu") -> bool:
+    """Whether ``device`` computes bfloat16 in hardware (not emulated).
+
+    On CPU this needs AVX512-BF16 (or AMX) *and* PyTorch dispatching to its AVX-512 kernels: with
+    ``ATEN_CPU_CAPABILITY=avx2`` in the environment the kernels are AVX2 and bf16 is emulated, so
+    this returns ``False`` (which is how an AVX2-only CPU is reproduced on a newer one).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if device.type != "cpu":
+        return False  # MPS and others: float32
+    capability = torch.backends.cpu.get_cpu_capability()
+    if not capability.startswith("AVX512"):
+        return False
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    return bool(torch.cpu._is_avx512_bf16_supported() or amx())
+
+
+def resolve_precision(precision: str | None, device: torch.device | str, *, model_allows: bool = True) -> str:
+    """The numeric path to use: ``"fp32"`` or ``"bf16"``.
+
+    Args:
+        precision: ``auto``, ``fp32``, ``bf16`` or ``None`` (then ``$SYNTHBRAIN_PRECISION``, else ``auto``).
+        device: Where the model runs.
+        model_allows: Whether the model was checked to work in bf16 (its config); ``auto`` stays on
+            fp32 when it was not.
+
+    Raises:
+        ValueError: ``precision`` (or the environment variable) is not one of ``auto``, ``fp32``, ``bf16``.
+    """
+    source = "`precision`"
+    if precision is None:
+        precision, source = os.environ.get("SYNTHBRAIN_PRECISION", "auto"), "SYNTHBRAIN_PRECISION"
+    value = str(precision).strip().lower()
+    if value not in PRECISIONS:
+        raise ValueError(f"{source} must be auto, fp32 or bf16, got {precision!r}")
+    if value == "auto":
+        return "bf16" if model_allows and native_bf16(device) else "fp32"
+    return value
+
+
+def _cpu_times() -> tuple[float, float]:
+    with open("/proc/stat") as f:
+        fields = [float(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    return idle, sum(fields)
+
+
+def idle_cpus(window: float = 0.05) -> float | None:
+    """How many of this process's CPUs were idle over the last ``window`` seconds (Linux), else ``None``."""
+    try:
+        idle0, total0 = _cpu_times()
+        time.sleep(window)
+        idle1, total1 = _cpu_times()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    n_all = os.cpu_count() or 1
+    return n_all * (idle1 - idle0) / (total1 - total0)
+
+
+def pick_threads(threads: int | str | None = None) -> int:
+    """The number of CPU threads to compute with.
+
+    ``None`` -> ``$SYNTHBRAIN_THREADS`` if set, else the CPUs this process may use that are idle now
+    (at least one). Busy cores are left out on purpose: a thread that must share a core with another
+    process stalls the others at every synchronisation, and a brain that takes 8 s on two idle cores
+    took 27 s on two threads against 13 s on one when another process held a core (measured).
+
+    Raises:
+        ValueError: ``threads`` (or ``$SYNTHBRAIN_THREADS``) is not a positive integer.
+    """
+    source = "`threads`"
+    if threads is None and os.environ.get("SYNTHBRAIN_THREADS"):
+        threads, source = os.environ["SYNTHBRAIN_THREADS"], "SYNTHBRAIN_THREADS"
+    try:
+        available = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        available = os.cpu_count() or 1
+    if threads is None:
+        idle = idle_cpus()
+        if idle is None:
+            return available
+        return max(1, min(available, int(idle + 0.35)))
+    try:
+        n = int(str(threads).strip()) if not isinstance(threads, bool) else 0
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"{source} must be a positive integer, got {threads!r}")
+    return n
+
+
+def cpu_description() -> dict[str, object]:
+    """The CPU as benchmarks and provenance name it: model, cores, capability, native bf16."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        import platform
+
+        model = platform.processor() or platform.machine()
+    return {
+        "cpu": model,
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16": native_bf16("cpu"),
+        "torch": torch.__version__,
+    }

@@ -1,0 +1,106 @@
+"""The numeric path and threads follow the hardware, can be forced, and are recorded."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import synth
+from synth.runtime import cpu_description, native_bf16, pick_threads, resolve_precision
+
+
+def test_auto_precision_follows_the_capability_the_machine_reports(monkeypatch):
+    monkeypatch.delenv("SYNTHBRAIN_PRECISION", raising=False)
+    native = torch.backends.cpu.get_cpu_capability().startswith("AVX512") and torch.cpu._is_avx512_bf16_supported()
+    assert native_bf16("cpu") == native
+    assert resolve_precision("auto", "cpu") == ("bf16" if native else "fp32")
+    assert resolve_precision(None, "cpu") == ("bf16" if native else "fp32")
+    assert resolve_precision("auto", "cpu", model_allows=False) == "fp32"  # a model never checked in bf16
+
+
+@pytest.mark.parametrize("fake_capability,fake_bf16,expected", [("AVX2", True, "fp32"), ("AVX2", False, "fp32"),
+                                                                 ("AVX512", False, "fp32"), ("AVX512", True, "bf16"),
+                                                                 ("DEFAULT", False, "fp32")])
+def test_auto_never_chooses_emulated_bf16(monkeypatch, fake_capability, fake_bf16, expected):
+    monkeypatch.delenv("SYNTHBRAIN_PRECISION", raising=False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: fake_capability)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: fake_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert resolve_precision("auto", "cpu") == expected
+
+
+def test_an_avx2_process_on_this_machine_picks_fp32():
+    """ATEN_CPU_CAPABILITY=avx2 is how an AVX2-only CPU is reproduced: the real check, in a real process."""
+    code = "import synth.runtime as r; print(r.resolve_precision('auto', 'cpu'), r.native_bf16('cpu'))"
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    env.pop("SYNTHBRAIN_PRECISION", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["fp32", "False"]
+
+
+def test_precision_can_be_forced_by_argument_and_environment(monkeypatch):
+    monkeypatch.setenv("SYNTHBRAIN_PRECISION", "bf16")
+    assert resolve_precision(None, "cpu") == "bf16"
+    assert resolve_precision("fp32", "cpu") == "fp32"  # the argument wins
+    monkeypatch.setenv("SYNTHBRAIN_PRECISION", "FP32")
+    assert resolve_precision(None, "cpu") == "fp32"
+    monkeypatch.setenv("SYNTHBRAIN_PRECISION", "half")
+    with pytest.raises(ValueError, match="SYNTHBRAIN_PRECISION must be auto, fp32 or bf16, got 'half'"):
+        resolve_precision(None, "cpu")
+    with pytest.raises(ValueError, match="`precision` must be auto, fp32 or bf16"):
+        resolve_precision("fp16", "cpu")
+
+
+def test_threads_are_checked_and_overridable(monkeypatch):
+    monkeypatch.delenv("SYNTHBRAIN_THREADS", raising=False)
+    assert pick_threads(3) == 3
+    assert 1 <= pick_threads() <= len(os.sched_getaffinity(0))
+    monkeypatch.setenv("SYNTHBRAIN_THREADS", "1")
+    assert pick_threads() == 1
+    for bad in (0, -2, "two", "1.5", True):
+        with pytest.raises(ValueError, match="must be a positive integer"):
+            pick_threads(bad)
+    monkeypatch.setenv("SYNTHBRAIN_THREADS", "0")
+    with pytest.raises(ValueError, match="SYNTHBRAIN_THREADS must be a positive integer"):
+        pick_threads()
+
+
+def test_threads_leave_out_a_busy_core():
+    """With another process spinning on one of two cores, the automatic choice is one thread."""
+    if len(os.sched_getaffinity(0)) != 2:
+        pytest.skip("needs exactly two CPUs")
+    from synth.runtime import idle_cpus
+
+    if (idle_cpus(0.3) or 0) < 1.7:
+        pytest.skip("this machine is already busy")
+    spin = subprocess.Popen([sys.executable, "-c", "import time\nt=time.time()\nwhile time.time()-t<20: pass"])
+    try:
+        import time
+
+        time.sleep(0.5)
+        assert pick_threads() == 1
+    finally:
+        spin.kill()
+        spin.wait()
+
+
+def test_cpu_description_names_the_hardware():
+    d = cpu_description()
+    assert d["capability"] == torch.backends.cpu.get_cpu_capability()
+    assert isinstance(d["native_bf16"], bool) and d["cores"] >= 1 and d["cpu"]
+
+
+def test_generate_records_the_precision_it_used_and_both_paths_give_a_brain(tiny_generator, monkeypatch):
+    monkeypatch.delenv("SYNTHBRAIN_PRECISION", raising=False)
+    cond = synth.Condition(age=60, sex="M")
+    fp32 = tiny_generator.generate(cond, seed=1, precision="fp32", threads=1)
+    bf16 = tiny_generator.generate(cond, seed=1, precision="bf16", threads=1)
+    assert fp32.provenance["precision"] == "fp32" and fp32.provenance["bf16"] is False
+    assert bf16.provenance["precision"] == "bf16" and bf16.provenance["bf16"] is True
+    assert fp32.image.shape == bf16.image.shape
+    # the tiny model's config does not allow bf16, so auto stays on fp32 whatever the CPU
+    assert tiny_generator.generate(cond, seed=1).provenance["precision"] == "fp32"
+    with pytest.raises(ValueError, match="`precision` must be auto, fp32 or bf16"):
+        tiny_generator.generate(cond, seed=1, precision="int8")
