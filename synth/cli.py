@@ -151,9 +151,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     gen = load_generator(args.model or DEFAULT_MODEL, device=args.device)
     for i, path in enumerate(paths):
         brain = gen.generate(cond, seed=args.seed + i, steps=args.steps, guidance_scale=args.guidance_scale,
+                             precision=args.precision, threads=args.threads, sampler=args.sampler,
                              progress=not args.quiet)
         brain.save(path)
-        print(f"wrote {path} and {sidecar_path(path)} (seed {args.seed + i}; synthetic, not for clinical use)")
+        prov = brain.provenance
+        print(f"wrote {path} and {sidecar_path(path)} (seed {args.seed + i}; {prov.get('sampler')} "
+              f"{prov.get('steps')} steps, {prov.get('precision')}; synthetic, not for clinical use)")
     return 0
 
 
@@ -251,7 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True, help="output NIfTI path (.nii.gz or .nii); a .json sidecar is written beside it")
     g.add_argument("--model", default=None, help=f"model name or folder (default {DEFAULT_MODEL})")
     g.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    g.add_argument("--steps", type=_steps, default=None, help="DDIM steps (default: the model's)")
+    g.add_argument("--steps", type=_steps, default=None, help="sampling steps (default: the model's)")
+    g.add_argument("--sampler", choices=("dpm++2m", "ddim"), default=None, help="sampler (default: the model's)")
+    g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
+                   help="numeric path: auto = bf16 only where the CPU/GPU computes it natively (default: "
+                        "$SYNTHBRAIN_PRECISION or auto)")
+    g.add_argument("--threads", type=_positive_int, default=None,
+                   help="CPU threads (default: $SYNTHBRAIN_THREADS or the idle cores)")
     g.add_argument("--guidance-scale", type=_guidance, default=None, help="classifier-free guidance (default: the model's)")
     g.add_argument("--force", action="store_true", help="overwrite existing files")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -325,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .tune import add_parser as add_tune_parser
 
     add_tune_parser(sub)
+    from .evaluate_cli import add_parser as add_evaluate_parser  # realism report; light at parse time
+
+    add_evaluate_parser(sub)
     return parser
 
 

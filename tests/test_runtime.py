@@ -104,3 +104,36 @@ def test_generate_records_the_precision_it_used_and_both_paths_give_a_brain(tiny
     assert tiny_generator.generate(cond, seed=1).provenance["precision"] == "fp32"
     with pytest.raises(ValueError, match="`precision` must be auto, fp32 or bf16"):
         tiny_generator.generate(cond, seed=1, precision="int8")
+
+
+def test_cli_generate_takes_precision_threads_and_sampler(tiny_model_dir, tmp_path, capsys):
+    import json
+
+    from synth.cli import main
+
+    out = tmp_path / "b.nii.gz"
+    assert main(["generate", "--age", "50", "--sex", "F", "--model", str(tiny_model_dir), "--out", str(out),
+                 "--precision", "fp32", "--threads", "1", "--sampler", "dpm++2m", "--steps", "3", "--quiet"]) == 0
+    side = json.loads(out.with_name("b.json").read_text())
+    prov = side.get("provenance", side)
+    assert prov["precision"] == "fp32" and prov["sampler"] == "DPM-Solver++(2M)" and prov["steps"] == 3
+    assert "fp32" in capsys.readouterr().out
+    for bad in (["--precision", "half"], ["--threads", "0"], ["--sampler", "euler"]):
+        assert main(["generate", "--age", "50", "--sex", "F", "--model", str(tiny_model_dir),
+                     "--out", str(tmp_path / "c.nii.gz"), *bad]) == 2
+        assert not (tmp_path / "c.nii.gz").exists()
+
+
+def test_segmenter_follows_the_same_precision_helper(monkeypatch):
+    from synth.anatomy.segmenter import Segmenter, SegmenterConfig, build_network
+    from synth.anatomy.testing import tiny_network
+
+    def make(**kw):
+        return Segmenter(SegmenterConfig(network=tiny_network()), build_network(tiny_network()), device="cpu", **kw)
+
+    monkeypatch.setenv("SYNTHBRAIN_PRECISION", "auto")
+    assert make().precision == resolve_precision("auto", "cpu")
+    assert make(precision="fp32").bf16 is False
+    assert make(bf16=True).precision == "bf16" and make(bf16=True).bf16 is True
+    monkeypatch.setenv("SYNTHBRAIN_PRECISION", "fp32")
+    assert make().bf16 is False

@@ -142,19 +142,26 @@ class Segmenter:
         device: ``auto`` (CUDA, MPS, then CPU), ``cpu``, ``cuda`` ...
         flip_tta: Average the prediction with that of the left-right mirrored image (labels swapped);
             about twice the time, a little more accurate and symmetric.
-        bf16: Run the network under bfloat16 autocast (CPU with avx512_bf16, CUDA); about twice as
-            fast on CPU; on 8 IXI test subjects the shipped model's mean Dice moved by 0.0002
-            (at most 0.0012 for one subject).
+        precision: ``auto`` (bf16 where the hardware computes it natively, else float32), ``fp32``
+            or ``bf16``; default ``$SYNTHBRAIN_PRECISION`` or ``auto`` (:mod:`synth.runtime`). bf16 is
+            about twice as fast on a CPU with native bf16; on 8 IXI test subjects the shipped model's
+            mean Dice moved by 0.0002 (at most 0.0012 for one subject).
+        bf16: Older spelling of ``precision`` (``True`` = ``"bf16"``, ``False`` = ``"fp32"``).
     """
 
     def __init__(self, config: SegmenterConfig, network: torch.nn.Module, *, device="auto", flip_tta: bool = True,
-                 bf16: bool = False):
+                 precision: str | None = None, bf16: bool | None = None):
         self.config = config
         self.grid = config.grid_obj
         self.device = _parse_device(device)
         self.network = network.to(self.device).eval()  # no_grad at inference; weights stay trainable
         self.flip_tta = bool(flip_tta)
-        self.bf16 = bool(bf16) and self.device.type in ("cpu", "cuda")
+        from ..runtime import resolve_precision
+
+        if bf16 is not None and precision is None:
+            precision = "bf16" if bf16 else "fp32"
+        self.precision = resolve_precision(precision, self.device)
+        self.bf16 = self.precision == "bf16" and self.device.type in ("cpu", "cuda")
         self._swap = torch.as_tensor(lr_swap_table(config.network["out_channels"]), device=self.device)
 
     @classmethod

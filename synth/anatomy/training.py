@@ -182,6 +182,9 @@ def _train(cfg: SegTrainConfig, data, val, progress: bool, log: Callable[[str], 
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
     swap = lr_swap_table(cfg.network["out_channels"])
     losslog = LossLog(run / "log.csv", ["loss", "lr", "val_dice"])
+    from ..train.common import training_bf16
+
+    cfg.bf16 = training_bf16(cfg.bf16, torch.device("cpu"))  # never emulated bf16
     model.train()
     bar = tqdm(total=cfg.steps, initial=step, desc="segmenter", disable=not progress)
     t0 = time.time() - elapsed
