@@ -106,3 +106,41 @@ def test_transformer_trains_on_codes_then_packages_into_a_generator(prepared, tm
     a, b = gen.generate(cond, seed=4), gen.generate(cond, seed=4)
     assert np.array_equal(a.image, b.image) and a.image.shape == (SIZE,) * 3
     assert a.provenance["backend"] == "vq" and "NOT FOR CLINICAL USE" in a.provenance["notice"]
+
+
+def test_decoder_only_keeps_encoder_and_codebook_and_caches_codes_for_the_transformer(prepared, tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    from synth.models.config import ModelConfig
+
+    ae_kwargs = ModelConfig.load(tiny_model_dir).autoencoder
+    dec_run, tf_run = tmp_path / "dec", tmp_path / "tf"
+
+    def cfg(steps):
+        c = vq_cfg(dec_run, prepared, steps=steps, decoder_only=True, init_autoencoder=str(tiny_model_dir))
+        c.vqvae = dict(c.vqvae, autoencoder=ae_kwargs, embedding_dim=ae_kwargs["latent_channels"])
+        return c
+
+    train_vqvae(cfg(1), progress=False)
+    first = torch.load(dec_run / "last.pt", weights_only=False)["state_dict"]
+    after = train_vqvae(cfg(3), progress=False)["state_dict"]  # resumed
+    ref = load_file(str(tiny_model_dir / "autoencoder.safetensors"))
+    for k, v in ref.items():
+        if k.startswith(("encoder", "quant_conv_mu")):
+            assert torch.equal(after[f"ae.{k}"], v.float()), k
+    assert all(torch.equal(first[k], after[k]) for k in first if k.startswith("quantizer."))
+    assert not torch.equal(first["ae.decoder.blocks.0.conv.weight"], after["ae.decoder.blocks.0.conv.weight"])
+    assert (dec_run / "train_codes.pt").is_file()
+    log = rows(dec_run / "losses.csv")
+    assert float(log[-1]["restarted"]) == 0 and float(log[-1]["commit"]) == 0
+    tcfg = TFTrainConfig(data_dir=str(prepared.root), vq_run=str(dec_run), run_dir=str(tf_run), steps=1, batch_size=2,
+                         bf16=False, engine="torch",
+                         transformer={"d_model": 16, "n_layers": 1, "n_heads": 2, "d_ff": 32, "attention": "linear",
+                                      "dropout": 0.0, "window": "slab"})
+    train_transformer(tcfg, progress=False)
+    reused = np.load(tf_run / "codes.npz")["codes"]
+    vqvae, _ = load_vqvae_run(dec_run)
+    from synth.vq.train import encode_codes
+
+    vols = np.stack([prepared.t1(r)[None] for r in prepared.subset("train", labelled=True)])
+    assert np.array_equal(reused, encode_codes(vqvae, vols, torch.device("cpu")))

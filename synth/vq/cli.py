@@ -117,7 +117,8 @@ def _cmd_train_vqvae(args: argparse.Namespace) -> int:
     vq.update(num_embeddings=args.codebook_size, embedding_dim=args.code_dim)
     cfg = VQTrainConfig(data_dir=args.data, run_dir=args.run, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                         bf16=not args.no_bf16, seed=args.seed, max_minutes=args.max_minutes, eval_every=args.eval_every,
-                        init_autoencoder=args.init_autoencoder, vqvae=vq)
+                        init_autoencoder=args.init_autoencoder, vqvae=vq, decoder_only=args.decoder_only,
+                        kmeans_volumes=args.kmeans_volumes)
     state = train_vqvae(cfg, progress=not args.quiet)
     print(f"VQ-VAE at step {state['step']} in {args.run}/last.pt (best validation PSNR {state['best_psnr']:.2f} dB)")
     return 0
@@ -205,6 +206,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                            help="start from an AutoencoderKL: a model folder (e.g. assets/models/synthbrain-ldm-2mm) or a run folder")
             t.add_argument("--codebook-size", type=_positive_int, default=512)
             t.add_argument("--code-dim", type=_positive_int, default=4)
+            t.add_argument("--decoder-only", action="store_true",
+                           help="freeze the encoder and the (k-means) codebook, train the decoder on cached codes")
+            t.add_argument("--kmeans-volumes", type=_positive_int, default=32,
+                           help="training volumes whose encoder outputs initialise the codebook (k-means)")
             t.add_argument("--eval-every", type=int, default=0,
                            help="every N steps, measure reconstruction in the brain on validation subjects (val.csv, best.pt)")
             t.set_defaults(func=_cmd_train_vqvae)

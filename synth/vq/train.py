@@ -61,6 +61,8 @@ class VQTrainConfig:
     eval_subjects: int = 8
     init_autoencoder: str | None = None
     kmeans_volumes: int = 32
+    kmeans_vectors: int = 200_000
+    decoder_only: bool = False
     vqvae: dict[str, Any] = field(default_factory=lambda: {**DEFAULT_VQVAE, "autoencoder": dict(DEFAULT_VQVAE["autoencoder"])})
 
 
@@ -101,12 +103,21 @@ def _load_autoencoder_state(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def _kmeans_init(model: VQVAE, volumes: np.ndarray, n: int, device: torch.device, seed: int) -> None:
+def _kmeans_init(model: VQVAE, volumes: np.ndarray, n: int, device: torch.device, seed: int, max_vectors: int) -> None:
     rng = np.random.default_rng(seed)
     pick = rng.choice(len(volumes), size=min(n, len(volumes)), replace=False)
     z = [model.encode_continuous(torch.from_numpy(volumes[i][None]).to(device)).float() for i in pick]
-    flat = torch.cat([t.movedim(1, -1).reshape(-1, t.shape[1]) for t in z])
-    model.quantizer.init_codebook(flat.cpu(), seed=seed)
+    flat = torch.cat([t.movedim(1, -1).reshape(-1, t.shape[1]) for t in z]).cpu()
+    if len(flat) > max_vectors:
+        flat = flat[torch.from_numpy(rng.choice(len(flat), size=max_vectors, replace=False))]
+    model.quantizer.init_codebook(flat, seed=seed)
+
+
+def _freeze_encoder(model: VQVAE) -> None:
+    """Decoder-only training: the encoder, its 1x1 convolutions and the codebook stay as they are."""
+    for m in (model.ae.encoder, model.ae.quant_conv_mu, model.ae.quant_conv_log_sigma, model.pre):
+        m.requires_grad_(False)
+    model.quantizer.eval()  # no EMA updates
 
 
 @torch.no_grad()
@@ -151,6 +162,8 @@ def train_vqvae(cfg: VQTrainConfig, *, volumes: np.ndarray | None = None, val: t
             rows = data.subset("val")[: cfg.eval_subjects]
             val = (np.stack([data.t1(r)[None] for r in rows]), np.stack([data.labels(r) > 0 for r in rows]))
     model = build_vqvae(cfg.vqvae).to(ctx.device)
+    if cfg.decoder_only:
+        _freeze_encoder(model)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     ckpt = Checkpointer(cfg.run_dir)
     state = ckpt.resume()
@@ -164,7 +177,8 @@ def train_vqvae(cfg: VQTrainConfig, *, volumes: np.ndarray | None = None, val: t
     else:
         if cfg.init_autoencoder:
             model.ae.load_state_dict(_load_autoencoder_state(cfg.init_autoencoder))
-        _kmeans_init(model, volumes, cfg.kmeans_volumes, ctx.device, cfg.seed)
+        _kmeans_init(model, volumes, cfg.kmeans_volumes, ctx.device, cfg.seed, cfg.kmeans_vectors)
+    cached = _code_cache(model, volumes, Path(cfg.run_dir), ctx) if cfg.decoder_only else None
     net = torch.nn.parallel.DistributedDataParallel(model) if ctx.world_size > 1 else model
     fields = ["loss", "l1", "grad", "commit", "perplexity", "live_codes", "restarted", "lr"]
     log = LossLog(Path(cfg.run_dir) / "losses.csv", fields) if ctx.is_main else None
@@ -175,10 +189,15 @@ def train_vqvae(cfg: VQTrainConfig, *, volumes: np.ndarray | None = None, val: t
         lr = clock.set_lr(opt, step)
         idx = rng.integers(0, len(volumes), size=cfg.batch_size)
         x = torch.from_numpy(volumes[idx]).to(ctx.device)
-        if rng.random() < 0.5:  # left-right flip
+        flip = rng.random() < 0.5
+        if flip:  # left-right flip
             x = torch.flip(x, dims=[2])
         with autocast(ctx.device, cfg.bf16):
-            out = net(x)
+            if cached is not None:  # fixed codes: only the decoder runs
+                codes = cached[int(flip)][torch.from_numpy(idx)].to(ctx.device)
+                out = _decoded(net, codes)
+            else:
+                out = net(x)
         recon = out.reconstruction.float()
         l1 = F.l1_loss(recon, x)
         gl = gradient_l1(recon, x)
@@ -188,11 +207,12 @@ def train_vqvae(cfg: VQTrainConfig, *, volumes: np.ndarray | None = None, val: t
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         restarted = 0
-        if cfg.restart_every and (step + 1) % cfg.restart_every == 0:
+        if cfg.restart_every and cached is None and (step + 1) % cfg.restart_every == 0:
             with torch.no_grad(), autocast(ctx.device, cfg.bf16):
                 z = model.encode_continuous(x)
             restarted = model.quantizer.restart_dead(z, gen)
-        live = int((model.quantizer.ema_count >= model.quantizer.dead_threshold).sum())
+        live = (int((model.quantizer.ema_count >= model.quantizer.dead_threshold).sum()) if cached is None
+                else int(torch.unique(cached).numel()))
         if ctx.is_main:
             log.log(step + 1, loss=loss.item(), l1=l1.item(), grad=gl.item(), commit=out.commitment.item(),
                     perplexity=out.perplexity.item(), live_codes=live, restarted=restarted, lr=lr)
@@ -214,6 +234,38 @@ def train_vqvae(cfg: VQTrainConfig, *, volumes: np.ndarray | None = None, val: t
     final = _vq_state(model, opt, step + 1 if cfg.steps > start else start, cfg, best)
     final["params"] = count_parameters(model)
     return final
+
+
+def _decoded(net, codes: torch.Tensor):
+    from .vqvae import VQVAEOutput
+
+    model = net.module if hasattr(net, "module") else net
+    counts = torch.bincount(codes.flatten(), minlength=model.num_embeddings).float()
+    p = counts / counts.sum()
+    ppl = torch.exp(-(p * torch.log(p + 1e-10)).sum())
+    return VQVAEOutput(model.decode_codes(codes), codes, torch.zeros(()), ppl)
+
+
+def _code_cache(model: VQVAE, volumes: np.ndarray, run: Path, ctx) -> torch.Tensor:
+    """Codes of every training volume and of its mirror, (2, N, x, y, z), computed once (frozen encoder
+    and codebook) and kept in ``run/train_codes.pt`` (with the codebook it belongs to)."""
+    path = run / "train_codes.pt"
+    if path.is_file():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved["codes"].shape[1] == len(volumes) and torch.equal(saved["codebook"], model.quantizer.codebook.cpu()):
+            return saved["codes"].long()
+    out = []
+    for flip in (False, True):
+        codes = []
+        for v in volumes:
+            x = torch.from_numpy(v[None]).to(ctx.device)
+            codes.append(model.encode(torch.flip(x, dims=[2]) if flip else x).cpu())
+        out.append(torch.cat(codes))
+    codes = torch.stack(out)
+    if ctx.is_main:
+        with atomic_path(path) as tmp:
+            torch.save({"codes": codes.to(torch.int16), "codebook": model.quantizer.codebook.cpu()}, tmp)
+    return codes
 
 
 def _append_csv(path: Path, row: dict) -> None:
@@ -256,6 +308,22 @@ def encode_codes(model: VQVAE, volumes: np.ndarray, device: torch.device, mirror
     return np.stack(out)
 
 
+def _reuse_vq_codes(vq_run: str | Path, vqvae: VQVAE, data: PreparedData, rows: list[dict]) -> np.ndarray | None:
+    """The codes a decoder-only VQ-VAE run cached for the training split (same codebook), in the
+    order of ``rows`` (originals, then mirrors), or ``None``."""
+    path = Path(vq_run) / "train_codes.pt"
+    if not path.is_file():
+        return None
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    all_rows = data.subset("train")
+    if saved["codes"].shape[1] != len(all_rows) or not torch.equal(saved["codebook"], vqvae.quantizer.codebook.cpu()):
+        return None
+    where = {r["mrid"]: i for i, r in enumerate(all_rows)}
+    keep = [where[r["mrid"]] for r in rows]
+    codes = saved["codes"][:, keep].flatten(2)  # (2, N, L)
+    return torch.cat([codes[0], codes[1]]).numpy().astype(np.int16)
+
+
 def train_transformer(cfg: TFTrainConfig, *, rows: list[dict] | None = None, volumes: np.ndarray | None = None,
                       progress: bool = True) -> dict:
     """Train (or resume) the code transformer on the VQ-VAE's codes of the training split.
@@ -280,6 +348,11 @@ def train_transformer(cfg: TFTrainConfig, *, rows: list[dict] | None = None, vol
     cache = run / "codes.npz"
     if cache.is_file():
         codes = np.load(cache)["codes"]
+    elif volumes is None and (reused := _reuse_vq_codes(cfg.vq_run, vqvae, data, rows)) is not None:
+        codes = reused
+        if ctx.is_main:
+            with atomic_path(cache) as tmp:
+                np.savez(tmp, codes=codes)
     else:
         if volumes is None:
             volumes = np.stack([data.t1(r)[None] for r in rows]).astype(np.float32)
