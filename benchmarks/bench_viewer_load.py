@@ -241,7 +241,7 @@ def load_test(models: str | Path, sessions: int = 8, env: dict | None = None, ti
 
 
 # -- soak ---------------------------------------------------------------------------------------
-def soak(model: str | Path | None, n: int = 200, every: int = 20, segmenter: str | None = None) -> dict:
+def soak(model: str | Path | None, n: int = 200, every: int = 20, segmenter: str | None = None, steps: int | None = None) -> dict:
     """``n`` generations (+ segmentation and the NiiVue bytes) in this process; RSS every ``every``."""
     import synth
     from viewer import niivue, render, service
@@ -258,7 +258,7 @@ def soak(model: str | Path | None, n: int = 200, every: int = 20, segmenter: str
     points.append((0, rss_mb(os.getpid(), children=False)))
     for i in range(1, n + 1):
         request = service.parse_request(model=name, age=20 + (i * 7) % 70, sex="FM"[i % 2], diagnosis=("CN", "MCI", "AD")[i % 3],
-                                        seed=1000 + i, models=[name])
+                                        seed=1000 + i, models=[name], steps=steps)
         t = time.perf_counter()
         out = service.run_generation(gen, request, segmenter=seg)
         niivue.t1_bytes(out.brain.image, out.brain.affine)
@@ -272,6 +272,8 @@ def soak(model: str | Path | None, n: int = 200, every: int = 20, segmenter: str
             print(f"  {i:4d} generations: RSS {points[-1][1]:.0f} MB, median {statistics.median(times):.2f} s each", flush=True)
     first = points[1][1] if len(points) > 1 else points[0][1]
     return {
+        "model": name,
+        "steps": steps or "model default",
         "generations": n,
         "rss_mb": [(i, round(v, 1)) for i, v in points],
         "growth_after_first_block_mb": round(points[-1][1] - first, 1),
@@ -301,6 +303,7 @@ def main() -> int:
     p.add_argument("--sessions", type=int, default=0, help="concurrent browser sessions (0: no load test)")
     p.add_argument("--soak", type=int, default=0, help="generations in one process (0: no soak)")
     p.add_argument("--every", type=int, default=20, help="measure memory every this many soak generations")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps in the soak (default: the model's)")
     p.add_argument("--models", default=str(ROOT / "assets" / "models"), help="models folder for the load test")
     p.add_argument("--tiny", action="store_true", help="use a freshly made tiny model instead")
     p.add_argument("--json", help="write the figures here")
@@ -317,7 +320,8 @@ def main() -> int:
         print(json.dumps(report["load"], indent=2))
     if args.soak:
         model = (Path(models) / "tiny-test-model") if args.tiny else None
-        report["soak"] = soak(model, args.soak, args.every, env.get("SYNTHBRAIN_SEGMENTER") and str(Path(models) / env["SYNTHBRAIN_SEGMENTER"]))
+        seg = env.get("SYNTHBRAIN_SEGMENTER") and str(Path(models) / env["SYNTHBRAIN_SEGMENTER"])
+        report["soak"] = soak(model, args.soak, args.every, seg, args.steps)
         print(json.dumps(report["soak"], indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
