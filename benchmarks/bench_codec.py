@@ -203,7 +203,7 @@ def main() -> None:
         dv = "/".join(f"{m[f'dvol_{k}']:.1f}" for k in SEG_KEYS) if "dvol_brain" in m else "-"
         ps = f"{m['psnr']:7.2f} {m['ssim']:6.3f}" if "psnr" in m else f"{'-':>7s} {'-':>6s}"
         if m.get("over_budget"):
-            name = f"{name} (>{100 * m['over_budget']:.0f}% over)"
+            name = f"{name} ({100 * m['over_budget']:.0f}% larger)"
         print(f"{name:26s} {m['bytes']:8.0f} {m['pct_uint8']:8.2f} {m['pct_niigz']:9.2f} {ps} {dv:>21s} "
               f"{m['t_compress']:7.2f} {m['t_decompress']:6.2f}")
     if args.out:
