@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..brain import SyntheticBrain
+from ..brain import BACKGROUND_NOTE, SyntheticBrain, zero_background
 from ..condition import Condition
 from ..generators import ProgressFn, encode_covariates, pick_device
 from ..grid import Grid
@@ -35,6 +35,18 @@ def state_hash(*modules: torch.nn.Module) -> str:
             h.update(str(tuple(t.shape)).encode())
             h.update(t.contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def _model_reference(source: str) -> str:
+    from ..provenance import model_reference
+
+    return model_reference(source)
+
+
+def _step(command: str, **details) -> dict:
+    from ..provenance import step
+
+    return step(command, **details)
 
 
 def _load_weights(module: torch.nn.Module, path: Path) -> None:
@@ -180,7 +192,7 @@ class VQBrainGenerator:
                              threads=threads, progress=callback)
         if bar:
             bar.close()
-        image = self.decode_codes(codes.view(self.code_shape()))
+        image = zero_background(self.decode_codes(codes.view(self.code_shape())))
         affine = self.grid.affine if self.grid else np.eye(4)
         provenance = {
             "generator": "SynthBrain",
@@ -188,15 +200,19 @@ class VQBrainGenerator:
             "backend": self.backend,
             "model": self.config.name,
             "model_version": self.config.version,
-            "model_source": self.source,
+            "model_source": _model_reference(self.source),
             "sampler": f"autoregressive, raster order ({self.transformer.config['attention']} attention, {self.engine})",
             "guidance_scale": guidance_scale,
             "temperature": temperature,
             "top_k": top_k,
+            "engine": self.engine,
+            "precision": "fp32",
             "device": str(self.device),
             "space": "MNI152 (RAS), affine in the NIfTI header",
             "intensity": "T1-weighted, scaled to [0, 1], skull-stripped",
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "background": BACKGROUND_NOTE,
             "notice": SYNTHETIC_NOTICE,
+            "history": [_step("generate", model=self.config.name, seed=int(seed))],
         }
         return SyntheticBrain(image, affine, condition, int(seed), self.targets(condition), provenance)
