@@ -155,8 +155,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                              progress=not args.quiet)
         brain.save(path)
         prov = brain.provenance
-        print(f"wrote {path} and {sidecar_path(path)} (seed {args.seed + i}; {prov.get('sampler')} "
-              f"{prov.get('steps')} steps, {prov.get('precision')}; synthetic, not for clinical use)")
+        how = f"{prov.get('sampler')} {prov.get('steps')} steps" if "steps" in prov else prov.get("sampler")  # vq: no steps
+        print(f"wrote {path} and {sidecar_path(path)} (seed {args.seed + i}; {how}, {prov.get('precision')}; "
+              "synthetic, not for clinical use)")
     return 0
 
 
@@ -221,10 +222,10 @@ def _cmd_package(args: argparse.Namespace) -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from .pipeline import available_models, models_dir
+    from .generators import available_models, models_dir
 
-    for name in available_models():
-        print(name)
+    for m in available_models(details=True):
+        print(f"{m.name}\t{m.backend}\t{m.version}")
     if not available_models():
         print(f"no models in {models_dir()}", file=sys.stderr)
     return 0
