@@ -144,6 +144,15 @@ class VQBrainGenerator:
         img = self.vqvae.decode_codes(codes[None].to(self.device))
         return img.float().clamp_(0, 1)[0, 0].cpu().numpy()
 
+    def encode(self, image: np.ndarray, bf16: bool = False) -> torch.Tensor:
+        """The (x, y, z) codes of an (X, Y, Z) volume in [0, 1] (the image -> representation half
+        every backend offers; ``bf16`` is accepted for the common signature: assignments are float32)."""
+        return self.encode_image(image)
+
+    def decode(self, codes: torch.Tensor, bf16: bool = False) -> np.ndarray:
+        """(x, y, z) codes -> (X, Y, Z) float32 volume in [0, 1]."""
+        return self.decode_codes(codes)
+
     # -- sampling -----------------------------------------------------------------------------
     def generate(
         self,
