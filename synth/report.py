@@ -1,0 +1,593 @@
+"""``synthbrain evaluate``: measure any generator against held-out real scans; Markdown + figures + JSON.
+
+:func:`run_evaluation` generates one brain per held-out subject (its age and sex, the model's
+default sampling settings), a few seeds per condition for diversity, and measures them with
+:mod:`synth.realism` (FID/KID on a trained feature network beside the real-train yardstick, a
+classifier two-sample test, brain age, MS-SSIM diversity, nearest-training privacy), the volume
+study (:func:`synth.evaluate.volume_agreement` on the segmented samples) and the texture
+statistics of :mod:`synth.metrics` (sharpness, tissue contrast; not evidence of realism on their
+own). :func:`write_report` writes ``report.md``, one PNG per figure and ``report.json`` holding
+every number and the data behind every figure, with the generator's provenance and the
+synthetic notice. Generated volumes are never written.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from . import provenance as _prov
+from . import realism as R
+from .brain import brain_mask
+from .condition import TRAINING_AGE_RANGE, Condition
+from .io import SYNTHETIC_NOTICE, write_json
+from .metrics import intensity_distance, sharpness
+from .version import __version__
+
+__all__ = ["EvalOptions", "run_evaluation", "write_report", "FIGURES"]
+
+Log = Callable[[str], None]
+IXI_CREDIT = "real scans: IXI dataset, CC BY-SA 3.0"
+# figure name -> what it shows (every one is written, with its data in report.json)
+FIGURES = {
+    "side_by_side": "held-out real subjects beside generated brains of the same age and sex, same slices",
+    "realism": "FID, KID and classifier two-sample accuracy, samples against the real-train yardstick",
+    "brain_age": "predicted against requested age (samples) and true age (held-out real)",
+    "volumes": "requested against measured volumes (samples) and table against segmenter (held-out real)",
+    "diversity": "MS-SSIM between samples of one condition and between age-matched real subjects",
+    "privacy": "each image's highest correlation with a training subject, samples and held-out real",
+    "closest_pair": "the sample closest to a training subject, beside that subject",
+}
+
+
+@dataclass
+class EvalOptions:
+    """What :func:`run_evaluation` measures and how much.
+
+    Args:
+        splits: Held-out splits of the prepared data (real reference set).
+        n_samples: Generated brains for the distribution tests (default: one per held-out subject,
+            their ages and sexes; more cycle through the subjects).
+        seed: Seed of the first sample (then seed + 1, ...).
+        diversity_conditions: Conditions (held-out subjects' ages and sexes, spread over ages) for MS-SSIM.
+        diversity_seeds: Brains per diversity condition.
+        c2st_folds: Cross-validation folds of the classifier two-sample tests.
+        c2st_steps: Training steps of the CNN classifier per fold.
+        kid_subsets: Random subsets for KID's mean and spread.
+        yardstick_draws: Random draws of real-train subjects (as many as samples) for the yardstick.
+        segmenter: Segmenter name or folder for the volume study; ``None`` skips it.
+        generate_options: Passed to ``gen.generate`` (default: the model's own settings).
+        max_real_pairs_gap: Largest age gap (years) of a same-sex real pair for diversity.
+    """
+
+    splits: tuple[str, ...] = ("val", "test")
+    n_samples: int | None = None
+    seed: int = 0
+    diversity_conditions: int = 4
+    diversity_seeds: int = 4
+    c2st_folds: int = 5
+    c2st_steps: int = 150
+    kid_subsets: int = 100
+    yardstick_draws: int = 10
+    segmenter: str | None = "synthbrain-seg-2mm"
+    generate_options: dict[str, Any] = field(default_factory=dict)
+    max_real_pairs_gap: float = 5.0
+
+
+def _condition(row: dict) -> Condition:
+    lo, hi = TRAINING_AGE_RANGE
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return Condition(age=float(min(max(row["age"], lo), hi)), sex=row["sex"])
+
+
+def _generate(gen, conditions: Sequence[Condition], seeds: Sequence[int], opts: dict, log: Log, what: str):
+    out, t0 = [], time.time()
+    for i, (c, s) in enumerate(zip(conditions, seeds)):
+        out.append(gen.generate(c, seed=int(s), progress=None, **opts))
+        if (i + 1) % 5 == 0 or i + 1 == len(seeds):
+            log(f"  {what}: {i + 1}/{len(seeds)} brains ({time.time() - t0:.0f} s)")
+    return out
+
+
+def _real_pairs(rows: Sequence[dict], gap: float) -> list[tuple[int, int]]:
+    pairs = [(i, j) for i in range(len(rows)) for j in range(i + 1, len(rows))
+             if rows[i]["sex"] == rows[j]["sex"] and abs(rows[i]["age"] - rows[j]["age"]) <= gap]
+    return pairs
+
+
+def _distances(feats: dict[str, np.ndarray], n: int, opts: EvalOptions) -> dict[str, Any]:
+    """FID / KID of samples vs held-out, beside real-train subsets of the same size vs held-out."""
+    ref, smp, trn = feats["heldout"], feats["samples"], feats["train"]
+    rng = np.random.default_rng(opts.seed)
+    out: dict[str, Any] = {"n_samples": len(smp), "n_heldout": len(ref), "n_train": len(trn),
+                           "samples": {"fid": R.frechet_distance(smp, ref),
+                                       "kid": R.kernel_distance(smp, ref, opts.kid_subsets, seed=opts.seed)}}
+    fids, kids = [], []
+    for d in range(opts.yardstick_draws if len(trn) > n else 1):
+        pick = rng.choice(len(trn), min(n, len(trn)), replace=False)
+        fids.append(R.frechet_distance(trn[pick], ref))
+        kids.append(R.kernel_distance(trn[pick], ref, opts.kid_subsets, seed=opts.seed + d)["mean"])
+    out["yardstick"] = {"what": f"{min(n, len(trn))} real training subjects (random draws) vs held-out real",
+                        "draws": len(fids), "fid": float(np.mean(fids)), "fid_range": [float(min(fids)), float(max(fids))],
+                        "kid": float(np.mean(kids)), "kid_range": [float(min(kids)), float(max(kids))],
+                        "fid_all_train": R.frechet_distance(trn, ref)}
+    y = out["yardstick"]
+    out["fid_ratio"] = out["samples"]["fid"] / y["fid"] if y["fid"] > 0 else float("inf")
+    out["kid_ratio"] = out["samples"]["kid"]["mean"] / y["kid"] if y["kid"] > 0 else float("nan")
+    return out
+
+
+def _volumes(samples, real_imgs, held_rows, segmenter_name: str, device: str, log: Log) -> dict[str, Any]:
+    from .anatomy import load_segmenter, measure_volumes
+    from .evaluate import volume_agreement
+
+    seg = load_segmenter(segmenter_name, device=device)
+    keys = ("lateral_ventricles", "hippocampus", "brain")
+    req, got = {k: [] for k in keys}, {k: [] for k in keys}
+    for b in samples:
+        v = measure_volumes(seg.segment(b.image))
+        for k in keys:
+            req[k].append(b.targets[k])
+            got[k].append(v[k] / v["icv"])
+    table, meas = {k: [] for k in keys}, {k: [] for k in keys}
+    for r, x in zip(held_rows, real_imgs):
+        if any(r.get(k) is None for k in (*keys, "icv")):
+            continue
+        v = measure_volumes(seg.segment(x))
+        for k in keys:
+            table[k].append(r[k] / r["icv"])
+            meas[k].append(v[k] / v["icv"])
+    log(f"  volumes: {len(samples)} samples and {len(table['brain'])} real subjects segmented")
+    out = {"segmenter": segmenter_name, "structures": list(keys), "samples": {}, "segmenter_on_heldout_real": {},
+           "data": {"requested": req, "measured": got, "real_table": table, "real_measured": meas}}
+    for k in keys:
+        out["samples"][k] = volume_agreement(req[k], got[k])
+        if len(table[k]) > 1:
+            out["segmenter_on_heldout_real"][k] = volume_agreement(table[k], meas[k])
+    return out
+
+
+def run_evaluation(gen, data, features: R.FeatureModel, options: EvalOptions | None = None,
+                   log: Log = print) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Measure ``gen`` (any object with the generator API) against the held-out subjects of ``data``.
+
+    Returns:
+        ``(results, arrays)``: the JSON-able results (every number, the data behind every figure)
+        and the images the figures need (``real``, ``samples``, ``train`` lists of volumes).
+    """
+    o = options or EvalOptions()
+    t0 = time.time()
+    held_rows = [r for s in o.splits for r in data.subset(s, labelled=True)]
+    train_rows = data.subset("train", labelled=True)
+    if len(held_rows) < 4 or len(train_rows) < 4:
+        raise ValueError(f"need at least 4 labelled held-out ({'+'.join(o.splits)}) and 4 training subjects, "
+                         f"got {len(held_rows)} and {len(train_rows)} in {data.root}")
+    n = int(o.n_samples or len(held_rows))
+    if n < 4:
+        raise ValueError(f"`n_samples` must be at least 4, got {n}")
+    real = [data.t1(r) for r in held_rows]
+    features.check_shape(real[0].shape, "the prepared volumes")
+    log(f"held-out real: {len(real)} subjects ({'+'.join(o.splits)}); loading {len(train_rows)} training subjects")
+    train = [data.t1(r) for r in train_rows]
+
+    # 1. samples: one per held-out subject (age, sex), the model's default sampling settings
+    match_rows = [held_rows[i % len(held_rows)] for i in range(n)]
+    samples = _generate(gen, [_condition(r) for r in match_rows], [o.seed + i for i in range(n)],
+                        o.generate_options, log, "samples")
+    features.check_shape(samples[0].image.shape, "the generated brains")
+    order = np.argsort([r["age"] for r in held_rows])
+    div_rows = [held_rows[order[i]] for i in np.linspace(0, len(order) - 1, o.diversity_conditions).round().astype(int)]
+    div = [_generate(gen, [_condition(r)] * o.diversity_seeds, [o.seed + 100_000 + 1000 * c + j for j in range(o.diversity_seeds)],
+                     o.generate_options, log, f"diversity condition {c + 1}") for c, r in enumerate(div_rows)]
+    t_gen = time.time() - t0
+    s_imgs = [b.image for b in samples]
+
+    # 2. features, distances, brain age and sex
+    pred = {k: features.predict(v) for k, v in (("heldout", real), ("samples", s_imgs), ("train", train))}
+    feats = {k: v["features"] for k, v in pred.items()}
+    res: dict[str, Any] = {"distances": _distances(feats, n, o)}
+    log(f"  FID samples {res['distances']['samples']['fid']:.3g} vs yardstick {res['distances']['yardstick']['fid']:.3g}")
+    req_age = [c.age for c in (b.condition for b in samples)]
+    res["brain_age"] = {"samples": R.brain_age(pred["samples"]["age"], req_age),
+                        "heldout_real": R.brain_age(pred["heldout"]["age"], [r["age"] for r in held_rows]),
+                        "data": {"requested": req_age, "predicted_samples": pred["samples"]["age"].tolist(),
+                                 "true_heldout": [r["age"] for r in held_rows], "predicted_heldout": pred["heldout"]["age"].tolist()}}
+    res["sex"] = {"samples_accuracy": float(np.mean((pred["samples"]["p_male"] > 0.5) == np.array([b.condition.sex == "M" for b in samples]))),
+                  "heldout_accuracy": float(np.mean((pred["heldout"]["p_male"] > 0.5) == np.array([r["sex"] == "M" for r in held_rows])))}
+
+    # 3. classifier two-sample tests
+    log("  classifier two-sample test (3D CNN, cross-validated)")
+    cnn = R.c2st(real, s_imgs, folds=o.c2st_folds, steps=o.c2st_steps, seed=o.seed, log=log)
+    bank = {k: R.random_conv_features(v) for k, v in (("heldout", real), ("samples", s_imgs), ("train", train))}
+    rng = np.random.default_rng(o.seed)
+    pick = rng.choice(len(train), min(len(train), len(real)), replace=False)
+    res["c2st"] = {
+        "cnn": cnn.to_dict(),
+        "logistic_features": R.c2st_logistic(feats["heldout"], feats["samples"], o.c2st_folds, o.seed, "the feature network's features").to_dict(),
+        "logistic_random_conv": R.c2st_logistic(bank["heldout"], bank["samples"], o.c2st_folds, o.seed, "a fixed random-convolution bank").to_dict(),
+        "yardstick_logistic_features": R.c2st_logistic(feats["heldout"], feats["train"][pick], o.c2st_folds, o.seed,
+                                                       "features, real training subjects vs held-out real").to_dict(),
+        "yardstick_logistic_random_conv": R.c2st_logistic(bank["heldout"], bank["train"][pick], o.c2st_folds, o.seed,
+                                                          "random-conv bank, real training subjects vs held-out real").to_dict(),
+    }
+    log(f"  C2ST accuracy: CNN {cnn.accuracy:.3f}, logistic on features {res['c2st']['logistic_features']['accuracy']:.3f}, "
+        f"on random-conv bank {res['c2st']['logistic_random_conv']['accuracy']:.3f}")
+
+    # 4. diversity
+    s_pairs = [(g[i].image, g[j].image) for g in div for i in range(len(g)) for j in range(i + 1, len(g))]
+    gap = o.max_real_pairs_gap
+    rp = _real_pairs(held_rows, gap)
+    while len(rp) < 3 and gap < 80:
+        gap *= 2
+        rp = _real_pairs(held_rows, gap)
+    ms_s, ms_r = R.ms_ssim_pairs(s_pairs), R.ms_ssim_pairs([(real[i], real[j]) for i, j in rp])
+    res["diversity"] = {"samples_mean": float(np.mean(ms_s)) if ms_s else float("nan"), "real_mean": float(np.mean(ms_r)) if ms_r else float("nan"),
+                        "n_sample_pairs": len(ms_s), "n_real_pairs": len(rp), "real_pairs_max_age_gap": gap,
+                        "conditions": [_condition(r).to_dict() for r in div_rows], "seeds_per_condition": o.diversity_seeds,
+                        "data": {"samples": ms_s, "real": ms_r}}
+    res["diversity"]["difference"] = res["diversity"]["samples_mean"] - res["diversity"]["real_mean"]
+
+    # 5. privacy: nearest training subject by correlation in the brain, and in feature space
+    region = R.brain_region(train)
+    nn_s, nn_h = R.nearest_training(s_imgs, train, region), R.nearest_training(real, train, region)
+    mu, sd = feats["train"].mean(0), feats["train"].std(0) + 1e-8
+
+    def fdist(q):
+        d = np.linalg.norm(((q - mu) / sd)[:, None] - ((feats["train"] - mu) / sd)[None], axis=2)
+        return d.min(1)
+
+    top = np.argsort(-nn_s["r"])[:3]
+    res["privacy"] = {**R.privacy_summary(nn_s["r"], nn_h["r"]),
+                      "feature_nn_distance": {"samples_median": float(np.median(fdist(feats["samples"]))),
+                                              "heldout_median": float(np.median(fdist(feats["heldout"])))},
+                      "closest_pairs": [{"sample": int(i), "sample_condition": samples[i].condition.to_dict(), "sample_seed": samples[i].seed,
+                                         "train_mrid": train_rows[int(nn_s["index"][i])]["mrid"], "r": float(nn_s["r"][i])} for i in top],
+                      "region_voxels": int(region.sum()),
+                      "data": {"samples": nn_s["r"].tolist(), "heldout": nn_h["r"].tolist()}}
+
+    # 6. volumes (the existing study's measure, on these samples)
+    if o.segmenter:
+        res["volumes"] = _volumes(samples, real, held_rows, o.segmenter, str(getattr(gen, "device", "cpu")), log)
+
+    # 7. texture statistics: not evidence of realism on their own
+    sh_s = [sharpness(b.image, brain_mask(b.image)) for b in samples]
+    sh_r = [sharpness(x, x > 0) for x in real]
+    d_s = [intensity_distance(b.image, brain_mask(b.image), real[i % len(real)], real[i % len(real)] > 0) for i, b in enumerate(samples)]
+    d_r = [intensity_distance(x, x > 0, y, y > 0) for x, y in zip(real, real[1:] + real[:1])]
+    res["texture"] = {"sharpness_samples": float(np.mean(sh_s)), "sharpness_real": float(np.mean(sh_r)),
+                      "sharpness_ratio": float(np.mean(sh_s) / np.mean(sh_r)),
+                      "intensity_distance_samples_to_matched_real": float(np.mean(d_s)),
+                      "intensity_distance_real_to_real": float(np.mean(d_r)),
+                      "note": "texture statistics: a blotchy texture can match them; not evidence of realism on their own"}
+
+    first = samples[0].provenance
+    carried = {k: first[k] for k in _prov.CARRIED_FIELDS if k in first and k not in ("seed", "condition", "created", "source")}
+    prov = _prov.extend({**carried, "notice": SYNTHETIC_NOTICE, "synthetic": True, "history": list(first.get("history", []))},
+                        "evaluate", n_samples=n, first_seed=o.seed, splits="+".join(o.splits), features=features.source)
+    try:
+        from .runtime import cpu_description
+
+        hw = cpu_description()
+    except Exception:  # pragma: no cover - description only
+        hw = {}
+    results = {
+        "notice": SYNTHETIC_NOTICE, "synthetic": True, "synth_version": __version__,
+        "date": time.strftime("%Y-%m-%d"), "provenance": prov,
+        "generator": {"name": first.get("model"), "version": first.get("model_version"), "backend": getattr(gen, "backend", "?"),
+                      "sampler": first.get("sampler"), "steps": first.get("steps"), "guidance_scale": first.get("guidance_scale"),
+                      "precision": first.get("precision"), "device": first.get("device")},
+        "features": {k: features.config.get(k) for k in ("name", "version", "channels", "pool", "input_shape", "training_steps",
+                                                          "held_out", "weights_sha256")} | {"source": features.source},
+        "data": {"root": Path(data.root).name, "heldout_splits": list(o.splits), "n_heldout": len(held_rows), "n_train": len(train_rows),
+                 "heldout_ages": [r["age"] for r in held_rows], "heldout_sexes": [r["sex"] for r in held_rows]},
+        "options": asdict(o), "hardware": hw,
+        "seconds": {"generation": round(t_gen, 1), "total": round(time.time() - t0, 1)},
+        **res,
+    }
+    matched = [int(i) for i in order if i < n]  # held-out subjects that have their own sample
+    side = [matched[k] for k in np.linspace(0, len(matched) - 1, min(4, len(matched))).round().astype(int)]
+    arrays = {"real": real, "samples": samples, "train": train, "train_rows": train_rows, "held_rows": held_rows,
+              "side_by_side": side, "closest": int(top[0]), "closest_train": int(nn_s["index"][top[0]])}
+    return results, arrays
+
+
+# ----------------------------------------------------------------------------- figures and Markdown
+
+
+def _slices(img: np.ndarray) -> list[np.ndarray]:
+    """Axial, coronal and sagittal slices (mid-brain; axial just above the ventricles' centre)."""
+    x, y, z = img.shape[0] // 2, img.shape[1] // 2, round(0.5625 * img.shape[2])
+    return [img[:, :, z].T, img[:, y, :].T, img[x, :, :].T]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    from .io import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    _plt().close(fig)
+
+
+def _fig_side_by_side(res, arr, path: Path) -> dict:
+    plt = _plt()
+    idx = arr["side_by_side"]
+    fig, axes = plt.subplots(len(idx), 6, figsize=(12, 2.3 * len(idx)), squeeze=False)
+    rows = []
+    for row, i in zip(axes, idx):
+        r, b = arr["held_rows"][i], arr["samples"][i]
+        for j, (img, who) in enumerate(((arr["real"][i], f"REAL held-out {r['age']:.0f} y {r['sex']}"),
+                                        (b.image, f"GENERATED {b.condition.age:.0f} y {b.condition.sex}, seed {b.seed}"))):
+            for k, (v, plane) in enumerate(zip(_slices(img), ("axial", "coronal", "sagittal"))):
+                ax = row[j * 3 + k]
+                ax.imshow(v, cmap="gray", origin="lower", vmin=0, vmax=1, interpolation="nearest")
+                ax.set_axis_off()
+                ax.set_title(f"{who}\n{plane}" if k == 0 else plane, fontsize=7)
+        rows.append({"heldout_mrid": r["mrid"], "age": r["age"], "sex": r["sex"], "sample_seed": b.seed,
+                     "sample_condition": b.condition.to_dict()})
+    fig.suptitle(f"Left: real ({IXI_CREDIT}). Right: SYNTHETIC ({res['generator']['name']} {res['generator']['version']}), "
+                 "not for clinical use", fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+    return {"rows": rows, "slices": "axial z=0.5625*Z, coronal y=Y/2, sagittal x=X/2 (voxel indices)"}
+
+
+def _fig_realism(res, path: Path) -> dict:
+    plt = _plt()
+    d, c = res["distances"], res["c2st"]
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(13, 3.8))
+    labels = ["samples vs\nheld-out", "real train vs\nheld-out (yardstick)"]
+    y = d["yardstick"]
+    a1.bar(labels, [d["samples"]["fid"], y["fid"]], color=["C3", "C0"],
+           yerr=[[0, y["fid"] - y["fid_range"][0]], [0, y["fid_range"][1] - y["fid"]]], capsize=4)
+    a1.set_ylabel("Fréchet distance (lower = closer)")
+    a1.set_title("FID on the feature network")
+    a2.bar(labels, [d["samples"]["kid"]["mean"], y["kid"]], color=["C3", "C0"],
+           yerr=[[d["samples"]["kid"]["std"], y["kid"] - y["kid_range"][0]], [d["samples"]["kid"]["std"], y["kid_range"][1] - y["kid"]]], capsize=4)
+    a2.set_title("KID (bars: std over subsets / range over draws)")
+    a2.set_ylabel("kernel distance (lower = closer)")
+    names = [("cnn", "3D CNN\nreal vs samples"), ("logistic_features", "features\nreal vs samples"),
+             ("logistic_random_conv", "random conv\nreal vs samples"), ("yardstick_logistic_features", "features\nreal vs real"),
+             ("yardstick_logistic_random_conv", "random conv\nreal vs real")]
+    acc = [c[k]["accuracy"] for k, _ in names]
+    lo = [c[k]["accuracy"] - c[k]["ci95"][0] for k, _ in names]
+    hi = [c[k]["ci95"][1] - c[k]["accuracy"] for k, _ in names]
+    a3.bar([t for _, t in names], acc, yerr=[lo, hi], capsize=4, color=["C3", "C3", "C3", "C0", "C0"])
+    a3.axhline(0.5, ls="--", color="k", lw=1)
+    a3.text(4.4, 0.51, "chance", ha="right", fontsize=8)
+    a3.set_ylim(0, 1.05)
+    a3.set_ylabel("out-of-fold accuracy (95 % CI)")
+    a3.set_title("Classifier two-sample tests")
+    a3.tick_params(axis="x", labelsize=7)
+    fig.suptitle("Realism of SYNTHETIC brains against held-out real scans (not for clinical use)", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+    return {"fid": {"samples": d["samples"]["fid"], "yardstick": y["fid"], "yardstick_range": y["fid_range"]},
+            "kid": {"samples": d["samples"]["kid"], "yardstick": y["kid"], "yardstick_range": y["kid_range"]},
+            "c2st": {k: {"accuracy": c[k]["accuracy"], "ci95": c[k]["ci95"]} for k, _ in names}}
+
+
+def _fig_brain_age(res, path: Path) -> dict:
+    plt = _plt()
+    d = res["brain_age"]["data"]
+    fig, ax = plt.subplots(figsize=(5, 4.6))
+    ax.scatter(d["true_heldout"], d["predicted_heldout"], s=18, label=f"held-out real (MAE {res['brain_age']['heldout_real']['mae']:.1f} y)")
+    ax.scatter(d["requested"], d["predicted_samples"], s=18, marker="x", color="C3",
+               label=f"SYNTHETIC (MAE {res['brain_age']['samples']['mae']:.1f} y, r {res['brain_age']['samples']['r']:.2f})")
+    lim = [15, 90]
+    ax.plot(lim, lim, "k--", lw=1)
+    ax.set_xlabel("requested / true age (years)")
+    ax.set_ylabel("brain age predicted by the feature network (years)")
+    ax.legend(fontsize=8)
+    ax.set_title("Brain age", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+    return d
+
+
+def _fig_volumes(res, path: Path) -> dict:
+    plt = _plt()
+    v = res.get("volumes")
+    keys = v["structures"] if v else []
+    fig, axes = plt.subplots(1, max(len(keys), 1), figsize=(4.2 * max(len(keys), 1), 4), squeeze=False)
+    if not v:
+        axes[0, 0].text(0.5, 0.5, "volume study skipped (no segmenter)", ha="center")
+        axes[0, 0].set_axis_off()
+    for ax, k in zip(axes[0], keys):
+        d = v["data"]
+        ax.scatter(np.array(d["real_table"][k]) * 100, np.array(d["real_measured"][k]) * 100, s=14, label="held-out real: table vs segmenter")
+        ax.scatter(np.array(d["requested"][k]) * 100, np.array(d["measured"][k]) * 100, s=14, marker="x", color="C3",
+                   label="SYNTHETIC: requested vs measured")
+        allv = np.array(d["requested"][k] + d["measured"][k] + d["real_table"][k] + d["real_measured"][k]) * 100
+        lim = [allv.min() * 0.95, allv.max() * 1.05]
+        ax.plot(lim, lim, "k--", lw=1)
+        s = v["samples"][k]
+        ax.set_title(f"{k}: r {s['pearson_r']:.2f}, median bias {100 * s['median_bias']:+.0f} %", fontsize=9)
+        ax.set_xlabel("requested / table (% of ICV)")
+        ax.set_ylabel("measured by the segmenter (% of ICV)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+    return v["data"] if v else {}
+
+
+def _fig_diversity(res, path: Path) -> dict:
+    plt = _plt()
+    d = res["diversity"]
+    fig, ax = plt.subplots(figsize=(5, 4))
+    data = [d["data"]["samples"], d["data"]["real"]]
+    ax.boxplot([x if x else [np.nan] for x in data], showmeans=True)
+    for i, x in enumerate(data):
+        ax.scatter(np.full(len(x), i + 1) + np.random.default_rng(i).uniform(-0.08, 0.08, len(x)), x, s=10, alpha=0.6)
+    ax.set_xticks([1, 2], [f"SYNTHETIC, one condition\n({d['n_sample_pairs']} pairs)",
+                           f"real, same sex, age within {d['real_pairs_max_age_gap']:g} y\n({d['n_real_pairs']} pairs)"], fontsize=8)
+    ax.set_ylabel("MS-SSIM (higher = more alike)")
+    ax.set_title("Diversity", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+    return d["data"]
+
+
+def _fig_privacy(res, path: Path) -> dict:
+    plt = _plt()
+    d = res["privacy"]["data"]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    bins = np.linspace(min(d["samples"] + d["heldout"]) - 0.01, max(d["samples"] + d["heldout"]) + 0.01, 20)
+    ax.hist(d["heldout"], bins=bins, alpha=0.6, label="held-out real (new people)")
+    ax.hist(d["samples"], bins=bins, alpha=0.6, color="C3", label="SYNTHETIC samples")
+    ax.set_xlabel("highest correlation with any training subject (in the brain)")
+    ax.set_ylabel("images")
+    ax.legend(fontsize=8)
+    ax.set_title("Privacy: samples must not sit closer to training than new people", fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+    return d
+
+
+def _fig_closest(res, arr, path: Path) -> dict:
+    plt = _plt()
+    b, t = arr["samples"][arr["closest"]], arr["train"][arr["closest_train"]]
+    row = arr["train_rows"][arr["closest_train"]]
+    fig, axes = plt.subplots(2, 3, figsize=(7.5, 5.2))
+    for r, (img, who) in enumerate(((b.image, f"SYNTHETIC {b.condition.age:.0f} y {b.condition.sex}, seed {b.seed}"),
+                                    (t, f"closest training subject {row['age']:.0f} y {row['sex']} ({IXI_CREDIT})"))):
+        for k, v in enumerate(_slices(img)):
+            axes[r, k].imshow(v, cmap="gray", origin="lower", vmin=0, vmax=1, interpolation="nearest")
+            axes[r, k].set_axis_off()
+        axes[r, 0].set_title(who, fontsize=8, loc="left")
+    fig.suptitle(f"Closest pair: r = {res['privacy']['closest_pairs'][0]['r']:.3f} in the brain - not for clinical use", fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+    return res["privacy"]["closest_pairs"][0]
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f} %"
+
+
+def _markdown(res: dict) -> str:
+    g, d, c, a, dv, pv, tx = (res["generator"], res["distances"], res["c2st"], res["brain_age"], res["diversity"],
+                              res["privacy"], res["texture"])
+    y = d["yardstick"]
+    cnn = c["cnn"]
+    L = [f"# Evaluation of {g['name']} {g['version']} against held-out real scans", "",
+         f"> {SYNTHETIC_NOTICE}. Real scans: IXI dataset, CC BY-SA 3.0.", "",
+         f"`synthbrain evaluate`, {res['date']}, SynthBrain {res['synth_version']}: {d['n_samples']} generated brains "
+         f"(the ages and sexes of the {res['data']['n_heldout']} held-out subjects, {'+'.join(res['data']['heldout_splits'])}; "
+         f"{g['sampler']} {g['steps']} steps, guidance {g['guidance_scale']}, {g['precision']}, {g['device']}) against those "
+         f"subjects; {res['data']['n_train']} training subjects for the yardsticks and privacy. "
+         f"{res['seconds']['total'] / 60:.0f} minutes on {res['hardware'].get('cpu', '?')} ({res['hardware'].get('cores', '?')} cores).", "",
+         "## Headline", "",
+         "| measure | generated | real yardstick | reads |", "| --- | --- | --- | --- |",
+         f"| classifier two-sample accuracy, 3D CNN ({cnn['folds']}-fold) | **{_pct(cnn['accuracy'])}** "
+         f"(95 % CI {_pct(cnn['ci95'][0])}-{_pct(cnn['ci95'][1])}) | 50 % | 50 % = indistinguishable, 100 % = always told apart |",
+         f"| classifier two-sample accuracy, logistic on features | {_pct(c['logistic_features']['accuracy'])} | "
+         f"{_pct(c['yardstick_logistic_features']['accuracy'])} (train vs held-out) | second opinion |",
+         f"| classifier two-sample accuracy, logistic on random-conv bank | {_pct(c['logistic_random_conv']['accuracy'])} | "
+         f"{_pct(c['yardstick_logistic_random_conv']['accuracy'])} (train vs held-out) | second opinion (texture) |",
+         f"| FID (feature network) | **{d['samples']['fid']:.3g}** | {y['fid']:.3g} (range {y['fid_range'][0]:.3g}-{y['fid_range'][1]:.3g}) | "
+         f"{d['fid_ratio']:.1f}x the yardstick |",
+         f"| KID (mean ± std over {d['samples']['kid']['subsets']} subsets of {d['samples']['kid']['subset_size']}) | "
+         f"**{d['samples']['kid']['mean']:.3g} ± {d['samples']['kid']['std']:.2g}** | {y['kid']:.3g} | unbiased: ~0 for one distribution |",
+         f"| brain age of samples vs requested: r / MAE | **{a['samples']['r']:.2f} / {a['samples']['mae']:.1f} y** | "
+         f"{a['heldout_real']['r']:.2f} / {a['heldout_real']['mae']:.1f} y (regressor on held-out real) | |",
+         f"| sex of samples as requested (feature network) | {_pct(res['sex']['samples_accuracy'])} | {_pct(res['sex']['heldout_accuracy'])} | |",
+         f"| diversity: MS-SSIM between samples of one condition | **{dv['samples_mean']:.3f}** | {dv['real_mean']:.3f} (age-matched real pairs) | "
+         f"difference {dv['difference']:+.3f}; higher = less diverse |",
+         f"| privacy: median highest correlation with a training subject | **{pv['samples_median']:.3f}** (max {pv['samples_max']:.3f}) | "
+         f"{pv['heldout_median']:.3f} (max {pv['heldout_max']:.3f}) held-out real | {'pass' if pv['pass'] else 'FAIL'}: "
+         f"{pv['samples_above_heldout_max']} samples closer than any new person |"]
+    if "volumes" in res:
+        for k, s in res["volumes"]["samples"].items():
+            r = res["volumes"]["segmenter_on_heldout_real"].get(k, {})
+            L.append(f"| volume {k}: r / median error / median bias | {s['pearson_r']:.2f} / {_pct(s['median_rel_error'])} / "
+                     f"{100 * s['median_bias']:+.1f} % | segmenter on real: {r.get('pearson_r', float('nan')):.2f} / "
+                     f"{_pct(r.get('median_rel_error', float('nan')))} | requested vs measured |")
+    L += [f"| sharpness samples / real (texture statistic) | {tx['sharpness_ratio']:.2f} | 1 | not evidence of realism on its own |",
+          f"| tissue contrast: intensity distance to the matched real subject | {tx['intensity_distance_samples_to_matched_real']:.3f} | "
+          f"{tx['intensity_distance_real_to_real']:.3f} (real to real) | not evidence of realism on its own |", "",
+          "## Real beside generated", "", "![side by side](side_by_side.png)", "",
+          "Held-out real subjects (left, IXI dataset, CC BY-SA 3.0) beside generated brains of the same age and sex "
+          "(right), at the same axial, coronal and sagittal slices.", "",
+          "## Realism", "", "![realism](realism.png)", "",
+          f"**Feature network.** `{res['features']['name']}` {res['features']['version']}: a small 3D CNN (channels "
+          f"{res['features']['channels']}, input average-pooled x{res['features']['pool']}, ~0.43 M parameters) trained here "
+          "on the IXI training split to predict age and sex (flips, gamma, gain and shift augmentation). Pretrained medical "
+          "networks (MedicalNet, MAISI, RadImageNet) cannot be fetched here, and an ImageNet network does not see 3D brains; "
+          "a network trained to tell brains' ages and sexes apart must represent the anatomy that changes with them "
+          "(ventricles, sulci, atrophy), so its features are brain-specific. Its penultimate layer (64 values) feeds FID and "
+          "KID; its age head is the brain-age regressor. Its own held-out error: "
+          + ", ".join(f"{h['split']} age MAE {h['age_mae']:.1f} y, sex accuracy {_pct(h['sex_accuracy'])}"
+                      for h in (res['features'].get('held_out') or []) if h.get('n')) + ".", "",
+          f"FID is biased upwards for small sets, so the yardstick uses as many real training subjects as samples "
+          f"({y['what']}; mean of {y['draws']} draws; all {d['n_train']} training subjects give {y['fid_all_train']:.3g}). "
+          "KID is unbiased.", "",
+          f"**Classifier two-sample test.** {cnn['method']}: a fresh tiny 3D CNN (input average-pooled x2) is trained in each "
+          f"fold to tell {cnn['n_per_class']} held-out real scans from {cnn['n_per_class']} samples and classifies the held-out fold. "
+          f"Accuracy {_pct(cnn['accuracy'])} (95 % Clopper-Pearson {_pct(cnn['ci95'][0])}-{_pct(cnn['ci95'][1])}, "
+          f"one-sided p = {cnn['p_value']:.2g}); folds {', '.join(_pct(f) for f in cnn['fold_accuracy'])}. "
+          "Second opinions: an L2 logistic regression on the feature network's features and on a fixed random-convolution "
+          "bank (texture statistics at 2 and 4 mm, nothing trained), with the same folds; the same regressions on real "
+          "training vs held-out real subjects show what chance looks like.", "",
+          "## Condition fidelity", "", "![brain age](brain_age.png)", ""]
+    if "volumes" in res:
+        L += ["![volumes](volumes.png)", "",
+              f"Volumes measured by `{res['volumes']['segmenter']}` on the samples against the volumes the model was asked for "
+              "(fractions of ICV; `synth.evaluate.volume_agreement`), beside the segmenter against the prepared table on the "
+              "held-out real scans.", ""]
+    L += ["## Diversity", "", "![diversity](diversity.png)", "",
+          f"3D MS-SSIM (4 scales, MONAI) of whole volumes: {dv['n_sample_pairs']} pairs of samples that share a condition "
+          f"({len(dv['conditions'])} conditions x {dv['seeds_per_condition']} seeds) against {dv['n_real_pairs']} pairs of "
+          f"held-out real subjects of the same sex within {dv['real_pairs_max_age_gap']:g} years. Samples more alike than "
+          "real people of the same age (higher MS-SSIM) mean too little diversity.", "",
+          "## Privacy", "", "![privacy](privacy.png)", "", "![closest pair](closest_pair.png)", "",
+          f"Each image's highest Pearson correlation with any of the {d['n_train']} training subjects inside the brain "
+          f"({pv['region_voxels']} voxels where the mean training image exceeds 0.2), for the samples and for the held-out real "
+          "subjects (new people). In the feature network's space the median nearest-training distance is "
+          f"{pv['feature_nn_distance']['samples_median']:.2f} for samples and {pv['feature_nn_distance']['heldout_median']:.2f} for "
+          "held-out real. Closest pairs:", ""]
+    L += [f"- sample {p['sample']} (seed {p['sample_seed']}, {p['sample_condition']['age']:g} y {p['sample_condition']['sex']}) "
+          f"and training subject {p['train_mrid']}: r = {p['r']:.3f}" for p in pv["closest_pairs"]]
+    L += ["", "## Texture statistics (not evidence of realism on their own)", "",
+          f"Sharpness (mean gradient magnitude in the brain) of samples / real: {tx['sharpness_samples']:.4f} / "
+          f"{tx['sharpness_real']:.4f} = {tx['sharpness_ratio']:.2f}. Intensity (tissue-contrast) distance of each sample to the "
+          f"real subject of its age and sex: {tx['intensity_distance_samples_to_matched_real']:.4f}; real to real: "
+          f"{tx['intensity_distance_real_to_real']:.4f}. A blotchy texture can score well on both; the tests above cannot be "
+          "matched that way.", "",
+          "## Files", "", "`report.json` holds every number above, the data behind every figure (`figures`), the options, "
+          "the hardware and the provenance of the generated brains. No volumes are written.", ""]
+    return "\n".join(L)
+
+
+def write_report(results: dict[str, Any], arrays: dict[str, Any], out_dir: str | Path) -> Path:
+    """Write ``report.md``, the PNGs of :data:`FIGURES` and ``report.json`` (every figure's data) to ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    makers = {"side_by_side": lambda p: _fig_side_by_side(results, arrays, p), "realism": lambda p: _fig_realism(results, p),
+              "brain_age": lambda p: _fig_brain_age(results, p), "volumes": lambda p: _fig_volumes(results, p),
+              "diversity": lambda p: _fig_diversity(results, p), "privacy": lambda p: _fig_privacy(results, p),
+              "closest_pair": lambda p: _fig_closest(results, arrays, p)}
+    figs = {}
+    for name, make in makers.items():
+        figs[name] = {"png": f"{name}.png", "shows": FIGURES[name], "data": make(out / f"{name}.png")}
+    results = {**results, "figures": figs}
+    from .io import atomic_path
+
+    with atomic_path(out / "report.md") as tmp:
+        tmp.write_text(_markdown(results))
+    write_json(out / "report.json", results)
+    return out / "report.md"

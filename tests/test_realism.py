@@ -1,0 +1,276 @@
+"""synth.realism and `synthbrain evaluate`: behaviour on tiny real parts (phantoms, tiny networks).
+
+The distances and two-sample tests must separate clearly different sets and not separate one
+distribution from itself; the CLI must write the report, every figure and finite numbers.
+"""
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from synth import realism as R
+
+SIZE = 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny networks gain nothing from threads, and on a shared 2-core machine two threads that
+    wait on each other run several times slower than one."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _phantom(rng, age: float, sex: str, size: int = SIZE, blur: float = 0.0) -> np.ndarray:
+    """A 'brain': an ellipsoid with a folded texture and dark ventricles that grow with age."""
+    from scipy.ndimage import gaussian_filter
+
+    g = np.stack(np.meshgrid(*[np.linspace(-1, 1, size)] * 3, indexing="ij"))
+    scale = 1.0 if sex == "F" else 1.08
+    brain = (g[0] ** 2 / 0.7 + g[1] ** 2 / 0.8 + g[2] ** 2 / 0.6) < 0.9 * scale
+    texture = 0.6 + 0.25 * np.sin(9 * g[0] + rng.uniform(0, 6)) * np.cos(7 * g[1] + rng.uniform(0, 6))
+    vent = (g[0] ** 2 + (g[1] / 1.5) ** 2 + g[2] ** 2) < (0.02 + 0.002 * age) * 0.5
+    img = brain * (texture + rng.normal(0, 0.05, brain.shape))
+    img[vent] = 0.15
+    if blur:
+        img = gaussian_filter(img, blur) * brain
+    return np.clip(img, 0, 1).astype(np.float32)
+
+
+def write_split_prepared(root: Path, n_train: int = 24, n_val: int = 5, n_test: int = 5, seed: int = 0):
+    """A prepared-data folder with train/val/test phantoms in the layout of ``synthbrain prepare``."""
+    from synth.data.prepare import TABLE_FIELDS, PreparedData
+    from synth.io import save_nifti
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+        for i in range(n):
+            age, sex = float(rng.uniform(20, 85)), "FM"[i % 2]
+            t1 = _phantom(rng, age, sex)
+            mrid = f"{split[:2].upper()}{i:03d}-XX-0000"
+            save_nifti(root / "volumes" / f"{mrid}_t1.nii.gz", t1, np.eye(4))
+            save_nifti(root / "volumes" / f"{mrid}_labels.nii.gz", (t1 > 0).astype(np.uint8), np.eye(4))
+            rows.append({"mrid": mrid, "subject_id": mrid[:5], "split": split, "age": round(age, 1), "sex": sex,
+                         "icv": 1.5e6, "brain": 1.3e6 - 2e3 * age, "gm": 7e5, "wm": 5e5,
+                         "lateral_ventricles": 1e4 + 300 * age, "hippocampus": 8e3, "reg_ncc": 0.95})
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "subjects.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=TABLE_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    return PreparedData.load(root)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    return write_split_prepared(tmp_path_factory.mktemp("prep"))
+
+
+@pytest.fixture(scope="module")
+def features_dir(prepared, tmp_path_factory):
+    run = tmp_path_factory.mktemp("features-run")
+    cfg = R.FeatureTrainConfig(data_dir=str(prepared.root), run_dir=str(run), steps=30, batch_size=4, channels=(8, 8, 16),
+                               pool=1, checkpoint_every=10, threads=1)
+    metrics = R.train_features(cfg, log=lambda m: None)
+    assert metrics["step"] == 30
+    return R.export_features(run, tmp_path_factory.mktemp("models") / "features-tiny", name="features-tiny")
+
+
+# ----------------------------------------------------------------------------- distances
+
+
+def test_frechet_distance_zero_for_same_set_and_grows_with_shift():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(200, 8))
+    assert R.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    b = rng.normal(size=(200, 8))
+    near, far = R.frechet_distance(a, b), R.frechet_distance(a, b + 1.0)
+    assert near < 0.5  # sampling noise only
+    assert far == pytest.approx(8.0, rel=0.25)  # ||mu||^2 = 8
+
+
+def test_kernel_distance_near_zero_for_one_distribution_and_large_for_two():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(60, 16)), rng.normal(size=(60, 16))
+    same = R.kernel_distance(a, b, subsets=50, subset_size=30)
+    diff = R.kernel_distance(a + 1.5, b, subsets=50, subset_size=30)
+    assert abs(same["mean"]) < 3 * same["std"] + 0.05
+    assert diff["mean"] > 10 * max(same["std"], 1e-3)
+    assert diff["sem"] == pytest.approx(diff["std"] / math.sqrt(50))
+
+
+def test_distances_refuse_bad_shapes():
+    with pytest.raises(ValueError, match="features"):
+        R.frechet_distance(np.zeros(5), np.zeros((5, 2)))
+    with pytest.raises(ValueError, match="dimensions differ"):
+        R.frechet_distance(np.zeros((5, 3)), np.zeros((5, 2)))
+    with pytest.raises(ValueError, match="subset_size"):
+        R.kernel_distance(np.zeros((5, 2)), np.zeros((5, 2)), subset_size=9)
+
+
+# ----------------------------------------------------------------------------- two-sample tests
+
+
+def _sets(n: int, blur_b: float, seed: int):
+    rng = np.random.default_rng(seed)
+    a = [_phantom(rng, rng.uniform(20, 85), "FM"[i % 2]) for i in range(n)]
+    b = [_phantom(rng, rng.uniform(20, 85), "FM"[i % 2], blur=blur_b) for i in range(n)]
+    return a, b
+
+
+def test_c2st_cnn_tells_blurred_from_sharp_and_not_one_distribution_from_itself():
+    a, b = _sets(16, blur_b=1.2, seed=0)
+    diff = R.c2st(a, b, folds=4, steps=40, batch_size=8, pool=1, seed=0)
+    assert diff.accuracy >= 0.85, diff
+    assert diff.p_value < 0.01
+    assert diff.ci95[0] <= diff.accuracy <= diff.ci95[1]
+    a2, b2 = _sets(16, blur_b=0.0, seed=1)
+    same = R.c2st(a2, b2, folds=4, steps=40, batch_size=8, pool=1, seed=0)
+    assert same.accuracy <= 0.75, same
+    assert same.ci95[0] < 0.5 < same.ci95[1] or same.accuracy < 0.5
+
+
+def test_c2st_logistic_on_random_conv_bank():
+    a, b = _sets(16, blur_b=1.2, seed=2)
+    fa, fb = R.random_conv_features(a), R.random_conv_features(b)
+    assert fa.shape == (16, 64) and np.isfinite(fa).all()
+    assert R.c2st_logistic(fa, fb, folds=4).accuracy >= 0.9
+    a2, b2 = _sets(16, blur_b=0.0, seed=3)
+    assert R.c2st_logistic(R.random_conv_features(a2), R.random_conv_features(b2), folds=4).accuracy <= 0.75
+
+
+def test_c2st_folds_checked():
+    a, b = _sets(3, 0.0, 0)
+    with pytest.raises(ValueError, match="folds"):
+        R.c2st(a, b, folds=5)
+
+
+# ----------------------------------------------------------------------------- diversity, privacy, brain age
+
+
+def test_ms_ssim_identical_is_one_and_different_is_lower():
+    rng = np.random.default_rng(0)
+    x, y = _phantom(rng, 40, "F"), _phantom(rng, 70, "M")
+    same, other = R.ms_ssim_pairs([(x, x), (x, y)])
+    assert same == pytest.approx(1.0, abs=1e-4)
+    assert other < 0.95
+
+
+def test_nearest_training_finds_a_copied_subject():
+    rng = np.random.default_rng(0)
+    train = [_phantom(rng, 30 + 5 * i, "FM"[i % 2]) for i in range(6)]
+    copy = train[3] + rng.normal(0, 0.01, train[3].shape).astype(np.float32)
+    new = _phantom(rng, 50, "F")
+    nn = R.nearest_training([copy, new], train, R.brain_region(train))
+    assert nn["index"][0] == 3 and nn["r"][0] > 0.99
+    assert nn["r"][1] < nn["r"][0]
+    summary = R.privacy_summary([0.99, 0.5], [0.6, 0.7])
+    assert summary["samples_above_heldout_max"] == 1 and not summary["pass"]
+    assert R.privacy_summary([0.5, 0.55], [0.6, 0.7])["pass"]
+
+
+def test_brain_age_summary():
+    out = R.brain_age([30, 50, 72], [30, 50, 70])
+    assert out["mae"] == pytest.approx(2 / 3) and out["bias"] == pytest.approx(2 / 3) and out["r"] > 0.99
+    with pytest.raises(ValueError):
+        R.brain_age([1, 2], [1])
+
+
+# ----------------------------------------------------------------------------- feature network
+
+
+def test_feature_training_resumes_and_export_loads(prepared, features_dir, tmp_path):
+    model = R.load_features(features_dir)
+    cfg = json.loads((features_dir / "config.json").read_text())
+    assert cfg["input_shape"] == [SIZE] * 3 and cfg["training_steps"] == 30
+    assert (features_dir / "features.safetensors").stat().st_size < 2_000_000
+    pred = model.predict([prepared.t1(r) for r in prepared.subset("val")])
+    assert pred["features"].shape == (5, 16) and np.isfinite(pred["age"]).all()
+    with pytest.raises(ValueError, match="trained on"):
+        model.predict([np.zeros((16, 16, 16), np.float32)])
+    # stopped after 10 steps and resumed to 20 == straight to 20
+    import torch
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    base = dict(data_dir=str(prepared.root), steps=20, batch_size=2, channels=(4, 4), pool=2, checkpoint_every=5, threads=1)
+    R.train_features(R.FeatureTrainConfig(run_dir=str(a), **base), log=lambda m: None)
+    R.train_features(R.FeatureTrainConfig(run_dir=str(b), stop_at=10, **base), log=lambda m: None)
+    assert torch.load(b / "last.pt", weights_only=False)["step"] == 10
+    R.train_features(R.FeatureTrainConfig(run_dir=str(b), **base), log=lambda m: None)
+    wa, wb = (torch.load(p / "last.pt", weights_only=False)["net"] for p in (a, b))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    assert [r["step"] for r in R.read_losses(b)] == list(range(1, 21))
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+@pytest.fixture(scope="module")
+def tiny_segmenter_dir(tmp_path_factory) -> Path:
+    from synth.anatomy.testing import make_tiny_segmenter
+    from synth.grid import Grid
+
+    return make_tiny_segmenter(tmp_path_factory.mktemp("seg") / "tiny-seg", Grid((SIZE,) * 3, 2.0, (-31.0,) * 3), steps=2)
+
+
+def test_evaluate_cli_end_to_end(prepared, features_dir, tiny_model_dir, tiny_segmenter_dir, tmp_path):
+    from synth.cli import main
+    from synth.report import FIGURES
+
+    out = tmp_path / "report"
+    code = main(["evaluate", "--model", str(tiny_model_dir), "--data", str(prepared.root), "--out-dir", str(out),
+                 "--features", str(features_dir), "--segmenter", str(tiny_segmenter_dir), "--diversity-conditions", "2",
+                 "--diversity-seeds", "2", "--folds", "2", "--c2st-steps", "20", "--quiet"])
+    assert code == 0
+    res = json.loads((out / "report.json").read_text())
+    md = (out / "report.md").read_text()
+    assert set(res["figures"]) == set(FIGURES)
+    for name, fig in res["figures"].items():
+        png = out / fig["png"]
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000, name
+        assert f"({fig['png']})" in md
+    assert res["synthetic"] is True and "NOT FOR CLINICAL USE" in res["notice"] and "NOT FOR CLINICAL USE" in md
+    assert res["provenance"]["model"] == "tiny-test-model" and res["provenance"]["history"][-1]["command"] == "evaluate"
+    assert res["distances"]["n_samples"] == 10  # one per held-out subject (val + test)
+    nums = [res["distances"]["samples"]["fid"], res["distances"]["yardstick"]["fid"], res["distances"]["samples"]["kid"]["mean"],
+            res["c2st"]["cnn"]["accuracy"], res["brain_age"]["samples"]["mae"], res["diversity"]["samples_mean"],
+            res["diversity"]["real_mean"], res["privacy"]["samples_median"], res["texture"]["sharpness_ratio"]]
+    assert all(math.isfinite(x) for x in nums), nums
+    # random-weight samples against phantoms: clearly apart on the texture bank and the distances
+    assert res["c2st"]["logistic_random_conv"]["accuracy"] >= 0.8
+    assert res["distances"]["samples"]["fid"] > res["distances"]["yardstick"]["fid"]
+    assert set(res["volumes"]["samples"]) == {"lateral_ventricles", "hippocampus", "brain"}
+    assert len(res["figures"]["volumes"]["data"]["requested"]["brain"]) == 10
+    assert not list(out.glob("*.nii*"))  # no volumes written
+    # an existing report is not overwritten without --force
+    assert main(["evaluate", "--model", str(tiny_model_dir), "--data", str(prepared.root), "--out-dir", str(out),
+                 "--features", str(features_dir)]) == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "/nonexistent"], "subjects.csv"),
+    (["--features", "/nonexistent"], "feature network"),
+    (["--n-samples", "2"], "expected an integer >= 4"),
+    (["--folds", "1"], "expected an integer >= 2"),
+    (["--segmenter", "/nonexistent"], "segmenter"),
+])
+def test_evaluate_cli_bad_input(prepared, features_dir, tiny_model_dir, tmp_path, capsys, args, message):
+    from synth.cli import main
+
+    base = {"--model": str(tiny_model_dir), "--data": str(prepared.root), "--out-dir": str(tmp_path / "r"),
+            "--features": str(features_dir)}
+    for k, v in zip(args[::2], args[1::2]):
+        base[k] = v
+    argv = ["evaluate", *[x for kv in base.items() for x in kv]]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
