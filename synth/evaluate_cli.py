@@ -69,6 +69,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .realism import load_features
     from .report import EvalOptions, run_evaluation, write_report
 
+    import torch
+
+    from .runtime import pick_threads
+
+    torch.set_num_threads(pick_threads(args.threads))  # the measuring networks; generation picks its own
     log = (lambda m: None) if args.quiet else (lambda m: print(m, flush=True))
     data = PreparedData.load(data_dir)
     gen = synth.load_generator(args.model or synth.DEFAULT_MODEL, device=args.device)
@@ -103,6 +108,8 @@ def add_parser(sub) -> None:
     e.add_argument("--folds", type=_int_at_least(2), default=5, help="cross-validation folds of the two-sample tests")
     e.add_argument("--c2st-steps", type=_int_at_least(1), default=150, help="training steps of the C2ST classifier per fold")
     e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (default cpu)")
+    e.add_argument("--threads", type=_int_at_least(1), default=None,
+                   help="CPU threads of the measuring networks (default: $SYNTHBRAIN_THREADS or the idle cores)")
     e.add_argument("--force", action="store_true", help="overwrite an existing report")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_cmd_evaluate)
