@@ -39,8 +39,12 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "synth", *args]
 
 
-def _run_and_kill(cmd: list[str], delay: float) -> int:
+def _kill_while_writing(cmd: list[str], out: Path, delay: float) -> int:
+    """Start ``cmd``, wait for its first file (or temporary) in ``out``, then SIGKILL it ``delay`` s later."""
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline and not (out.is_dir() and any(out.iterdir())):
+        time.sleep(0.01)
     time.sleep(delay)
     if proc.poll() is None:
         proc.send_signal(signal.SIGKILL)
@@ -105,11 +109,13 @@ def test_export_killed_at_random_points_leaves_only_complete_files(tiny_model_di
     reference = _check_folder(tmp_path / "reference")
     assert len(reference) == 11  # t1 + sidecar, labels + table, usda usdc usdz stl ply obj glb
     rng = np.random.default_rng(13)
-    for i, frac in enumerate(rng.uniform(0.5, 1.0, size=2)):
+    codes = []
+    for i, delay in enumerate(rng.uniform(0.0, 0.1 * full, size=2)):  # at random points of the writing
         out = tmp_path / f"killed{i}"
-        _run_and_kill(cmd(out), frac * full)
+        codes.append(_kill_while_writing(cmd(out), out, delay))
         visible = _check_folder(out)
         assert set(visible) <= {n.replace("reference", out.name) for n in reference}
+    assert -signal.SIGKILL in codes, "no run was killed before it finished"
     # The next write into a folder finishes the job and removes a killed writer's temporaries.
     subprocess.run(cmd(out, "--force"), cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=300)
     assert len(_check_folder(out)) == len(reference)
@@ -124,10 +130,12 @@ def test_generation_killed_at_random_points_leaves_only_complete_brains(tiny_mod
     full = _timed(cmd(tmp_path / "reference"))
     assert len(_check_folder(tmp_path / "reference")) == 6
     rng = np.random.default_rng(7)
-    for i, frac in enumerate(rng.uniform(0.4, 1.0, size=2)):
+    codes = []
+    for i, delay in enumerate(rng.uniform(0.0, 0.2 * full, size=2)):  # between and during the three brains
         out = tmp_path / f"killed{i}"
-        _run_and_kill(cmd(out), frac * full)
+        codes.append(_kill_while_writing(cmd(out), out, delay))
         _check_folder(out)
+    assert -signal.SIGKILL in codes, "no run was killed before it finished"
 
 
 TRAIN = """
