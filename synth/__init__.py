@@ -27,7 +27,9 @@ __all__ = [
     "VOLUME_KEYS",
     "BrainGenerator",
     "Condition",
+    "Generator",
     "Grid",
+    "ModelInfo",
     "NormativeModel",
     "SyntheticBrain",
     "__version__",
@@ -40,6 +42,7 @@ __all__ = [
 # torch and MONAI load only when a generator is first asked for, so that light users (the command
 # line checking its arguments, the readers) start in a fraction of a second.
 _LAZY = {name: "pipeline" for name in ("DEFAULT_MODEL", "BrainGenerator", "available_models", "load_generator", "pick_device")}
+_LAZY.update(Generator="generators", ModelInfo="generators")  # the interface both backends implement
 
 
 def __getattr__(name: str):

@@ -8,12 +8,14 @@ DPM-Solver++(2M) (Lu et al. 2022; :mod:`synth.sampling`) or MONAI's ``DDIMSchedu
 The numeric path (float32 or bfloat16) follows the hardware (:mod:`synth.runtime`): bf16 only where it
 is native. Inference runs an exact, cheaper form of the decoder's upsampling
 (:mod:`synth.models.fast`) and PyTorch's fused attention in the UNet.
+
+This is the ``ldm`` backend of :class:`synth.generators.Generator`; loading by name or folder
+(:func:`load_generator`, re-exported here) dispatches on the model's config in :mod:`synth.generators`.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -22,6 +24,7 @@ import torch
 
 from .brain import BACKGROUND_NOTE, SyntheticBrain, zero_background
 from .condition import Condition
+from .generators import DEFAULT_MODEL, available_models, encode_covariates, load_generator, models_dir, pick_device
 from .grid import Grid
 from . import provenance as _provenance
 from .io import SYNTHETIC_NOTICE
@@ -34,49 +37,7 @@ from .version import __version__
 
 __all__ = ["BrainGenerator", "DEFAULT_MODEL", "available_models", "load_generator", "pick_device", "models_dir"]
 
-DEFAULT_MODEL = "synthbrain-ldm-2mm"
 ProgressFn = Callable[[int, int], None]
-
-
-def models_dir() -> Path:
-    """``$SYNTHBRAIN_MODELS`` or the repository's ``assets/models``."""
-    env = os.environ.get("SYNTHBRAIN_MODELS")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "assets" / "models"
-
-
-def available_models() -> list[str]:
-    """Names of the generator models in :func:`models_dir` (segmenters and other folders excluded)."""
-    import json
-
-    root = models_dir()
-    names = []
-    for p in sorted(root.iterdir()) if root.is_dir() else []:
-        try:
-            cfg = json.loads((p / "config.json").read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(cfg, dict) and "unet" in cfg and "autoencoder" in cfg:
-            names.append(p.name)
-    return names
-
-
-def pick_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` -> CUDA, then MPS, then CPU; otherwise the named device (checked to exist)."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
-        raise ValueError(f"`device` must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("`device` is cuda but no CUDA GPU is available; use --device cpu or auto")
-    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError("`device` is mps but MPS is not available; use --device cpu or auto")
-    return torch.device(device)
 
 
 def _load_weights(module: torch.nn.Module, path: Path) -> None:
@@ -101,6 +62,8 @@ class BrainGenerator:
         >>> brain = gen.generate(Condition(age=72, sex="F", diagnosis="AD"), seed=3)  # doctest: +SKIP
         >>> brain.save("brain.nii.gz")                               # doctest: +SKIP
     """
+
+    backend = "ldm"  # synth.generators.BACKENDS
 
     def __init__(self, config: ModelConfig, autoencoder, unet, *, device="auto", source: str = ""):
         self.config = config
@@ -135,24 +98,8 @@ class BrainGenerator:
 
     def encode_condition(self, condition: Condition) -> torch.Tensor:
         """The (1, n_conditioning) vector of :attr:`ModelConfig.covariates`, each scaled to [0, 1]."""
-        vols = self.targets(condition)
-        values = []
-        for name in self.config.covariates:
-            if name == "age":
-                v = condition.age
-            elif name == "sex":
-                v = 1.0 if condition.sex == "M" else 0.0
-            elif name.startswith("diagnosis_"):
-                v = 1.0 if condition.diagnosis == name.split("_", 1)[1] else 0.0
-            elif name in vols:
-                v = vols[name]
-            else:
-                raise ValueError(f"model covariate {name!r} has no value: give it in `volumes`")
-            lo, hi = self.config.covariate_ranges.get(name, (0.0, 1.0))
-            values.append((v - lo) / (hi - lo))
-        if self.config.null_condition:
-            values.append(1.0)
-        return torch.tensor([values], dtype=torch.float32)
+        return encode_covariates(condition, self.config.covariates, self.config.covariate_ranges,
+                                 self.targets(condition), self.config.null_condition)
 
     def _unet_inputs(self, z: torch.Tensor, cond: torch.Tensor):
         mode = self.config.conditioning
@@ -333,6 +280,7 @@ class BrainGenerator:
         provenance = {
             "generator": "SynthBrain",
             "synth_version": __version__,
+            "backend": self.backend,
             "model": self.config.name,
             "model_version": self.config.version,
             "model_source": _provenance.model_reference(self.source),  # a name or relative path, never absolute
@@ -375,24 +323,3 @@ def _fast_decoder(autoencoder: torch.nn.Module) -> Callable[[torch.Tensor], torc
         return decoder(post_quant_conv(z))
 
     return run
-
-
-def load_generator(name_or_path: str | Path = DEFAULT_MODEL, device: str = "auto") -> BrainGenerator:
-    """Load a generator by name (a folder of :func:`models_dir`) or from a folder path.
-
-    Raises:
-        FileNotFoundError: no such model; the message lists the shipped ones.
-    """
-    p = Path(name_or_path)
-    if (p / "config.json").is_file():
-        return BrainGenerator.from_folder(p, device)
-    if (p / "models" / "diffusion_model.pth").is_file() or (p / "diffusion_model.pth").is_file():
-        from .models.zoo import load_zoo_generator
-
-        return load_zoo_generator(p, device)
-    candidate = models_dir() / str(name_or_path)
-    if (candidate / "config.json").is_file():
-        return BrainGenerator.from_folder(candidate, device)
-    raise FileNotFoundError(
-        f"no model named or found at {str(name_or_path)!r}; shipped models: {', '.join(available_models()) or 'none'}"
-    )

@@ -108,13 +108,13 @@ def _load_state(net: torch.nn.Module, path: Path) -> None:
 
 
 def load_zoo_generator(folder: str | Path, device: str = "auto"):
-    """A :class:`synth.BrainGenerator` on the zoo model's weights in ``folder``."""
-    from ..pipeline import BrainGenerator
+    """A :class:`synth.BrainGenerator` (the ``ldm`` backend) on the zoo model's weights in ``folder``."""
+    from ..generators import backend_class
 
     ae_path, unet_path = find_zoo_weights(folder)
     cfg = zoo_config()
     try:  # borrow the shipped model's normative volumes so age/sex/diagnosis imply volume targets
-        from ..pipeline import DEFAULT_MODEL, models_dir
+        from ..generators import DEFAULT_MODEL, models_dir
 
         cfg.normative = ModelConfig.load(models_dir() / DEFAULT_MODEL).normative
     except FileNotFoundError:
@@ -122,4 +122,4 @@ def load_zoo_generator(folder: str | Path, device: str = "auto"):
     ae, unet = build_autoencoder(cfg.autoencoder), build_unet(cfg.unet)
     _load_state(ae, ae_path)
     _load_state(unet, unet_path)
-    return BrainGenerator(cfg, ae, unet, device=device, source=str(folder))
+    return backend_class("ldm")(cfg, ae, unet, device=device, source=str(folder))
