@@ -199,7 +199,7 @@ async def _run_sessions(url: str, seeds: list[int], timeout_s: float) -> list[di
     return results
 
 
-def load_test(models: str | Path, sessions: int = 8, env: dict | None = None, timeout_s: float = 600.0,
+def load_test(models: str | Path, sessions: int = 8, env: dict | None = None, timeout_s: float = 900.0,
               first_seed: int = 101) -> dict:
     """Run ``sessions`` concurrent browser sessions against a fresh server; returns the figures and checks."""
     proc, url, log = start_server(models, env)
@@ -311,7 +311,7 @@ def main() -> int:
     if args.sessions < 1 and args.soak < 1:
         p.error("give --sessions N and/or --soak N")
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    report = {"cpu": cpu, "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
+    report = {"cpu": cpu, "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "load_average_at_start": os.getloadavg()}
     models, env = (args.models, {})
     if args.tiny:
         models, env = _tiny_models()
@@ -323,6 +323,7 @@ def main() -> int:
         seg = env.get("SYNTHBRAIN_SEGMENTER") and str(Path(models) / env["SYNTHBRAIN_SEGMENTER"])
         report["soak"] = soak(model, args.soak, args.every, seg, args.steps)
         print(json.dumps(report["soak"], indent=2))
+    report["load_average_at_end"] = os.getloadavg()
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     load = report.get("load")

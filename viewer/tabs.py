@@ -100,7 +100,7 @@ def slices_ui() -> None:
     o2, o3, o4, o5 = st.columns([1, 1, 1, 1], vertical_alignment="bottom")
     overlay = o2.toggle("Labels", value=lut is not None, key="overlay", disabled=lut is None,
                         help=None if lut is not None else service.anatomy_error() or result.note or "no segmentation")
-    opacity = o3.slider("Label opacity", 0.0, 1.0, 0.4, 0.05, key="opacity", disabled=not overlay)
+    opacity = o3.slider("Label opacity", 0.0, 1.0, 0.3, 0.05, key="opacity", disabled=not overlay)
     crosshair = o4.toggle("Crosshair", value=True, key="crosshair")
     radiological = o5.toggle("Radiological view", value=False, key="radiological",
                              help="Off: neurological (the subject's right on the right). On: right on the left, as radiologists read.")
@@ -120,7 +120,9 @@ def slices_ui() -> None:
     st.session_state.slice_view = {"window": (0.0, 1.0), "overlay": overlay, "opacity": opacity, "crosshair": crosshair}
     r = niivue.readout(brain.image, brain.affine, cur, result.labels, _names())
     st.markdown(("Clicked: " if voxel is not None else "Crosshair: ") + niivue.readout_text(r), help=NAVIGATION)
-    st.caption(NAVIGATION + ". Grey bar: T1 intensity, 0-1 (arbitrary units, scaled per brain).")
+    st.caption(NAVIGATION + ". Colour bars: the left one is the T1 intensity, 0-1 (arbitrary units, scaled per brain); "
+               "with labels on, NiiVue adds one for the label overlay's channels, which carries no meaning: the legend "
+               "below gives each label's colour.")
     if lut is not None:
         with st.expander("Legend: label colours", expanded=False):
             _legend(result.labels)
