@@ -183,6 +183,12 @@ def train_vqvae(cfg: VQTrainConfig, *, volumes: np.ndarray | None = None, val: t
     fields = ["loss", "l1", "grad", "commit", "perplexity", "live_codes", "restarted", "lr"]
     log = LossLog(Path(cfg.run_dir) / "losses.csv", fields) if ctx.is_main else None
     clock = StepClock(cfg.steps, cfg.lr, cfg.lr_min, cfg.ckpt_every, cfg.max_minutes)
+    if ctx.is_main and cfg.eval_every and start == 0 and not (Path(cfg.run_dir) / "val.csv").is_file():
+        m = reconstruction_metrics(model, val[0], val[1], ctx.device)  # the starting point, for comparison
+        _append_csv(Path(cfg.run_dir) / "val.csv", {"step": 0, **{k: f"{v:.4f}" for k, v in m.items()}})
+        best = m["psnr"]
+        with atomic_path(Path(cfg.run_dir) / "best.pt") as tmp:
+            torch.save(_vq_state(model, opt, 0, cfg, best), tmp)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="vqvae", disable=not (progress and ctx.is_main))
     step = start
     for step in bar:
