@@ -755,14 +755,20 @@ def _run_workers(root: Path, spec: CohortSpec, todo: Sequence[Subject], workers:
              for r in range(workers)]
     for p in procs:
         p.start()
+    wanted = {f"sub-{s.label}" for s in todo}
+
+    def finished() -> int:  # one listing: a subject's folder appears only complete
+        with os.scandir(root) as it:
+            return sum(e.name in wanted for e in it)
+
     try:
         seen = 0
         while any(p.is_alive() for p in procs):
             time.sleep(0.5)
-            now = sum(is_done(root, s) for s in todo)
+            now = finished()
             bar.update(now - seen)
             seen = now
-        bar.update(sum(is_done(root, s) for s in todo) - seen)
+        bar.update(finished() - seen)
     finally:
         for p in procs:
             if p.is_alive():
