@@ -123,7 +123,7 @@ def test_a_click_in_niivue_moves_the_cursor_and_names_the_structure(app):
     assert not app.exception
     assert app.session_state["cursor"] == [x, y, z]
     name = {s.label: s.name for s in STRUCTURES}[int(labels[x, y, z])]
-    assert any(f"Clicked: voxel ({x}, {y}, {z})" in m.value and name in m.value for m in app.markdown)
+    assert any(f"Crosshair: voxel ({x}, {y}, {z})" in m.value and name in m.value for m in app.markdown)
 
 
 def test_the_legend_lists_the_structures_present(app):

@@ -119,7 +119,7 @@ def slices_ui() -> None:
     cur = _cursor(brain.image.shape)
     st.session_state.slice_view = {"window": (0.0, 1.0), "overlay": overlay, "opacity": opacity, "crosshair": crosshair}
     r = niivue.readout(brain.image, brain.affine, cur, result.labels, _names())
-    st.markdown(("Clicked: " if voxel is not None else "Crosshair: ") + niivue.readout_text(r), help=NAVIGATION)
+    st.markdown("Crosshair: " + niivue.readout_text(r), help=NAVIGATION)
     st.caption(NAVIGATION + ". Colour bars: the left one is the T1 intensity, 0-1 (arbitrary units, scaled per brain); "
                "with labels on, NiiVue adds one for the label overlay's channels, which carries no meaning: the legend "
                "below gives each label's colour.")
