@@ -12,12 +12,11 @@ the exported colour tables then all show the same colour for a structure.
 from __future__ import annotations
 
 import gzip
-import io
 from typing import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["label_overlay_bytes", "legend_rows", "readout", "t1_bytes", "voxel_from_event"]
+__all__ = ["label_overlay_bytes", "legend_rows", "readout", "readout_text", "t1_bytes", "voxel_from_event"]
 
 RGBA = np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1"), ("A", "u1")])
 
@@ -119,9 +118,3 @@ def readout_text(r: Mapping) -> str:
         text += f" · structure: **{r['structure']}**"
     return text
 
-
-def _read_back(data: bytes):
-    """Load bytes made here with nibabel (tests)."""
-    import nibabel as nib
-
-    return nib.Nifti1Image.from_bytes(gzip.decompress(data)) if data[:2] == b"\x1f\x8b" else nib.Nifti1Image.from_stream(io.BytesIO(data))
