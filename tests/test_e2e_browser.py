@@ -260,6 +260,25 @@ def test_viewer_end_to_end(page, server, tmp_path):
     redraws = [frame.evaluate(REDRAW_JS, [0.15 + 0.03 * i, 0.25 + 0.02 * i]) for i in range(5)]
     timings["slice redraw in the browser, ms (median)"] = sorted(redraws)[2]
 
+    # Server PNG layout: hover over a plane and read the intensity and the structure under the mouse.
+    page.get_by_text("Server PNG", exact=True).click()
+    hover = page.frame_locator('iframe[title="st.iframe"], iframe[srcdoc]').first
+    axial = hover.locator("img#axial")
+    axial.wait_for(timeout=60_000)
+    box = axial.bounding_box()
+    readout_hover = hover.locator('[data-testid="hover-readout"]')
+    text = ""
+    for fx, fy in [(0.5, 0.45), (0.45, 0.5), (0.55, 0.4), (0.4, 0.6), (0.6, 0.55), (0.5, 0.3), (0.5, 0.7), (0.3, 0.5)]:
+        axial.hover(position={"x": box["width"] * fx, "y": box["height"] * fy})
+        page.wait_for_timeout(150)
+        text = readout_hover.inner_text()
+        if "structure: background" not in text:
+            break
+    assert text.startswith("axial · voxel (") and "T1 intensity" in text, text
+    assert re.search(r"structure: (?!background)\S+", text), f"no structure named under the mouse: {text}"
+    timings["hover readout"] = text
+    page.get_by_text("Multiplanar + 3D", exact=True).click()
+
 
 
     # Morphometry: measured against requested, with the verdict.
@@ -316,4 +335,4 @@ def test_viewer_end_to_end(page, server, tmp_path):
 
     assert not page.outside_requests, f"the page reached outside the server: {page.outside_requests[:5]}"
     _assert_no_outbound_attempt(LOGS[server])
-    print("e2e timings:", {k: round(v, 2) for k, v in timings.items()})
+    print("e2e timings:", {k: round(v, 2) if isinstance(v, float) else v for k, v in timings.items()})

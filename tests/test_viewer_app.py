@@ -386,7 +386,9 @@ def test_server_png_layout_draws_three_planes_and_its_slider_moves_the_cursor(ap
     _widget(app, "nv_layout").set_value("Server PNG")
     app.run()
     assert not app.exception and not _errors(app)
-    assert len(app.get("image")) == 3 and not _niivue(app)
+    assert not _niivue(app)
+    frames = [e for e in app.get("iframe") if "hover-readout" in str(e.proto)]
+    assert len(frames) == 1 and str(frames[0].proto).count("data:image/png;base64,") == 3  # the three planes
     app.slider(key="slice_z").set_value(3)
     app.run()
     assert app.session_state["cursor"][2] == 3

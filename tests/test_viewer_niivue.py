@@ -194,3 +194,14 @@ def test_parse_request_checks_precision():
     assert service.parse_request(model="m", age=60, sex="F", diagnosis="CN", seed=1, models=["m"], precision="auto").precision is None
     with pytest.raises(ValueError, match="precision"):
         service.parse_request(model="m", age=60, sex="F", diagnosis="CN", seed=1, models=["m"], precision="fp8")
+
+
+def test_hover_html_carries_the_planes_and_names_and_loads_nothing_from_outside():
+    image = np.random.default_rng(1).random((8, 10, 6)).astype(np.float32)
+    labels = np.zeros((8, 10, 6), np.uint8)
+    labels[2:4, 3:5, 2:4] = 10
+    views = render.orthogonal_views(image, (3, 4, 3), labels=labels, lut=render.label_lut({10: (220, 216, 20)}))
+    page = render.hover_html(image, (3, 4, 3), views, labels=labels, names={10: "Left-<Hippocampus>"}, affine=AFFINE)
+    assert page.count("data:image/png;base64,") == 3
+    assert '"10": "Left-<Hippocampus>"' in page and "esc(" in page  # names are escaped when shown
+    assert "http" not in page and "<script src" not in page

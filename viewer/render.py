@@ -23,6 +23,7 @@ __all__ = [
     "diff_colors",
     "difference_map",
     "gif_bytes",
+    "hover_html",
     "label_lut",
     "montage",
     "orthogonal_views",
@@ -276,6 +277,81 @@ def stamp(rgb: np.ndarray, text: str = SYNTHETIC_LABEL) -> np.ndarray:
     draw.rectangle((0, y - 2, min(im.width, 6 * len(text) + 6), im.height), fill=(0, 0, 0))
     draw.text((x, y), text, fill=(255, 214, 0))
     return np.asarray(im)
+
+
+def hover_html(
+    image: np.ndarray,
+    position: Sequence[int],
+    views: Mapping[str, np.ndarray],
+    *,
+    labels: np.ndarray | None = None,
+    names: Mapping[int, str] | None = None,
+    affine: np.ndarray | None = None,
+) -> str:
+    """A self-contained HTML page (no external script) of the three plane pictures with a hover readout.
+
+    Moving the mouse over a plane shows, under the pictures, the voxel, MNI mm, T1 intensity and the
+    structure's name there: the page carries each plane's intensities (8 bits) and labels, so the
+    readout needs no round trip to the server.
+
+    Args:
+        image: (X, Y, Z) intensities 0-1, the volume ``views`` were drawn from.
+        position: The voxel (x, y, z) the planes cut through.
+        views: ``{plane: rgb}`` from :func:`orthogonal_views` (any integer zoom).
+        labels: Optional (X, Y, Z) labels; ``names`` maps label -> structure name.
+        affine: Voxel -> MNI mm, for the mm readout.
+    """
+    import base64
+    import html as html_lib
+    import json
+
+    affine = np.eye(4) if affine is None else np.asarray(affine, float)
+    panes, data = [], {}
+    for plane in ("axial", "coronal", "sagittal"):
+        axis = PLANES[plane]
+        cut = take_slice(image, plane, position[axis])
+        inten = np.clip(np.round(np.asarray(cut, np.float32) * 255), 0, 255).astype(np.uint8)
+        lab = None if labels is None else np.clip(take_slice(labels, plane, position[axis]), 0, 255).astype(np.uint8)
+        a, b = [i for i in range(3) if i != axis]
+        data[plane] = {
+            "rows": int(cut.shape[0]), "cols": int(cut.shape[1]), "axis": axis, "a": a, "b": b,
+            "nb": int(image.shape[b]), "index": int(position[axis]),
+            "t1": base64.b64encode(inten.tobytes()).decode(),
+            "labels": None if lab is None else base64.b64encode(lab.tobytes()).decode(),
+        }
+        png = base64.b64encode(png_bytes(views[plane])).decode()
+        panes.append(
+            f'<figure><img id="{plane}" data-plane="{plane}" src="data:image/png;base64,{png}" alt="{plane}">'
+            f"<figcaption>{plane}</figcaption></figure>"
+        )
+    names_js = json.dumps({int(k): str(v) for k, v in (names or {}).items()})
+    return f"""<!doctype html><html><head><meta charset="utf-8"><style>
+body {{ margin: 0; background: #0e1117; color: #fafafa; font: 14px sans-serif; }}
+.row {{ display: flex; gap: 8px; }} figure {{ flex: 1; margin: 0; text-align: center; }}
+img {{ width: 100%; image-rendering: pixelated; cursor: crosshair; }} figcaption {{ color: #aaa; font-size: 12px; }}
+#readout {{ padding: 6px 2px; min-height: 20px; }}
+</style></head><body>
+<div class="row">{''.join(panes)}</div>
+<div id="readout" data-testid="hover-readout">Hover over a slice: voxel, MNI mm, T1 intensity and structure.</div>
+<script>
+const D = {json.dumps(data)};
+const NAMES = {names_js};
+const A = {json.dumps(affine.tolist())};
+function dec(s) {{ const b = atob(s); const u = new Uint8Array(b.length); for (let i = 0; i < b.length; i++) u[i] = b.charCodeAt(i); return u; }}
+for (const p in D) {{ D[p].t1a = dec(D[p].t1); D[p].laba = D[p].labels ? dec(D[p].labels) : null; }}
+function esc(t) {{ return String(t).replace(/[&<>]/g, c => ({{'&':'&amp;','<':'&lt;','>':'&gt;'}}[c])); }}
+document.querySelectorAll('img[data-plane]').forEach(img => img.addEventListener('mousemove', ev => {{
+  const d = D[img.dataset.plane], r = img.getBoundingClientRect();
+  const col = Math.floor((ev.clientX - r.left) / r.width * d.cols), row = Math.floor((ev.clientY - r.top) / r.height * d.rows);
+  if (col < 0 || row < 0 || col >= d.cols || row >= d.rows) return;
+  const v = [0, 0, 0]; v[d.axis] = d.index; v[d.a] = col; v[d.b] = d.nb - 1 - row;
+  const mm = [0, 1, 2].map(i => A[i][0] * v[0] + A[i][1] * v[1] + A[i][2] * v[2] + A[i][3]);
+  const k = row * d.cols + col, t1 = d.t1a[k] / 255;
+  let text = `${{img.dataset.plane}} · voxel (${{v.join(', ')}}) · MNI (${{mm.map(m => m.toFixed(0)).join(', ')}}) mm · T1 intensity ${{t1.toFixed(3)}}`;
+  if (d.laba) {{ const l = d.laba[k]; text += ' · structure: ' + (l === 0 ? 'background' : esc(NAMES[l] || ('label ' + l))); }}
+  document.getElementById('readout').innerHTML = text;
+}}));
+</script></body></html>"""
 
 
 def png_bytes(rgb: np.ndarray, metadata: Mapping[str, str] | None = None) -> bytes:

@@ -173,9 +173,10 @@ def png_slices_ui() -> None:
         st.error(f"Cannot draw the slices: {exc}")
         return
     st.session_state.slice_view = {"window": window, "overlay": overlay, "opacity": opacity, "crosshair": crosshair}
-    for col, plane in zip(st.columns(3), ("axial", "coronal", "sagittal")):
-        col.image(views[plane], caption=plane, width="stretch", output_format="PNG")
+    page = render.hover_html(image, cur, views, labels=result.labels, names=_names(), affine=result.brain.affine)
     ms = (time.perf_counter() - t) * 1000  # slicing, colouring and PNG encoding of the three planes
+    tall = max(v.shape[0] / v.shape[1] for v in views.values())
+    st.iframe(page, height=int(310 * tall) + 60)  # our own page: the three planes with a hover readout
     mm = result.brain.affine @ np.array([*cur, 1.0])
     st.caption(
         f"Voxel ({cur[0]}, {cur[1]}, {cur[2]}) = MNI ({mm[0]:.0f}, {mm[1]:.0f}, {mm[2]:.0f}) mm · "
