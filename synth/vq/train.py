@@ -31,7 +31,7 @@ from ..metrics import psnr, ssim
 from ..models.networks import count_parameters
 from ..normative import NormativeModel
 from ..train.autoencoder import gradient_l1, load_volumes
-from ..train.common import Checkpointer, LossLog, StepClock, autocast, setup_distributed
+from ..train.common import Checkpointer, LossLog, StepClock, autocast, setup_distributed, training_bf16
 from ..train.diffusion import DEFAULT_COVARIATES, covariate_matrix, covariate_ranges
 from .transformer import CodeTransformer
 from .vqvae import DEFAULT_VQVAE, VQVAE, build_vqvae
@@ -152,6 +152,7 @@ def train_vqvae(cfg: VQTrainConfig, *, volumes: np.ndarray | None = None, val: t
 
     ctx = setup_distributed()
     torch.manual_seed(cfg.seed + ctx.rank)
+    cfg.bf16 = training_bf16(cfg.bf16, ctx.device)  # never emulated bf16
     rng = np.random.default_rng(cfg.seed + ctx.rank)
     gen = torch.Generator().manual_seed(cfg.seed)
     if volumes is None or (cfg.eval_every and val is None):
@@ -343,6 +344,7 @@ def train_transformer(cfg: TFTrainConfig, *, rows: list[dict] | None = None, vol
 
     ctx = setup_distributed()
     torch.manual_seed(cfg.seed + ctx.rank)
+    cfg.bf16 = training_bf16(cfg.bf16, ctx.device)  # never emulated bf16
     rng = np.random.default_rng(cfg.seed + ctx.rank)
     run = Path(cfg.run_dir)
     run.mkdir(parents=True, exist_ok=True)
