@@ -10,7 +10,8 @@ Each variant runs ``synthbrain cohort`` in a fresh process on the shipped genera
   workers    ``--workers`` processes, each with threads / workers torch threads
 Reported: the wall time of the command (model loading included) and the steady rate: for each
 process, ``(k - 1) / (t_last - t_first)`` over the k subjects it finished, summed over the processes,
-which is what a long cohort runs at. Every variant's images are compared with the first's of the same precision (the
+which is what a long cohort runs at; and the CPU seconds per brain (``cpu(n) - cpu(1)`` over ``n - 1``,
+a run of one subject giving the start-up cost), which other load on the machine barely changes. Every variant's images are compared with the first's of the same precision (the
 same spec must give the same files whatever the number of workers).
 """
 
@@ -21,6 +22,7 @@ import hashlib
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -41,6 +43,11 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_seconds_of_children() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)  # every finished descendant, workers included
+    return r.ru_utime + r.ru_stime
+
+
 def run_variant(n: int, precision: str, workers: int, model: str, segmenter: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-cohort-") as tmp:
         out = Path(tmp) / "cohort"
@@ -48,9 +55,9 @@ def run_variant(n: int, precision: str, workers: int, model: str, segmenter: str
                "--diagnosis", "CN:0.5,MCI:0.25,AD:0.25", "--seed", "0", "--model", model, "--segmenter", segmenter,
                "--device", "cpu", "--workers", str(workers), "--quiet", "--out", str(out)]
         env = dict(os.environ, SYNTHBRAIN_PRECISION=precision, PYTHONWARNINGS="ignore")
-        t0 = time.time()
+        t0, c0 = time.time(), cpu_seconds_of_children()
         res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-        wall = time.time() - t0
+        wall, cpu = time.time() - t0, cpu_seconds_of_children() - c0
         if res.returncode != 0:
             raise SystemExit(f"{precision}/{workers} failed:\n{res.stderr[-2000:]}")
         done = sorted(out.glob("sub-*/anat"))
@@ -65,6 +72,7 @@ def run_variant(n: int, precision: str, workers: int, model: str, segmenter: str
     rates = [(len(t) - 1) / (max(t) - min(t)) for t in by_process.values() if len(t) > 1 and max(t) > min(t)]
     steady = 60.0 * sum(rates) if rates else float("nan")
     return {"precision": precision, "ran_as": ran, "workers": workers, "n": len(done), "wall_s": round(wall, 1),
+            "cpu_s": round(cpu, 1),
             "brains_per_min_wall": round(60.0 * len(done) / wall, 2), "brains_per_min_steady": round(steady, 2),
             "images_sha256": digest[:16]}
 
@@ -92,11 +100,15 @@ def main() -> None:
             print("bf16 skipped: this CPU emulates it (about 100x slower)")
             continue
         for workers in args.workers:
+            one = run_variant(1, precision, workers, args.model, args.segmenter)  # start-up and model loading
             r = run_variant(args.n, precision, workers, args.model, args.segmenter)
+            # CPU time per brain without the start-up: robust to other load on the machine, unlike wall time.
+            r["cpu_s_per_brain"] = round((r["cpu_s"] - one["cpu_s"]) / max(1, r["n"] - 1), 2)
             results.append(r)
             print(f"{precision:>4} (ran {r['ran_as']}) workers {workers}: {r['n']} brains in {r['wall_s']} s "
-                  f"-> {r['brains_per_min_wall']} brains/min with model loading, {r['brains_per_min_steady']} steady "
-                  f"(images {r['images_sha256']})", flush=True)
+                  f"-> {r['brains_per_min_wall']} brains/min with model loading, {r['brains_per_min_steady']} steady; "
+                  f"{r['cpu_s_per_brain']} CPU s per brain (start-up {one['cpu_s']} CPU s) (images {r['images_sha256']})",
+                  flush=True)
     for p in precisions:
         digests = {r["images_sha256"] for r in results if r["precision"] == p}
         if len(digests) > 1:
