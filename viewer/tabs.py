@@ -71,11 +71,14 @@ def _niivue():
 
 def _nv_data(result: service.Generated, lut) -> dict:
     """The NIfTI bytes NiiVue gets, made once per brain (kept in session state)."""
+    import hashlib
+
+    brain = result.brain
+    ident = hashlib.sha1(brain.image.tobytes()).hexdigest()  # the pixels, not id(): ids are reused
     cached = st.session_state.get("nv_data")
-    if cached is None or cached["id"] != id(result):
-        brain = result.brain
+    if cached is None or cached["id"] != ident:
         cached = {
-            "id": id(result),
+            "id": ident,
             "t1": niivue.t1_bytes(brain.image, brain.affine),
             "labels": None if lut is None else niivue.label_overlay_bytes(result.labels, brain.affine, lut),
         }
