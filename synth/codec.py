@@ -226,8 +226,9 @@ def _on_grid(affine: np.ndarray, shape: tuple[int, ...], grid) -> bool:
     return tuple(shape) == tuple(grid.shape) and np.allclose(affine, grid.affine, atol=GRID_TOLERANCE_MM)
 
 
-def _load_on_grid(path: Path, generator) -> tuple[np.ndarray, np.ndarray, bool]:
-    """The input volume on the model grid: as is, or registered by ``synth.data.register`` when present."""
+def _load_on_grid(path: Path, generator, register: bool = False) -> tuple[np.ndarray, np.ndarray, bool]:
+    """The input volume on the model grid: as it is, or (``register``) affinely registered to MNI152
+    and brain-masked by :func:`synth.data.register.register_scan`."""
     from .io import load_nifti
 
     image, affine = load_nifti(path)
@@ -235,22 +236,26 @@ def _load_on_grid(path: Path, generator) -> tuple[np.ndarray, np.ndarray, bool]:
     grid = generator.grid
     if _on_grid(affine, image.shape, grid):
         return image, affine, False
-    try:
-        from .data import register as _register  # written by a colleague; used when it exists
-    except ImportError:
-        _register = None
-    fn = getattr(_register, "register_to_grid", None) if _register is not None else None
-    if fn is None:
+    if not register:
         raise CodecError(
             f"{path.name} is not on the model grid: expected shape {tuple(grid.shape)} with the {grid.spacing:g} mm MNI152 "
-            f"affine of the model (origin {tuple(grid.origin)}), got shape {image.shape}; register it first "
-            "(this SynthBrain has no registration of arbitrary scans)")
-    image = np.asarray(fn(image, affine, grid), np.float32)
-    return image, grid.affine, True
+            f"affine of the model (origin {tuple(grid.origin)}), got shape {image.shape}; use --register to register it")
+    import nibabel as nib
+
+    from .data.register import register_scan
+
+    reg = register_scan(nib.load(str(path)), grid=grid)
+    return reg.image, grid.affine, True
 
 
-def compress_file(src: str | Path, dst: str | Path, generator, *, force: bool = False) -> dict[str, Any]:
-    """``src`` NIfTI -> ``dst`` ``.sbz`` (atomic). Returns sizes and seconds."""
+def compress_file(src: str | Path, dst: str | Path, generator, *, force: bool = False, register: bool = False) -> dict[str, Any]:
+    """``src`` NIfTI -> ``dst`` ``.sbz`` (atomic). Returns sizes and seconds.
+
+    Args:
+        register: Register an input that is not on the model grid (affine to MNI152, brain mask;
+            :mod:`synth.data.register`) instead of refusing it. The file then holds the registered,
+            skull-stripped volume on the model grid, and its flags say so.
+    """
     from .io import atomic_path
 
     src, dst = Path(src), Path(dst)
@@ -259,7 +264,7 @@ def compress_file(src: str | Path, dst: str | Path, generator, *, force: bool = 
     if dst.exists() and not force:
         raise CodecError(f"refusing to overwrite {dst} (use --force)")
     t0 = time.perf_counter()
-    image, affine, registered = _load_on_grid(src, generator)
+    image, affine, registered = _load_on_grid(src, generator, register)
     data = compress(image, affine, generator, registered=registered)
     seconds = time.perf_counter() - t0
     with atomic_path(dst) as tmp:

@@ -149,7 +149,7 @@ def test_cli_refuses_off_grid_input_and_damaged_files_writing_nothing(vq_dir, ge
     save_nifti(off, phantom(), np.diag([1.0, 1.0, 1.0, 1.0]))
     assert main(["compress", str(off), str(tmp_path / "x.sbz"), "--model", str(vq_dir)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "not on the model grid" in err
+    assert err.count("\n") == 0 and "not on the model grid" in err and "--register" in err
     assert not (tmp_path / "x.sbz").exists()
     bad = tmp_path / "bad.sbz"
     bad.write_bytes(b"hello, not a codec file")

@@ -72,10 +72,11 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         raise _usage(f"refusing to overwrite {dst} (use --force)")
     folder = _model_folder(args.model)
     gen = _load(folder, args.engine, args.device)
-    r = compress_file(src, dst, gen, force=args.force)
+    r = compress_file(src, dst, gen, force=args.force, register=args.register)
     print(f"wrote {dst}: {r['bytes']:,} bytes ({r['percent_of_uint8_voxels']:.2f} % of the uint8 voxels, "
           f"{100 * r['bytes'] / r['input_bytes']:.2f} % of {src.name}) in {r['seconds']:.1f} s; "
-          f"model {gen.config.name}, engine {gen.engine}")
+          f"model {gen.config.name}, engine {gen.engine}"
+          + ("; registered to the model grid (affine to MNI152, brain mask)" if r["registered"] else ""))
     return 0
 
 
@@ -177,6 +178,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--model", default=DEFAULT_VQ_MODEL, help=f"VQ model name or folder (default {DEFAULT_VQ_MODEL})")
     c.add_argument("--engine", type=_engine, default="auto", help="transformer engine: auto, fast-transformers or torch")
     c.add_argument("--device", default="cpu", help="cpu (default; bit-exact decoding needs the same device)")
+    c.add_argument("--register", action="store_true",
+                   help="register an input that is not on the model grid (affine to MNI152, brain mask) instead of refusing it")
     c.add_argument("--force", action="store_true", help="overwrite the output")
     c.set_defaults(func=_cmd_compress)
 
