@@ -339,7 +339,7 @@ def _fig_side_by_side(res, arr, path: Path) -> dict:
                 ax.set_title(f"{who}\n{plane}" if k == 0 else plane, fontsize=7)
         rows.append({"heldout_mrid": r["mrid"], "age": r["age"], "sex": r["sex"], "sample_seed": b.seed,
                      "sample_condition": b.condition.to_dict()})
-    fig.suptitle(f"Left: real ({IXI_CREDIT}). Right: SYNTHETIC ({res['generator']['name']} {res['generator']['version']}), "
+    fig.suptitle(f"Left: held-out real scans (IXI dataset, CC BY-SA 3.0). Right: SYNTHETIC ({res['generator']['name']} {res['generator']['version']}), "
                  "not for clinical use", fontsize=9)
     fig.tight_layout()
     _save(fig, path)
@@ -360,9 +360,9 @@ def _fig_realism(res, path: Path) -> dict:
            yerr=[[d["samples"]["kid"]["std"], y["kid"] - y["kid_range"][0]], [d["samples"]["kid"]["std"], y["kid_range"][1] - y["kid"]]], capsize=4)
     a2.set_title("KID (bars: std over subsets / range over draws)")
     a2.set_ylabel("kernel distance (lower = closer)")
-    names = [("cnn", "3D CNN\nreal vs samples"), ("logistic_features", "features\nreal vs samples"),
-             ("logistic_random_conv", "random conv\nreal vs samples"), ("yardstick_logistic_features", "features\nreal vs real"),
-             ("yardstick_logistic_random_conv", "random conv\nreal vs real")]
+    names = [("cnn", "3D CNN\nsamples"), ("logistic_features", "features\nsamples"),
+             ("logistic_random_conv", "rand. conv\nsamples"), ("yardstick_logistic_features", "features\nreal train"),
+             ("yardstick_logistic_random_conv", "rand. conv\nreal train")]
     acc = [c[k]["accuracy"] for k, _ in names]
     lo = [c[k]["accuracy"] - c[k]["ci95"][0] for k, _ in names]
     hi = [c[k]["ci95"][1] - c[k]["accuracy"] for k, _ in names]
@@ -372,7 +372,11 @@ def _fig_realism(res, path: Path) -> dict:
     a3.set_ylim(0, 1.05)
     a3.set_ylabel("out-of-fold accuracy (95 % CI)")
     a3.set_title("Classifier two-sample tests")
+    a3.set_xlabel("held-out real against ...", fontsize=8)
     a3.tick_params(axis="x", labelsize=7)
+    for ax, vals in ((a1, [d["samples"]["fid"], y["fid"]]), (a2, [d["samples"]["kid"]["mean"], y["kid"]]), (a3, acc)):
+        for i, v in enumerate(vals):
+            ax.annotate(f"{v:.3g}", (i, v), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7)
     fig.suptitle("Realism of SYNTHETIC brains against held-out real scans (not for clinical use)", fontsize=10)
     fig.tight_layout()
     _save(fig, path)
@@ -490,7 +494,7 @@ def _markdown(res: dict) -> str:
          f"(the ages and sexes of the {res['data']['n_heldout']} held-out subjects, {'+'.join(res['data']['heldout_splits'])}; "
          f"{g['sampler']} {g['steps']} steps, guidance {g['guidance_scale']}, {g['precision']}, {g['device']}) against those "
          f"subjects; {res['data']['n_train']} training subjects for the yardsticks and privacy. "
-         f"{res['seconds']['total'] / 60:.0f} minutes on {res['hardware'].get('cpu', '?')} ({res['hardware'].get('cores', '?')} cores).", "",
+         f"{res['seconds']['total'] / 60:.1f} minutes on {res['hardware'].get('cpu', '?')} ({res['hardware'].get('cores', '?')} cores).", "",
          "## Headline", "",
          "| measure | generated | real yardstick | reads |", "| --- | --- | --- | --- |",
          f"| classifier two-sample accuracy, 3D CNN ({cnn['folds']}-fold) | **{_pct(cnn['accuracy'])}** "
