@@ -43,6 +43,7 @@ import os
 import shutil
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -650,15 +651,52 @@ def _run_shard(root: Path, spec: CohortSpec, subjects: Sequence[Subject], genera
     return len(subjects)
 
 
-def _worker(root: str, spec_dict: dict, indices: list[int], device: str, threads: int, made_by: dict) -> None:
-    """One ``--workers`` process: make the subjects ``indices`` (spawned, so it imports afresh)."""
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent dies, so a killed run leaves no worker behind."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the worker still stops at its next subject
+        pass
+
+
+def _worker(root: str, spec_dict: dict, indices: list[int], device: str, made_by: dict, parent: int) -> None:
+    """One ``--workers`` process: make the subjects ``indices`` on one thread (spawned, so it imports afresh)."""
+    _die_with_parent()
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        return
     import torch
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)
     spec = CohortSpec.from_dict(spec_dict)
     subjects = plan(spec)
     gen, seg = _load_models(spec, device)
     _run_shard(Path(root), spec, [subjects[i] for i in indices], gen, seg, made_by)
+
+
+@contextmanager
+def _one_cpu_thread(device: str):
+    """Generate on one torch thread when on CPU (restored afterwards).
+
+    The files then do not depend on how many workers or ranks share the machine: convolutions on
+    two threads round differently from one (seen on the shipped model), and one thread per
+    process also costs less CPU per brain (bench_cohort: 5.1 against 6.6 CPU s).
+    """
+    import synth
+
+    if synth.pick_device(device).type != "cpu":
+        yield
+        return
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _warn_ages(spec: CohortSpec) -> None:
@@ -666,6 +704,15 @@ def _warn_ages(spec: CohortSpec) -> None:
     if spec.age[0] < lo or spec.age[1] > hi:
         warnings.warn(f"ages {spec.age[0]:g}-{spec.age[1]:g} reach outside the training ages {lo:g}-{hi:g}: "
                       "the model extrapolates there", stacklevel=3)
+
+
+def default_workers() -> int:
+    """``--workers auto``: one process per available core, at most 4 (each holds both models)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 4))
 
 
 def make_cohort(spec: CohortSpec, out: str | os.PathLike, *, device: str = "auto", workers: int = 1,
@@ -677,8 +724,9 @@ def make_cohort(spec: CohortSpec, out: str | os.PathLike, *, device: str = "auto
         out: Data set folder: new, empty, or one this spec already began (it resumes).
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``. Under ``torchrun`` on CUDA each
             rank takes the GPU of its ``LOCAL_RANK``.
-        workers: CPU processes on one machine (each with ``threads / workers`` torch threads);
-            not with ``torchrun``, where the ranks are the workers.
+        workers: CPU processes on one machine (:func:`default_workers` is one per core); not with
+            ``torchrun``, where the ranks are the workers. On CPU every process generates on one
+            torch thread, so the files do not depend on the number of workers or ranks.
         progress: A progress bar with ETA (rank 0 only).
 
     Raises:
@@ -692,6 +740,11 @@ def make_cohort(spec: CohortSpec, out: str | os.PathLike, *, device: str = "auto
         raise ValueError("--workers must be 1 under torchrun (each rank is a worker)")
     if workers > 1 and device not in ("cpu", "auto"):
         raise ValueError(f"--workers is for CPU runs; with --device {device} use torchrun (one rank per GPU)")
+    if workers > 1 and device == "auto":
+        import synth
+
+        if synth.pick_device("auto").type != "cpu":
+            workers = 1  # a GPU: one process (torchrun for several GPUs)
     root = Path(out)
     check_out_dir(root, spec)
     _warn_ages(spec)
@@ -717,13 +770,17 @@ def make_cohort(spec: CohortSpec, out: str | os.PathLike, *, device: str = "auto
     todo = [s for s in subjects if not is_done(root, s)]
     _barrier(world)  # every rank has listed what is left before any rank makes more
     mine = todo[rank::world]
+    workers = min(workers, max(1, len(todo)))
+    if workers == 1 and gen is None:  # fewer subjects left than workers asked for
+        gen, seg = _load_models(spec, device)
     from tqdm.auto import tqdm
 
     desc = "cohort" if world == 1 else f"cohort rank 0/{world}"
     bar = tqdm(total=len(todo) if workers > 1 else len(mine), desc=desc, unit="brain",
                disable=not progress or rank != 0, dynamic_ncols=True)
     if workers == 1:
-        _run_shard(root, spec, mine, gen, seg, {"rank": rank, "world_size": world}, on_done=lambda s: bar.update(1))
+        with _one_cpu_thread(device):
+            _run_shard(root, spec, mine, gen, seg, {"rank": rank, "world_size": world}, on_done=lambda s: bar.update(1))
     else:
         _run_workers(root, spec, todo, workers, bar)
     bar.close()
@@ -746,12 +803,9 @@ def _run_workers(root: Path, spec: CohortSpec, todo: Sequence[Subject], workers:
     the finished folders."""
     import multiprocessing as mp
 
-    import torch
-
-    threads = max(1, torch.get_num_threads() // workers)
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(str(root), spec.to_dict(), [s.index for s in todo[r::workers]], "cpu", threads,
-                                                 {"worker": r, "workers": workers}))
+    procs = [ctx.Process(target=_worker, args=(str(root), spec.to_dict(), [s.index for s in todo[r::workers]], "cpu",
+                                                 {"worker": r, "workers": workers}, os.getpid()))
              for r in range(workers)]
     for p in procs:
         p.start()
@@ -801,7 +855,8 @@ def add_parser(subparsers) -> None:
     c.add_argument("--guidance-scale", default=None, help="classifier-free guidance (default: the model's)")
     c.add_argument("--out", required=True, help="data set folder (new, empty, or this spec's to resume)")
     c.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    c.add_argument("--workers", default="1", help="CPU processes on this machine (default 1)")
+    c.add_argument("--workers", default="auto", help="CPU processes on this machine, each on one thread (default auto: "
+                                                   "one per core, at most 4)")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=run_cohort)
 
@@ -826,7 +881,10 @@ def run_cohort(args) -> int:
     spec = spec_from_args(args)
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", args.device):
         raise ValueError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {args.device!r}")
-    workers = _parse_int("workers", args.workers, 1, 256)
+    if args.workers == "auto":
+        workers = 1 if _dist_env()[1] > 1 else default_workers()  # under torchrun the ranks are the workers
+    else:
+        workers = _parse_int("workers", args.workers, 1, 256)
     result = make_cohort(spec, args.out, device=args.device, workers=workers, progress=not args.quiet)
     if _dist_env()[0] == 0:
         print(f"cohort {result.root}: {result.complete} of {result.total} subjects complete "

@@ -54,7 +54,8 @@ def one_thread():
 
 def flags(model, seg, out, n=N):
     return ["cohort", "--n", str(n), "--age", "40:80", "--sex-ratio", "0.5", "--diagnosis", "CN:0.6,MCI:0.2,AD:0.2",
-            "--model", str(model), "--segmenter", str(seg), "--seed", "7", "--device", "cpu", "--quiet", "--out", str(out)]
+            "--model", str(model), "--segmenter", str(seg), "--seed", "7", "--device", "cpu", "--workers", "1", "--quiet",
+            "--out", str(out)]
 
 
 @pytest.fixture(scope="module")
@@ -141,10 +142,12 @@ def test_cohort_is_a_complete_bids_derivative(reference):
 
 
 def test_resumes_after_sigkill_to_the_same_files(reference, tmp_path, one_thread):
-    """Killed half way, then run again from the saved spec: the same files as the uninterrupted run."""
+    """Killed half way (two worker processes, --workers auto, die with it), then run again from the
+    saved spec in one process: the same files as the uninterrupted run."""
     spec = reference / "code" / "cohort_spec.json"
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "synth.cli", "cohort", "--spec", str(spec), "--out", str(out), "--device", "cpu", "--quiet"]
+    cmd = [sys.executable, "-m", "synth.cli", "cohort", "--spec", str(spec), "--out", str(out), "--device", "cpu",
+           "--workers", "2", "--quiet"]
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while len(list(out.glob("sub-*"))) < N // 2 and proc.poll() is None and time.time() < deadline:
@@ -154,11 +157,13 @@ def test_resumes_after_sigkill_to_the_same_files(reference, tmp_path, one_thread
     assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
     done = len(list(out.glob("sub-*")))
     assert N // 2 <= done < N
+    time.sleep(1.0)
+    assert len(list(out.glob("sub-*"))) == done  # no worker outlived the killed command
     for sub in out.glob("sub-*"):  # whatever was killed, no subject is half there
         assert len(list((sub / "anat").iterdir())) == 4
     assert not (out / "participants.tsv").exists()  # the tables come at the end
 
-    assert main(["cohort", "--spec", str(spec), "--out", str(out), "--device", "cpu", "--quiet"]) == 0
+    assert main(["cohort", "--spec", str(spec), "--out", str(out), "--device", "cpu", "--workers", "1", "--quiet"]) == 0
     assert checksums(out) == checksums(reference)
     assert not (out / ".partial").exists()
 
@@ -182,7 +187,8 @@ def test_yaml_spec_flags_override_and_another_spec_is_refused(tmp_path, model_di
     spec = tmp_path / "spec.yaml"
     spec.write_text(f"n: 2\nage: 50:60\nsex-ratio: 1.0\ndiagnosis: AD\nmodel: {model_dir}\nsegmenter: {seg_dir}\nseed: 3\n")
     out = tmp_path / "c"
-    assert main(["cohort", "--spec", str(spec), "--steps", "2", "--out", str(out), "--device", "cpu", "--quiet"]) == 0
+    assert main(["cohort", "--spec", str(spec), "--steps", "2", "--out", str(out), "--device", "cpu", "--workers", "1",
+                 "--quiet"]) == 0
     saved = json.loads((out / "code" / "cohort_spec.json").read_text())
     assert saved["n"] == 2 and saved["age"] == [50.0, 60.0] and saved["steps"] == 2 and saved["diagnosis"] == {"AD": 1.0}
     rows = (out / "participants.tsv").read_text().strip().split("\n")[1:]
@@ -190,7 +196,7 @@ def test_yaml_spec_flags_override_and_another_spec_is_refused(tmp_path, model_di
     assert json.loads((out / "sub-0001" / "anat" / "sub-0001_T1w.json").read_text())["steps"] == 2
     # The same folder, another spec: refused, nothing touched.
     before = checksums(out)
-    assert main(["cohort", "--spec", str(spec), "--out", str(out), "--device", "cpu", "--quiet"]) == 2
+    assert main(["cohort", "--spec", str(spec), "--out", str(out), "--device", "cpu", "--workers", "1", "--quiet"]) == 2
     assert "another spec (differs in steps)" in capsys.readouterr().err
     assert checksums(out) == before
 
