@@ -7,7 +7,8 @@ Each variant runs ``synthbrain cohort`` in a fresh process on the shipped genera
 (same spec, seed 0), into a temporary folder:
   precision  the generator's numeric path, set through ``$SYNTHBRAIN_PRECISION`` (bf16 is run only
              where the CPU computes it natively: emulated bf16 is about 100x slower)
-  workers    ``--workers`` processes, each with threads / workers torch threads
+  workers    ``--workers`` processes (on CPU each generates on one torch thread; before that change,
+             one process used all threads, as in the README's 1 x 2 rows)
 Reported: the wall time of the command (model loading included) and the steady rate: for each
 process, ``(k - 1) / (t_last - t_first)`` over the k subjects it finished, summed over the processes,
 which is what a long cohort runs at; and the CPU seconds per brain (``cpu(n) - cpu(1)`` over ``n - 1``,
