@@ -112,6 +112,15 @@ def test_engines_share_weights_and_compute_the_same_function(attention):
         assert (ft(tokens, cond) - pt(tokens, cond)).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_training_pass_runs_under_bf16_autocast(engine):
+    model = tiny_tf(engine, window=20).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(torch.randint(0, 12, (2, 40)), torch.rand(2, 3))
+    logits.float().sum().backward()
+    assert model.tok_emb.weight.grad is not None and torch.isfinite(model.tok_emb.weight.grad).all()
+
+
 def test_prefix_predictions_do_not_see_the_future():
     model = tiny_tf("torch")
     a = torch.randint(0, 12, (1, 40))

@@ -276,7 +276,9 @@ class CodeTransformer(nn.Module):
         if self.engine == "fast-transformers":
             from fast_transformers.masking import TriangularCausalMask
 
-            h = self.encoder(x, attn_mask=TriangularCausalMask(x.shape[1], device=x.device))
+            # its compiled causal product takes float32 only: no bf16 autocast inside the encoder
+            with torch.autocast(x.device.type, enabled=False):
+                h = self.encoder(x.float(), attn_mask=TriangularCausalMask(x.shape[1], device=x.device))
         else:
             h = self.encoder(x)
         return h.reshape(b, -1, d)[:, :n]
