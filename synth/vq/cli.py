@@ -157,7 +157,8 @@ def _cmd_package_vq(args: argparse.Namespace) -> int:
     if not (Path(args.tf_run) / "last.pt").is_file():
         raise FileNotFoundError(f"--tf-run expects a transformer run folder holding last.pt, got {args.tf_run}")
     folder = package_vq_model(args.tf_run, args.out, name=args.name, version=args.version,
-                              guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k)
+                              guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
+                              vq_checkpoint=args.vq_checkpoint)
     print(f"packaged VQ model in {folder}")
     return 0
 
@@ -238,4 +239,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--guidance-scale", type=_nonnegative_float, default=1.0)
     k.add_argument("--temperature", type=_nonnegative_float, default=1.0)
     k.add_argument("--top-k", type=_positive_int, default=None)
+    k.add_argument("--vq-checkpoint", default=None,
+                   help="another checkpoint of the VQ-VAE run (e.g. last.pt), allowed if it gives the same codes")
     k.set_defaults(func=_cmd_package_vq)

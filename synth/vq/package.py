@@ -15,10 +15,12 @@ __all__ = ["package_vq_model"]
 
 def package_vq_model(tf_run: str | Path, out: str | Path, *, name: str = "synthbrain-vq-2mm", version: str = "0.1.0",
                      guidance_scale: float = 1.0, temperature: float = 1.0, top_k: int | None = None,
-                     fp16: bool = True) -> Path:
+                     fp16: bool = True, vq_checkpoint: str | None = None) -> Path:
     """Write ``out/{config.json, vqvae.safetensors, transformer.safetensors}``.
 
-    The VQ-VAE is the checkpoint the transformer was trained on (recorded in its run). Its codebook
+    The VQ-VAE is the checkpoint the transformer was trained on (recorded in its run), or
+    ``vq_checkpoint`` of the same run (e.g. ``last.pt`` of a decoder-only run that a validation
+    preferred): it must then give the same codes (same encoder and codebook). Its codebook
     and quantiser statistics stay float32 (they decide which code a vector gets); the other
     weights are stored as fp16 when ``fp16``.
     """
@@ -27,6 +29,15 @@ def package_vq_model(tf_run: str | Path, out: str | Path, *, name: str = "synthb
     shape = tuple(mc.get("image_shape") or MNI_2MM.shape)
     grid = MNI_2MM if shape == tuple(MNI_2MM.shape) else Grid(shape, MNI_2MM.spacing, tuple(-(s - 1) * MNI_2MM.spacing / 2 for s in shape))
     vq_state = torch.load(Path(mc["vq_run"]) / mc["vq_checkpoint"], map_location="cpu", weights_only=False)
+    if vq_checkpoint and vq_checkpoint != mc["vq_checkpoint"]:
+        other = torch.load(Path(mc["vq_run"]) / vq_checkpoint, map_location="cpu", weights_only=False)
+        coding = ("ae.encoder.", "ae.quant_conv_mu.", "pre.", "quantizer.codebook")
+        same = all(torch.equal(v, other["state_dict"][k]) for k, v in vq_state["state_dict"].items() if k.startswith(coding))
+        if not same:
+            raise ValueError(f"{vq_checkpoint} encodes differently from {mc['vq_checkpoint']} (encoder or codebook "
+                             "changed): the transformer was not trained on its codes")
+        vq_state = other
+        mc = dict(mc, vq_checkpoint=vq_checkpoint)
     cfg = VQModelConfig(
         name=name,
         version=version,
