@@ -80,7 +80,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     opts = EvalOptions(n_samples=args.n_samples, seed=args.seed, diversity_conditions=args.diversity_conditions,
                        diversity_seeds=args.diversity_seeds, c2st_folds=args.folds, c2st_steps=args.c2st_steps,
                        segmenter=None if args.segmenter == "none" else args.segmenter,
-                       splits=tuple(args.splits))
+                       splits=tuple(args.splits), cache_dir=args.cache)
     results, arrays = run_evaluation(gen, data, load_features(features), opts, log=log)
     path = write_report(results, arrays, out)
     c, d = results["c2st"]["cnn"], results["distances"]
@@ -110,6 +110,8 @@ def add_parser(sub) -> None:
     e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (default cpu)")
     e.add_argument("--threads", type=_int_at_least(1), default=None,
                    help="CPU threads of the measuring networks (default: $SYNTHBRAIN_THREADS or the idle cores)")
+    e.add_argument("--cache", default=None,
+                   help="keep the generated brains in this folder (outside the repository) and reuse them in later runs")
     e.add_argument("--force", action="store_true", help="overwrite an existing report")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_cmd_evaluate)

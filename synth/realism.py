@@ -475,12 +475,18 @@ def _summary(correct: np.ndarray, scores: np.ndarray, folds: list[np.ndarray], n
 
 
 class _C2STNet(nn.Module):
-    """A tiny 3D CNN (input average-pooled by ``pool``, stride-2 convolutions, global average, one logit)."""
+    """A tiny 3D CNN for the two-sample test: GroupNorm, stride-2 convolutions, global average, one logit.
 
-    def __init__(self, channels: Sequence[int] = (8, 16, 32), pool: int = 2):
+    Its input is the volume and its local high-pass energy |x - up(pool2(x))| (the detail below
+    4 mm: cortical ribbon, sulci, texture), both average-pooled by ``pool``; without the second
+    channel a classifier of pooled volumes cannot see the texture that tells a blurred or blotchy
+    brain from a real one (measured on the shipped model: 57 % with the volume alone).
+    """
+
+    def __init__(self, channels: Sequence[int] = (8, 16, 32), pool: int = 2, highpass: bool = True):
         super().__init__()
-        self.pool = int(pool)
-        layers, prev = [], 1
+        self.pool, self.highpass = int(pool), bool(highpass)
+        layers, prev = [], 2 if highpass else 1
         for c in channels:
             layers.append(_conv(prev, c, 2, norm="group"))
             prev = c
@@ -488,13 +494,18 @@ class _C2STNet(nn.Module):
         self.head = nn.Linear(prev, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.highpass:
+            low = nn.functional.avg_pool3d(x, 2, ceil_mode=True)
+            up = nn.functional.interpolate(low, size=x.shape[2:], mode="trilinear", align_corners=False)
+            x = torch.cat([x, (x - up).abs() * 4], 1)  # x4: the residual's scale near the volume's
         if self.pool > 1:
             x = nn.functional.avg_pool3d(x, self.pool, ceil_mode=True)
         return self.head(self.body(x).mean(dim=(2, 3, 4)))[:, 0]
 
 
 def c2st(real: Sequence[np.ndarray], samples: Sequence[np.ndarray], folds: int = 5, steps: int = 150,
-         batch_size: int = 8, lr: float = 3e-3, pool: int = 2, seed: int = 0, log: Log | None = None) -> C2STResult:
+         batch_size: int = 8, lr: float = 3e-3, pool: int = 2, highpass: bool = True, seed: int = 0,
+         log: Log | None = None) -> C2STResult:
     """Classifier two-sample test with a tiny 3D CNN trained from scratch in each fold.
 
     The sets are balanced to the smaller size n (the first n of each). In each of ``folds``
@@ -508,6 +519,7 @@ def c2st(real: Sequence[np.ndarray], samples: Sequence[np.ndarray], folds: int =
         folds: Cross-validation folds (2 to n).
         steps: Optimiser steps per fold (Adam).
         pool: Average-pooling factor of the classifier's input (2: 4 mm voxels on the 2 mm grid).
+        highpass: Give the classifier the local high-pass energy as a second channel (see :class:`_C2STNet`).
         seed: Seeds the folds, the initial weights and the batches (a local ``torch.Generator``).
     """
     n = min(len(real), len(samples))
@@ -521,7 +533,7 @@ def c2st(real: Sequence[np.ndarray], samples: Sequence[np.ndarray], folds: int =
         tr_a, tr_b = train[train < n], train[train >= n]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed * 1000 + f)
-            net = _C2STNet(pool=pool)
+            net = _C2STNet(pool=pool, highpass=highpass)
         opt = torch.optim.Adam(net.parameters(), lr=lr)
         net.train()
         for _ in range(steps):
@@ -543,7 +555,8 @@ def c2st(real: Sequence[np.ndarray], samples: Sequence[np.ndarray], folds: int =
         if log:
             log(f"  C2ST fold {f + 1}/{folds}: accuracy {((scores[test] > 0.5) == y.numpy()[test]).mean():.2f}")
     correct = (scores > 0.5) == y.numpy().astype(bool)
-    return _summary(correct, scores, fold_idx, n, f"3D CNN [8, 16, 32] on input pooled x{pool}, trained per fold "
+    what = "volume + high-pass energy" if highpass else "volume"
+    return _summary(correct, scores, fold_idx, n, f"3D CNN [8, 16, 32] on {what} pooled x{pool}, trained per fold "
                                                   f"({steps} steps of {batch_size}), {folds}-fold cross-validation")
 
 

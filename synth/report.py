@@ -63,6 +63,8 @@ class EvalOptions:
         segmenter: Segmenter name or folder for the volume study; ``None`` skips it.
         generate_options: Passed to ``gen.generate`` (default: the model's own settings).
         max_real_pairs_gap: Largest age gap (years) of a same-sex real pair for diversity.
+        cache_dir: Keep the generated brains here (NIfTI + sidecar, outside the repository) and reuse
+            them in a later run with the same model, options, conditions and seeds.
     """
 
     splits: tuple[str, ...] = ("val", "test")
@@ -77,6 +79,7 @@ class EvalOptions:
     segmenter: str | None = "synthbrain-seg-2mm"
     generate_options: dict[str, Any] = field(default_factory=dict)
     max_real_pairs_gap: float = 5.0
+    cache_dir: str | None = None
 
 
 def _condition(row: dict) -> Condition:
@@ -86,10 +89,35 @@ def _condition(row: dict) -> Condition:
         return Condition(age=float(min(max(row["age"], lo), hi)), sex=row["sex"])
 
 
-def _generate(gen, conditions: Sequence[Condition], seeds: Sequence[int], opts: dict, log: Log, what: str):
+def _cached(gen, c: Condition, seed: int, opts: dict, cache: Path | None):
+    """``gen.generate(c, seed)``, or the brain a previous run saved in ``cache`` (NIfTI + sidecar;
+    outside the repository). The file name holds the model, version, options, condition and seed."""
+    from .brain import SyntheticBrain, sidecar_path
+
+    if cache is None:
+        return gen.generate(c, seed=int(seed), progress=None, **opts)
+    cfg = getattr(gen, "config", None)
+    tag = "_".join(f"{k}-{v}" for k, v in sorted(opts.items()))
+    path = cache / f"{getattr(cfg, 'name', 'model')}-{getattr(cfg, 'version', '')}{'_' + tag if tag else ''}_{c.age:g}_{c.sex}_{c.diagnosis}_{seed}.nii.gz"
+    if path.is_file() and sidecar_path(path).is_file():
+        from .io import load_nifti, read_json
+
+        img, aff = load_nifti(path)
+        meta = read_json(sidecar_path(path))
+        prov = {k: v for k, v in meta.items() if k not in ("condition", "seed", "target_volumes_fraction_of_icv")}
+        return SyntheticBrain(img.astype(np.float32), aff, c, int(seed), dict(meta["target_volumes_fraction_of_icv"]), prov)
+    b = gen.generate(c, seed=int(seed), progress=None, **opts)
+    b.save(path)
+    return b
+
+
+def _generate(gen, conditions: Sequence[Condition], seeds: Sequence[int], opts: dict, log: Log, what: str,
+              cache: Path | None = None):
     out, t0 = [], time.time()
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
     for i, (c, s) in enumerate(zip(conditions, seeds)):
-        out.append(gen.generate(c, seed=int(s), progress=None, **opts))
+        out.append(_cached(gen, c, int(s), opts, cache))
         if (i + 1) % 5 == 0 or i + 1 == len(seeds):
             log(f"  {what}: {i + 1}/{len(seeds)} brains ({time.time() - t0:.0f} s)")
     return out
@@ -178,13 +206,14 @@ def run_evaluation(gen, data, features: R.FeatureModel, options: EvalOptions | N
 
     # 1. samples: one per held-out subject (age, sex), the model's default sampling settings
     match_rows = [held_rows[i % len(held_rows)] for i in range(n)]
+    cache = Path(o.cache_dir) if o.cache_dir else None
     samples = _generate(gen, [_condition(r) for r in match_rows], [o.seed + i for i in range(n)],
-                        o.generate_options, log, "samples")
+                        o.generate_options, log, "samples", cache)
     features.check_shape(samples[0].image.shape, "the generated brains")
     order = np.argsort([r["age"] for r in held_rows])
     div_rows = [held_rows[order[i]] for i in np.linspace(0, len(order) - 1, o.diversity_conditions).round().astype(int)]
     div = [_generate(gen, [_condition(r)] * o.diversity_seeds, [o.seed + 100_000 + 1000 * c + j for j in range(o.diversity_seeds)],
-                     o.generate_options, log, f"diversity condition {c + 1}") for c, r in enumerate(div_rows)]
+                     o.generate_options, log, f"diversity condition {c + 1}", cache) for c, r in enumerate(div_rows)]
     t_gen = time.time() - t0
     s_imgs = [b.image for b in samples]
 
@@ -483,6 +512,16 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f} %"
 
 
+def _texture_note(c: dict) -> str:
+    """A sentence when the texture bank tells samples apart but the feature network does not."""
+    tex, feat = c["logistic_random_conv"]["accuracy"], c["logistic_features"]["accuracy"]
+    if tex >= 0.9 and feat < 0.7:
+        return (f" Here the random-convolution bank tells the samples apart ({_pct(tex)}) while the feature network's "
+                f"features barely do ({_pct(feat)}): the difference lies in detail below the feature network's 4 mm "
+                "input, which FID and KID on its features cannot see. Read FID/KID together with the two-sample tests.")
+    return ""
+
+
 def _markdown(res: dict) -> str:
     g, d, c, a, dv, pv, tx = (res["generator"], res["distances"], res["c2st"], res["brain_age"], res["diversity"],
                               res["privacy"], res["texture"])
@@ -546,7 +585,8 @@ def _markdown(res: dict) -> str:
           f"one-sided p = {cnn['p_value']:.2g}); folds {', '.join(_pct(f) for f in cnn['fold_accuracy'])}. "
           "Second opinions: an L2 logistic regression on the feature network's features and on a fixed random-convolution "
           "bank (texture statistics at 2 and 4 mm, nothing trained), with the same folds; the same regressions on real "
-          "training vs held-out real subjects show what chance looks like.", "",
+          "training vs held-out real subjects show what chance looks like."
+          + _texture_note(c), "",
           "## Condition fidelity", "", "![brain age](brain_age.png)", ""]
     if "volumes" in res:
         L += ["![volumes](volumes.png)", "",

@@ -226,11 +226,11 @@ def test_evaluate_cli_end_to_end(prepared, features_dir, tiny_model_dir, tiny_se
     from synth.cli import main
     from synth.report import FIGURES
 
-    out = tmp_path / "report"
-    code = main(["evaluate", "--model", str(tiny_model_dir), "--data", str(prepared.root), "--out-dir", str(out),
-                 "--features", str(features_dir), "--segmenter", str(tiny_segmenter_dir), "--diversity-conditions", "2",
-                 "--diversity-seeds", "2", "--folds", "2", "--c2st-steps", "20", "--quiet"])
-    assert code == 0
+    out, cache = tmp_path / "report", tmp_path / "cache"
+    argv = ["evaluate", "--model", str(tiny_model_dir), "--data", str(prepared.root), "--features", str(features_dir),
+            "--segmenter", str(tiny_segmenter_dir), "--diversity-conditions", "2", "--diversity-seeds", "2", "--folds", "2",
+            "--c2st-steps", "20", "--cache", str(cache), "--quiet"]
+    assert main([*argv, "--out-dir", str(out)]) == 0
     res = json.loads((out / "report.json").read_text())
     md = (out / "report.md").read_text()
     assert set(res["figures"]) == set(FIGURES)
@@ -251,6 +251,12 @@ def test_evaluate_cli_end_to_end(prepared, features_dir, tiny_model_dir, tiny_se
     assert set(res["volumes"]["samples"]) == {"lateral_ventricles", "hippocampus", "brain"}
     assert len(res["figures"]["volumes"]["data"]["requested"]["brain"]) == 10
     assert not list(out.glob("*.nii*"))  # no volumes written
+    # a second run reuses the cached brains (10 samples + 2 x 2 for diversity) and measures the same
+    assert len(list(cache.glob("*.nii.gz"))) == 14
+    assert main([*argv, "--out-dir", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "report.json").read_text())
+    assert again["distances"]["samples"]["fid"] == pytest.approx(res["distances"]["samples"]["fid"], rel=1e-6)
+    assert again["privacy"]["data"]["samples"] == pytest.approx(res["privacy"]["data"]["samples"], abs=1e-6)
     # an existing report is not overwritten without --force
     assert main(["evaluate", "--model", str(tiny_model_dir), "--data", str(prepared.root), "--out-dir", str(out),
                  "--features", str(features_dir)]) == 2
