@@ -18,10 +18,13 @@ TINY_AE = {"spatial_dims": 3, "in_channels": 1, "out_channels": 1, "latent_chann
            "with_encoder_nonlocal_attn": False, "with_decoder_nonlocal_attn": False}
 
 
-def tiny_tf(engine, attention="linear", seq_len=40, seed=0, code_shape=(2, 4, 5), window=None):
+def tiny_tf(engine, attention="linear", seq_len=40, seed=0, code_shape=(2, 4, 5), window=None, prior_top=None):
     torch.manual_seed(seed)
-    return CodeTransformer(12, seq_len, 3, d_model=16, n_layers=2, n_heads=2, d_ff=32, attention=attention,
-                           code_shape=code_shape, window=window, engine=engine).eval()
+    model = CodeTransformer(12, seq_len, 3, d_model=16, n_layers=2, n_heads=2, d_ff=32, attention=attention,
+                            code_shape=code_shape, window=window, prior_top=prior_top, engine=engine).eval()
+    if prior_top:
+        model.set_prior(torch.randint(0, 12, (30, seq_len)))
+    return model
 
 
 # -- quantiser ------------------------------------------------------------------------------------
@@ -87,9 +90,10 @@ def test_vqvae_assignments_do_not_depend_on_bf16_autocast():
 # -- transformer ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("attention", ["linear", "softmax"])
-@pytest.mark.parametrize("code_shape,window", [((2, 4, 5), None), (None, None), ((2, 4, 5), 20), ((2, 4, 5), 15)])
-def test_recurrent_decoding_matches_the_parallel_pass_token_by_token(engine, attention, code_shape, window):
-    model = tiny_tf(engine, attention, code_shape=code_shape, window=window)
+@pytest.mark.parametrize("code_shape,window,prior", [((2, 4, 5), None, None), (None, None, None), ((2, 4, 5), 20, 4),
+                                                    ((2, 4, 5), 15, None)])
+def test_recurrent_decoding_matches_the_parallel_pass_token_by_token(engine, attention, code_shape, window, prior):
+    model = tiny_tf(engine, attention, code_shape=code_shape, window=window, prior_top=prior)
     tokens, cond = torch.randint(0, 12, (2, 40)), torch.rand(2, 3)
     with torch.no_grad():
         parallel = model(tokens, cond)
@@ -119,6 +123,18 @@ def test_training_pass_runs_under_bf16_autocast(engine):
         logits = model(torch.randint(0, 12, (2, 40)), torch.rand(2, 3))
     logits.float().sum().backward()
     assert model.tok_emb.weight.grad is not None and torch.isfinite(model.tok_emb.weight.grad).all()
+
+
+def test_the_position_prior_is_the_smoothed_frequency_of_each_code():
+    model = tiny_tf("torch", prior_top=2, seq_len=40)
+    codes = torch.zeros(10, 40, dtype=torch.long)
+    codes[:7, 3] = 5  # position 3: code 5 seven times, code 0 three times
+    model.set_prior(codes, alpha=0.5)
+    p = torch.softmax(model.prior_logits(3, 1)[0], -1)
+    assert p.sum().item() == pytest.approx(1.0, abs=1e-5)
+    assert p[5].item() == pytest.approx(7.5 / (10 + 0.5 * 12), abs=1e-5)
+    assert p[0].item() == pytest.approx(3.5 / 16, abs=1e-5)
+    assert p[7].item() == pytest.approx(0.5 / 16, abs=1e-5)  # the rest share what is left
 
 
 def test_prefix_predictions_do_not_see_the_future():

@@ -40,7 +40,7 @@ __all__ = ["VQTrainConfig", "TFTrainConfig", "train_vqvae", "train_transformer",
            "reconstruction_metrics", "encode_codes", "DEFAULT_TRANSFORMER"]
 
 DEFAULT_TRANSFORMER: dict[str, Any] = {"d_model": 128, "n_layers": 4, "n_heads": 4, "d_ff": 512,
-                                       "attention": "linear", "dropout": 0.0, "window": "slab"}
+                                       "attention": "linear", "dropout": 0.0, "window": "slab", "prior_top": 64}
 
 
 @dataclass
@@ -379,7 +379,11 @@ def train_transformer(cfg: TFTrainConfig, *, rows: list[dict] | None = None, vol
         window = code_shape[1] * code_shape[2]
     tf_kwargs = dict(cfg.transformer, num_tokens=int(vq_config["num_embeddings"]), seq_len=int(codes.shape[1]),
                      n_conditioning=int(cond.shape[1]), code_shape=code_shape, window=window)
+    if tf_kwargs.get("prior_top"):  # at most all codes but one (the rest share the floor)
+        tf_kwargs["prior_top"] = min(int(tf_kwargs["prior_top"]), int(vq_config["num_embeddings"]) - 1)
     model = CodeTransformer(**tf_kwargs, engine=cfg.engine).to(ctx.device)
+    if tf_kwargs.get("prior_top"):
+        model.set_prior(torch.from_numpy(codes.astype(np.int64)))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     ckpt = Checkpointer(run)
     start = 0
@@ -414,7 +418,9 @@ def train_transformer(cfg: TFTrainConfig, *, rows: list[dict] | None = None, vol
                 rows_ = torch.arange(cfg.batch_size)[:, None].expand_as(pick)
                 xb = x.view(cfg.batch_size, nb, window, -1)[rows_, pick].flatten(0, 1)
                 target = tok.view(cfg.batch_size, nb, window)[rows_, pick]
-                logits = model.head(model.encode_inputs(xb))
+                h = model.encode_inputs(xb).view(cfg.batch_size, -1, window, xb.shape[-1])
+                logits = torch.stack([torch.stack([model.logits(h[b, j], int(pick[b, j]) * window)
+                                                   for j in range(pick.shape[1])]) for b in range(cfg.batch_size)])
             else:
                 logits, target = net(tok, c.to(ctx.device)), tok
         loss = F.cross_entropy(logits.float().flatten(0, -2), target.flatten())

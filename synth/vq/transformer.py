@@ -198,12 +198,17 @@ class CodeTransformer(nn.Module):
             context and the absolute positions). Training then runs on blocks, far cheaper than whole
             sequences, and is exactly what the recurrent decoder computes (it resets its state at
             every block). ``None``: one causal attention over the whole sequence.
+        prior_top: Add a fixed per-position log-prior to the logits: the ``prior_top`` most frequent
+            codes of each position in the training codes (Laplace-smoothed), the rest sharing what
+            is left (:meth:`set_prior`). The network then learns what the position alone does not tell;
+            much of the background and the brain's outline is known from the position.
         engine: ``auto`` (fast-transformers when installed, else torch), ``fast-transformers`` or ``torch``.
     """
 
     def __init__(self, num_tokens: int, seq_len: int, n_conditioning: int, d_model: int = 128, n_layers: int = 4,
                  n_heads: int = 4, d_ff: int | None = None, attention: str = "linear", dropout: float = 0.0,
-                 code_shape: list[int] | tuple[int, ...] | None = None, window: int | None = None, engine: str = "auto"):
+                 code_shape: list[int] | tuple[int, ...] | None = None, window: int | None = None,
+                 prior_top: int | None = None, engine: str = "auto"):
         super().__init__()
         if attention not in ATTENTIONS:
             raise ValueError(f"`attention` must be linear or softmax, got {attention!r}")
@@ -211,13 +216,16 @@ class CodeTransformer(nn.Module):
             raise ValueError(f"`d_model` ({d_model}) must divide by `n_heads` ({n_heads})")
         if code_shape is not None and math.prod(code_shape) != seq_len:
             raise ValueError(f"`code_shape` {tuple(code_shape)} must hold `seq_len` = {seq_len} codes")
+        if prior_top and not 1 <= prior_top < num_tokens:
+            raise ValueError(f"`prior_top` must be within 1-{num_tokens - 1} (or None), got {prior_top}")
         if window is not None and not 1 <= window <= seq_len:
             raise ValueError(f"`window` must be within 1-{seq_len} (or None), got {window}")
         self.config = dict(num_tokens=int(num_tokens), seq_len=int(seq_len), n_conditioning=int(n_conditioning),
                            d_model=int(d_model), n_layers=int(n_layers), n_heads=int(n_heads),
                            d_ff=int(d_ff or 4 * d_model), attention=attention, dropout=float(dropout),
                            code_shape=list(code_shape) if code_shape is not None else None,
-                           window=int(window) if window is not None else None)
+                           window=int(window) if window is not None else None,
+                           prior_top=int(prior_top) if prior_top else None)
         self.engine = resolve_engine(engine)
         self.tok_emb = nn.Embedding(num_tokens, d_model)
         self.pos_emb = nn.Embedding(seq_len, d_model)
@@ -236,6 +244,10 @@ class CodeTransformer(nn.Module):
             c = self.config
             self.encoder = _TorchEncoder(c["n_layers"], c["d_model"], c["n_heads"], c["d_ff"], attention, c["dropout"])
         self.head = nn.Linear(d_model, num_tokens)
+        if prior_top:
+            self.register_buffer("prior_index", torch.zeros(seq_len, prior_top, dtype=torch.int16))  # small on disk
+            self.register_buffer("prior_logp", torch.zeros(seq_len, prior_top))
+            self.register_buffer("prior_floor", torch.zeros(seq_len))
         nn.init.normal_(self.tok_emb.weight, std=0.02)
         nn.init.normal_(self.pos_emb.weight, std=0.02)
 
@@ -263,7 +275,34 @@ class CodeTransformer(nn.Module):
         """Teacher-forced logits: (B, L) tokens, (B, C) conditions -> (B, L, K); ``[:, i]`` predicts token ``i``."""
         if tokens.shape[1] > self.seq_len:
             raise ValueError(f"sequence of {tokens.shape[1]} tokens is longer than the model's {self.seq_len}")
-        return self.head(self.encode_inputs(self.inputs(tokens, cond)))
+        return self.logits(self.encode_inputs(self.inputs(tokens, cond)), 0)
+
+    def logits(self, h: torch.Tensor, start: int) -> torch.Tensor:
+        """(..., n, D) encoder outputs at positions ``start..start+n-1`` -> (..., n, K) logits (+ the prior)."""
+        out = self.head(h)
+        if self.config.get("prior_top"):
+            out = out + self.prior_logits(start, h.shape[-2]).to(out.dtype)
+        return out
+
+    def prior_logits(self, start: int, n: int) -> torch.Tensor:
+        """(n, K) log-prior of positions ``start..start+n-1``."""
+        sl = slice(start, start + n)
+        dense = self.prior_floor[sl, None].expand(-1, self.config["num_tokens"]).clone()
+        return dense.scatter_(1, self.prior_index[sl].long(), self.prior_logp[sl])
+
+    @torch.no_grad()
+    def set_prior(self, codes: torch.Tensor, alpha: float = 0.05) -> None:
+        """Fit the per-position prior on (N, L) training codes (add-``alpha`` smoothing)."""
+        k, n_tok = self.config["prior_top"], self.config["num_tokens"]
+        codes = codes.long().cpu()
+        counts = torch.zeros(self.seq_len, n_tok)
+        counts.scatter_add_(1, codes.t(), torch.ones(codes.t().shape))
+        p = (counts + alpha) / (len(codes) + alpha * n_tok)
+        top_p, top_i = torch.topk(p, k, dim=1)
+        rest = (1 - top_p.sum(1)).clamp(min=1e-12) / (n_tok - k)
+        self.prior_index.copy_(top_i.to(torch.int16))
+        self.prior_logp.copy_(torch.log(top_p))
+        self.prior_floor.copy_(torch.log(rest))
 
     def encode_inputs(self, x: torch.Tensor) -> torch.Tensor:
         """The causal encoder over (B, n, D) inputs, block by block when the model has a ``window``
@@ -353,7 +392,7 @@ class IncrementalDecoder:
                 h = layer.step(h, st, self.t, start)
             h = m.encoder.norm(h)
         self.t += 1
-        return m.head(h)
+        return m.logits(h[:, None], self.t - 1)[:, 0]
 
     def _reset(self) -> None:
         if self.model.engine == "fast-transformers":
