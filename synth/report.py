@@ -272,7 +272,7 @@ def run_evaluation(gen, data, features: R.FeatureModel, options: EvalOptions | N
         return d.min(1)
 
     top = np.argsort(-nn_s["r"])[:3]
-    res["privacy"] = {**R.privacy_summary(nn_s["r"], nn_h["r"]),
+    res["privacy"] = {**R.privacy_summary(nn_s["r"], nn_h["r"], nn_s["all"], nn_h["all"]),
                       "feature_nn_distance": {"samples_median": float(np.median(fdist(feats["samples"]))),
                                               "heldout_median": float(np.median(fdist(feats["heldout"])))},
                       "closest_pairs": [{"sample": int(i), "sample_condition": samples[i].condition.to_dict(), "sample_seed": samples[i].seed,
@@ -552,8 +552,13 @@ def _markdown(res: dict) -> str:
          f"| diversity: MS-SSIM between samples of one condition | **{dv['samples_mean']:.3f}** | {dv['real_mean']:.3f} (age-matched real pairs) | "
          f"difference {dv['difference']:+.3f}; higher = less diverse |",
          f"| privacy: median highest correlation with a training subject | **{pv['samples_median']:.3f}** (max {pv['samples_max']:.3f}) | "
-         f"{pv['heldout_median']:.3f} (max {pv['heldout_max']:.3f}) held-out real | {'pass' if pv['pass'] else 'FAIL'}: "
-         f"{pv['samples_above_heldout_max']} samples closer than any new person |"]
+         f"{pv['heldout_median']:.3f} (max {pv['heldout_max']:.3f}) held-out real | raw: {pv['samples_above_heldout_max']} samples closer "
+         "than any new person |"]
+    if "samples_margin_median" in pv:
+        L.append(f"| privacy: median margin, nearest minus mean correlation with all training subjects | "
+                 f"**{pv['samples_margin_median']:.3f}** (max {pv['samples_margin_max']:.3f}) | {pv['heldout_margin_median']:.3f} "
+                 f"(max {pv['heldout_margin_max']:.3f}) held-out real | {'pass' if pv['pass'] else 'FAIL'}: "
+                 f"{pv['samples_margin_above_heldout_max']} samples stand out more than any new person |")
     if "volumes" in res:
         for k, s in res["volumes"]["samples"].items():
             r = res["volumes"]["segmenter_on_heldout_real"].get(k, {})
@@ -603,7 +608,12 @@ def _markdown(res: dict) -> str:
           f"({pv['region_voxels']} voxels where the mean training image exceeds 0.2), for the samples and for the held-out real "
           "subjects (new people). In the feature network's space the median nearest-training distance is "
           f"{pv['feature_nn_distance']['samples_median']:.2f} for samples and {pv['feature_nn_distance']['heldout_median']:.2f} for "
-          "held-out real. Closest pairs:", ""]
+          "held-out real."
+          + (f" Raw correlations favour smooth images: the samples' median correlation with *all* training subjects is "
+             f"{pv['samples_mean_r_median']:.3f} against {pv['heldout_mean_r_median']:.3f} for new people, so the test is "
+             "each image's margin (nearest minus its mean correlation with all training subjects): a copy of a training "
+             "subject stands out above the others, a smooth brain does not." if "samples_mean_r_median" in pv else "")
+          + " Closest pairs:", ""]
     L += [f"- sample {p['sample']} (seed {p['sample_seed']}, {p['sample_condition']['age']:g} y {p['sample_condition']['sex']}) "
           f"and training subject {p['train_mrid']}: r = {p['r']:.3f}" for p in pv["closest_pairs"]]
     L += ["", "## Texture statistics (not evidence of realism on their own)", "",

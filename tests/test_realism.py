@@ -176,6 +176,13 @@ def test_nearest_training_finds_a_copied_subject():
     summary = R.privacy_summary([0.99, 0.5], [0.6, 0.7])
     assert summary["samples_above_heldout_max"] == 1 and not summary["pass"]
     assert R.privacy_summary([0.5, 0.55], [0.6, 0.7])["pass"]
+    # a smooth sample correlates more with every training subject: not a copy (margin as new people's)
+    train_r = np.array([[0.80, 0.78, 0.79], [0.82, 0.80, 0.81]])
+    new_r = np.array([[0.75, 0.72, 0.73], [0.70, 0.68, 0.69]])
+    smooth = R.privacy_summary(train_r.max(1), new_r.max(1), train_r, new_r)
+    assert smooth["samples_above_heldout_max"] == 2 and smooth["pass"]
+    copied = np.array([[0.99, 0.78, 0.79], [0.82, 0.80, 0.81]])
+    assert not R.privacy_summary(copied.max(1), new_r.max(1), copied, new_r)["pass"]
 
 
 def test_brain_age_summary():
