@@ -145,3 +145,22 @@ def test_guidance_only_where_the_interval_says(tiny_generator):
     full = tiny_generator.sample_latent(cond, 5, guidance_scale=3.0, guidance_interval=(0, 999), **kw)
     torch.testing.assert_close(empty, cfg_off)
     assert not torch.allclose(full, cfg_off)
+
+
+def test_fast_preset_comes_from_the_config_and_explicit_values_win(tiny_model_dir):
+    gen = synth.load_generator(tiny_model_dir, device="cpu")
+    with pytest.raises(ValueError, match="has no fast sampling preset"):
+        gen.sampling_options(fast=True)
+    gen.config.sampling["fast"] = {"sampler": "dpm++2m", "steps": 2, "guidance_interval": [300, 999]}
+    opts = gen.sampling_options(fast=True)
+    assert opts["sampler"] == "dpm++2m" and opts["steps"] == 2 and opts["guidance_interval"] == [300, 999]
+    assert gen.sampling_options(steps=5, fast=True)["steps"] == 5
+    assert gen.sampling_options()["sampler"] == "ddim"  # the default is untouched
+    brain = gen.generate(synth.Condition(age=50, sex="M"), seed=1, fast=True)
+    assert brain.provenance["sampler"] == "DPM-Solver++(2M)" and brain.provenance["steps"] == 2
+
+
+def test_shipped_model_default_and_fast_preset():
+    gen_cfg = synth.load_generator(device="cpu").config.sampling
+    assert gen_cfg["sampler"] == "ddim" and gen_cfg["steps"] == 20
+    assert gen_cfg["fast"]["sampler"] == "dpm++2m" and gen_cfg["fast"]["steps"] == 8
