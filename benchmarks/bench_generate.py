@@ -98,9 +98,10 @@ def _run_variant(args) -> None:
     np.save(args.save, img)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     extra = {} if args.variant == "baseline" else {k: brain.provenance[k] for k in ("sampler", "steps", "precision")}
+    used = torch.get_num_threads() if args.variant == "baseline" else brain.provenance["threads"]
     print(json.dumps({"variant": args.variant, "total_s": min(times), "sample_s": min(sample_t),
                       "decode_s": min(times) - min(sample_t), "peak_rss_mb": peak_mb,
-                      "torch_threads": torch.get_num_threads(), **extra}))
+                      "torch_threads": used, **extra}))
 
 
 def _spin():

@@ -302,6 +302,7 @@ class BrainGenerator:
             "guidance_interval": opts["guidance_interval"],
             "precision": precision,
             "bf16": use_bf16,
+            "threads": n_threads,
             "device": str(self.device),
             "space": "MNI152 (RAS), affine in the NIfTI header",
             "intensity": "T1-weighted, scaled to [0, 1], skull-stripped",

@@ -98,6 +98,7 @@ def test_generate_records_the_precision_it_used_and_both_paths_give_a_brain(tiny
     fp32 = tiny_generator.generate(cond, seed=1, precision="fp32", threads=1)
     bf16 = tiny_generator.generate(cond, seed=1, precision="bf16", threads=1)
     assert fp32.provenance["precision"] == "fp32" and fp32.provenance["bf16"] is False
+    assert fp32.provenance["threads"] == 1
     assert bf16.provenance["precision"] == "bf16" and bf16.provenance["bf16"] is True
     assert fp32.image.shape == bf16.image.shape
     # the tiny model's config does not allow bf16, so auto stays on fp32 whatever the CPU
