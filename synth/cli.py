@@ -176,11 +176,19 @@ def _cmd_train_autoencoder(args: argparse.Namespace) -> int:
     from .train.autoencoder import DEFAULT_AE, AETrainConfig, train_autoencoder
 
     arch = dict(DEFAULT_AE)
-    if args.init_from:  # the architecture of the run it starts from
+    if args.init_from:  # the architecture of the run or packaged model it starts from
+        from .train.common import is_model_folder
+
         ckpt = Path(args.init_from) / "last.pt"
-        if not ckpt.is_file():
-            raise UsageError(f"--init-from expects a training run folder holding last.pt, got {args.init_from}")
-        arch = dict(torch.load(ckpt, map_location="cpu", weights_only=False)["config"]["autoencoder"])
+        if is_model_folder(args.init_from):
+            from .io import read_json
+
+            arch = dict(read_json(Path(args.init_from) / "config.json")["autoencoder"])
+        elif ckpt.is_file():
+            arch = dict(torch.load(ckpt, map_location="cpu", weights_only=False)["config"]["autoencoder"])
+        else:
+            raise UsageError(f"--init-from expects a training run folder holding last.pt or a model folder "
+                             f"(config.json + autoencoder.safetensors), got {args.init_from}")
     if args.channels:
         if any(c % arch["norm_num_groups"] for c in args.channels):
             raise UsageError(f"--channels must be multiples of {arch['norm_num_groups']} (the GroupNorm groups), got {args.channels}")
@@ -204,9 +212,15 @@ def _cmd_train_autoencoder(args: argparse.Namespace) -> int:
 def _cmd_train_diffusion(args: argparse.Namespace) -> int:
     from .train.diffusion import LDMTrainConfig, train_diffusion
 
+    from .train.common import is_model_folder
+
+    for flag, path, needs in (("--ae-run", args.ae_run, "autoencoder.safetensors"), ("--init-from", args.init_from, "unet.safetensors")):
+        if path and not (is_model_folder(path) and (Path(path) / needs).is_file()) and not (Path(path) / "last.pt").is_file():
+            raise UsageError(f"{flag} expects a training run folder holding last.pt or a model folder "
+                             f"(config.json + {needs}), got {path}")
     cfg = LDMTrainConfig(data_dir=args.data, ae_run=args.ae_run, run_dir=args.run, steps=args.steps,
                          batch_size=args.batch_size, lr=args.lr, bf16=not args.no_bf16, seed=args.seed,
-                         max_minutes=args.max_minutes)
+                         max_minutes=args.max_minutes, init_from=args.init_from)
     state = train_diffusion(cfg, progress=not args.quiet)
     print(f"diffusion UNet at step {state['step']} in {args.run}/last.pt")
     return 0
@@ -284,9 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--data", default=str(default_cache_dir() / "ixi-2mm"), help="prepared data folder")
         t.add_argument("--run-dir", "--run", dest="run", required=True, help="run folder for checkpoints and losses.csv")
         if "diffusion" in verb:
-            t.add_argument("--ae-run", required=True, help="the autoencoder's run folder")
+            t.add_argument("--ae-run", required=True, help="the autoencoder's run folder, or a model folder (its autoencoder)")
+            t.add_argument("--init-from", default=None,
+                           help="start from this model folder's (or diffusion run's) UNet, keeping its conditioning "
+                                "(when RUN has no checkpoint)")
         else:
-            t.add_argument("--init-from", default=None, help="start from this run's EMA weights (when RUN has no checkpoint)")
+            t.add_argument("--init-from", default=None,
+                           help="start from this run's EMA weights or a model folder's autoencoder (when RUN has no checkpoint)")
             t.add_argument("--decoder-only", action="store_true",
                            help="freeze the encoder and fine-tune the decoder (keeps the latent space of a trained diffusion model)")
             t.add_argument("--channels", type=_positive_int, nargs="+", default=None,
@@ -316,8 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--out", required=True)
     k.add_argument("--name", default=DEFAULT_MODEL)
     k.add_argument("--version", default="0.1.0")
-    k.add_argument("--sampling-steps", type=_steps, default=20)
-    k.add_argument("--guidance-scale", type=_guidance, default=1.0)
+    k.add_argument("--sampling-steps", type=_steps, default=None,
+                   help="default sampling steps (default: a packaged --ldm-run's, else 20)")
+    k.add_argument("--guidance-scale", type=_guidance, default=None,
+                   help="default guidance scale (default: a packaged --ldm-run's, else 1.0)")
     k.set_defaults(func=_cmd_package)
 
     m = sub.add_parser("models", help="list the shipped models")

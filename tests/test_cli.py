@@ -80,11 +80,17 @@ def test_bad_arguments_one_line_exit_2_nothing_written(tiny_model_dir, tmp_path,
         (["--kl-weight", "-0.001"], "argument --kl-weight: expected a number >= 0, got '-0.001'"),
         (["--channels", "16", "24"], "--channels must be multiples of 16 (the GroupNorm groups), got [16, 24]"),
         (["--latent-noise", "0.3"], "--latent-noise needs --decoder-only (the encoder must be frozen), got --latent-noise 0.3"),
-        (["--init-from", "nope"], "--init-from expects a training run folder holding last.pt, got nope"),
+        (["--init-from", "nope"], "--init-from expects a training run folder holding last.pt or a model folder "
+                                  "(config.json + autoencoder.safetensors), got nope"),
+        (["diffusion", "--ae-run", "nope"], "--ae-run expects a training run folder holding last.pt or a model folder "
+                                            "(config.json + autoencoder.safetensors), got nope"),
     ],
 )
 def test_bad_training_arguments_exit_2_before_any_run_folder(tmp_path, capsys, argv, message):
-    code = main(["train-autoencoder", "--run-dir", str(tmp_path / "run"), "--data", str(tmp_path), *argv])
+    verb = "train-autoencoder"
+    if argv[0] == "diffusion":
+        verb, argv = "train-diffusion", argv[1:]
+    code = main([verb, "--run-dir", str(tmp_path / "run"), "--data", str(tmp_path), *argv])
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1
     assert list(tmp_path.iterdir()) == []

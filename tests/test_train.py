@@ -253,3 +253,70 @@ def test_covariates_can_include_a_diagnosis():
     assert m[:, 1].tolist() == [1.0, 0.0, 1.0] and m[:, 2].tolist() == [0.0, 1.0, 0.0] and (m[:, -1] == 1).all()
     with pytest.raises(ValueError, match="unknown covariate 'weight'"):
         covariate_matrix(rows, ["weight"], {})
+
+
+def _tiny_packaged_model(tmp_path, vols, rows):
+    from synth.train.package import package_model
+
+    ae = dict(TINY_AE, channels=[4, 4, 4], attention_levels=[False] * 3)
+    train_autoencoder(AETrainConfig(data_dir="", run_dir=str(tmp_path / "ae"), steps=2, bf16=False, autoencoder=ae),
+                      volumes=vols, progress=False)
+    train_diffusion(LDMTrainConfig(data_dir="", ae_run=str(tmp_path / "ae"), run_dir=str(tmp_path / "ldm"), steps=2,
+                                   batch_size=2, bf16=False, unet=dict(TINY_UNET)), rows=rows, volumes=vols, progress=False)
+    return package_model(tmp_path / "ae", tmp_path / "ldm", tmp_path / "model", name="tiny", version="0.1",
+                         steps=3, guidance_scale=2.0)
+
+
+def test_training_continues_from_a_packaged_model_and_packages_with_it(tmp_path):
+    """A shipped model is a starting point: the UNet trains on from its weights with its conditioning
+    scale kept; a decoder fine-tune starts from its autoencoder; the parts package back together."""
+    import synth
+    from synth.models.config import ModelConfig
+    from synth.train.common import model_folder_weights
+    from synth.train.package import package_model
+
+    vols, rows = phantoms(n=8)
+    folder = _tiny_packaged_model(tmp_path, vols, rows)
+    shipped = ModelConfig.load(folder)
+    # Other subjects would give other covariate ranges and latent scale; a continued run keeps the model's.
+    vols2, rows2 = phantoms(n=9, seed=1)
+    cfg = LDMTrainConfig(data_dir="", ae_run=str(folder), run_dir=str(tmp_path / "ldm2"), steps=1, batch_size=2,
+                         lr=1e-12, bf16=False, init_from=str(folder))
+    state = train_diffusion(cfg, rows=rows2, volumes=vols2, progress=False)
+    mc = state["model_config"]
+    assert mc["covariate_ranges"] == shipped.covariate_ranges and mc["latent_scale"] == shipped.latent_scale
+    assert mc["init_from"] == "tiny 0.1"
+    unet0, _ = model_folder_weights(folder, "unet")
+    assert all(torch.allclose(state["state_dict"][k].float(), v, atol=1e-6) for k, v in unet0.items())
+
+    ae_cfg = AETrainConfig(data_dir="", run_dir=str(tmp_path / "dec"), steps=3, lr=1e-2, bf16=False,
+                           init_from=str(folder), decoder_only=True, autoencoder=shipped.autoencoder)
+    ae_state = train_autoencoder(ae_cfg, volumes=vols, progress=False)
+    ae0, _ = model_folder_weights(folder, "autoencoder")
+    enc = [k for k in ae0 if k.startswith("encoder.")]
+    dec = [k for k in ae0 if k.startswith("decoder.")]
+    assert all(torch.equal(ae_state["state_dict"][k], ae0[k]) for k in enc)
+    assert any(not torch.equal(ae_state["state_dict"][k], ae0[k]) for k in dec)
+    assert ae_state["init_step"] == "tiny 0.1"
+
+    out = package_model(tmp_path / "dec", folder, tmp_path / "model2", name="tiny", version="0.2")
+    cfg2 = ModelConfig.load(out)
+    assert cfg2.sampling == shipped.sampling  # the packaged UNet's sampling settings travel with it
+    assert "decoder fine-tune 3 steps" in cfg2.reference and "UNet of tiny 0.1" in cfg2.reference
+    unet2, _ = model_folder_weights(out, "unet")
+    assert unet2.keys() == unet0.keys() and all(torch.equal(unet2[k], unet0[k]) for k in unet0)
+    brain = synth.load_generator(out, device="cpu").generate(synth.Condition(age=50, sex="F"), seed=0, bf16=False)
+    assert brain.image.shape == (80, 96, 80)
+
+
+def test_packaging_refuses_an_autoencoder_of_another_layout(tmp_path):
+    from synth.train.package import package_model
+
+    vols, rows = phantoms(n=8)
+    folder = _tiny_packaged_model(tmp_path, vols, rows)
+    other = dict(TINY_AE, channels=[8, 8, 8], attention_levels=[False] * 3)
+    train_autoencoder(AETrainConfig(data_dir="", run_dir=str(tmp_path / "ae8"), steps=1, bf16=False, autoencoder=other),
+                      volumes=vols, progress=False)
+    with pytest.raises(ValueError, match="not the one the UNet"):
+        package_model(tmp_path / "ae8", folder, tmp_path / "bad", name="t", version="0")
+    assert not (tmp_path / "bad" / "config.json").exists()

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 from ..data.prepare import PreparedData
 from ..models.networks import build_autoencoder, count_parameters, latent_mean
-from .common import (EMA, Checkpointer, LossLog, StepClock, autocast, restore_rng, rng_state, setup_distributed,
-                     training_bf16)
+from .common import (EMA, Checkpointer, LossLog, StepClock, autocast, is_model_folder, model_folder_weights,
+                     restore_rng, rng_state, setup_distributed, training_bf16)
 
 __all__ = ["AETrainConfig", "train_autoencoder", "DEFAULT_AE", "DEFAULT_DISCRIMINATOR", "gradient_l1", "kl_loss",
            "load_volumes"]
@@ -164,7 +164,11 @@ def train_autoencoder(cfg: AETrainConfig, *, volumes: np.ndarray | None = None, 
         volumes = load_volumes(PreparedData.load(cfg.data_dir), cfg.splits)
     model = build_autoencoder(cfg.autoencoder).to(ctx.device)
     init_step = None
-    if cfg.init_from:
+    if cfg.init_from and is_model_folder(cfg.init_from):  # a packaged model: its (EMA) autoencoder weights
+        weights, config = model_folder_weights(cfg.init_from, "autoencoder")
+        model.load_state_dict(weights)
+        init_step = f"{config.name} {config.version}"
+    elif cfg.init_from:
         init = torch.load(Path(cfg.init_from) / "last.pt", map_location="cpu", weights_only=False)
         model.load_state_dict(init["ema_state_dict"])
         init_step = int(init["step"])  # recorded, so the packaged model can say how it was trained

@@ -16,7 +16,8 @@ import torch
 from ..io import atomic_path
 from ..models.networks import autocast
 
-__all__ = ["DistContext", "setup_distributed", "autocast", "Checkpointer", "LossLog", "EMA", "cosine_lr", "StepClock"]
+__all__ = ["DistContext", "setup_distributed", "autocast", "Checkpointer", "LossLog", "EMA", "cosine_lr", "StepClock",
+           "is_model_folder", "model_folder_weights"]
 
 
 @dataclass
@@ -191,3 +192,24 @@ def training_bf16(requested: bool, device: torch.device) -> bool:
     from ..runtime import resolve_precision
 
     return bool(requested) and resolve_precision(None, device) == "bf16"
+
+
+def is_model_folder(path: str | Path) -> bool:
+    """A packaged LDM folder (``config.json`` + ``autoencoder.safetensors``), as opposed to a training run."""
+    p = Path(path)
+    return (p / "config.json").is_file() and (p / "autoencoder.safetensors").is_file()
+
+
+def model_folder_weights(folder: str | Path, part: str) -> tuple[dict[str, torch.Tensor], Any]:
+    """``(float32 state dict, ModelConfig)`` of one part (``autoencoder`` or ``unet``) of a packaged LDM
+    folder, after its weights are checked against the config's SHA-256. Training can start from a
+    shipped model this way (its EMA weights; the optimizer starts afresh)."""
+    from safetensors.torch import load_file
+
+    from ..models.config import ModelConfig
+
+    config = ModelConfig.load(folder)
+    path = Path(folder) / f"{part}.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} has no {part}.safetensors")
+    return {k: v.float() for k, v in load_file(str(path)).items()}, config

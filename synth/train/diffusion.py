@@ -21,8 +21,8 @@ from ..condition import VOLUME_KEYS
 from ..data.prepare import PreparedData
 from ..models.networks import build_autoencoder, build_unet, count_parameters, latent_mean
 from ..normative import NormativeModel
-from .common import (EMA, Checkpointer, LossLog, StepClock, autocast, restore_rng, rng_state, setup_distributed,
-                     training_bf16)
+from .common import (EMA, Checkpointer, LossLog, StepClock, autocast, is_model_folder, model_folder_weights,
+                     restore_rng, rng_state, setup_distributed, training_bf16)
 
 __all__ = ["LDMTrainConfig", "train_diffusion", "DEFAULT_UNET", "DEFAULT_COVARIATES", "encode_dataset", "covariate_matrix"]
 
@@ -64,6 +64,9 @@ class LDMTrainConfig:
     # Multiplies the latent scale 1/std (Rombach et al. 2022's scale factor): 1 trains on unit-variance
     # latents; other values change the signal-to-noise ratio of every noise level (a tuning knob).
     latent_scale_factor: float = 1.0
+    # A packaged model folder (or a diffusion run folder) whose UNet (EMA weights) starts a fresh run; its
+    # UNet layout, covariates, their ranges and its latent scale are kept, so the model trains on as it was.
+    init_from: str | None = None
     covariates: list[str] = field(default_factory=lambda: list(DEFAULT_COVARIATES))
     unet: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_UNET))
     scheduler: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_SCHEDULER))
@@ -123,11 +126,33 @@ def encode_dataset(ae: torch.nn.Module, volumes: np.ndarray, device: torch.devic
 
 
 def load_autoencoder_run(ae_run: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
-    state = torch.load(Path(ae_run) / "last.pt", map_location="cpu", weights_only=False)
-    ae_kwargs = state["config"]["autoencoder"]
+    """The (EMA) autoencoder of a training run folder (``last.pt``) or of a packaged model folder."""
+    if is_model_folder(ae_run):
+        weights, config = model_folder_weights(ae_run, "autoencoder")
+        ae_kwargs = config.autoencoder
+    else:
+        state = torch.load(Path(ae_run) / "last.pt", map_location="cpu", weights_only=False)
+        ae_kwargs, weights = state["config"]["autoencoder"], state["ema_state_dict"]
     ae = build_autoencoder(ae_kwargs)
-    ae.load_state_dict(state["ema_state_dict"])
+    ae.load_state_dict(weights)
     return ae.to(device).eval().requires_grad_(False), ae_kwargs
+
+
+def _diffusion_init(init_from: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """UNet weights and the settings a continued run must keep, from a model folder or a diffusion run."""
+    if is_model_folder(init_from):
+        weights, config = model_folder_weights(init_from, "unet")
+        keep = {"unet": config.unet, "covariates": config.covariates, "covariate_ranges": config.covariate_ranges,
+                "latent_scale": config.latent_scale, "from": f"{config.name} {config.version}"}
+        return weights, keep
+    path = Path(init_from) / "last.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"no model folder or diffusion run at {init_from}: expected config.json with "
+                                "unet.safetensors, or last.pt")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    mc = state["model_config"]
+    keep = {k: mc[k] for k in ("unet", "covariates", "covariate_ranges", "latent_scale")}
+    return {k: v.float() for k, v in state["ema_state_dict"].items()}, {**keep, "from": f"{init_from} step {state['step']}"}
 
 
 def train_diffusion(cfg: LDMTrainConfig, *, progress: bool = True, rows: list[dict] | None = None,
@@ -167,14 +192,23 @@ def train_diffusion(cfg: LDMTrainConfig, *, progress: bool = True, rows: list[di
             with atomic_path(cache) as tmp:
                 np.savez(tmp, latents=latents)
     del ae
-    latent_scale = float(cfg.latent_scale_factor / latents.std())
-    ranges = covariate_ranges(rows, cfg.covariates)
+    init_weights, init = _diffusion_init(cfg.init_from) if cfg.init_from else (None, {})
+    if init:
+        cfg.covariates = list(init["covariates"])
+    latent_scale = float(init["latent_scale"]) if init else float(cfg.latent_scale_factor / latents.std())
+    ranges = init["covariate_ranges"] if init else covariate_ranges(rows, cfg.covariates)
     cond = covariate_matrix(rows, cfg.covariates, ranges)
     cond = np.concatenate([cond, cond])  # mirrored copies share their subject's condition
     n_cond = cond.shape[1]
     latent_ch = latents.shape[1]
-    unet_kwargs = dict(cfg.unet, in_channels=latent_ch + n_cond, out_channels=latent_ch, cross_attention_dim=n_cond)
+    unet_kwargs = (dict(init["unet"]) if init else
+                   dict(cfg.unet, in_channels=latent_ch + n_cond, out_channels=latent_ch, cross_attention_dim=n_cond))
+    if unet_kwargs["in_channels"] != latent_ch + n_cond:
+        raise ValueError(f"--init-from {cfg.init_from}: its UNet takes {unet_kwargs['in_channels']} input channels, but "
+                         f"the autoencoder's {latent_ch} latent channels + {n_cond} conditioning values make {latent_ch + n_cond}")
     unet = build_unet(unet_kwargs).to(ctx.device)
+    if init_weights is not None:
+        unet.load_state_dict(init_weights)
     ema = EMA(unet, decay=0.999)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = DDPMScheduler(**{k: v for k, v in cfg.scheduler.items()})
@@ -198,6 +232,7 @@ def train_diffusion(cfg: LDMTrainConfig, *, progress: bool = True, rows: list[di
         "covariate_ranges": ranges,
         "latent_scale": latent_scale,
         "normative": NormativeModel.fit(rows).to_dict(),
+        "init_from": init.get("from"),
     }
     log = LossLog(run / "losses.csv", ["loss", "lr"], resume_step=start) if ctx.is_main else None
     z_all = torch.from_numpy(latents * latent_scale)
