@@ -25,10 +25,23 @@ TIMEOUT = 180
 TINY_GRID = Grid((32, 32, 32), 2.0, (-31.0, -31.0, -31.0))  # synth.testing.tiny_config's grid
 
 
+def _add_fast_preset(folder: Path) -> Path:
+    """Give the tiny model a ``fast`` sampling preset like the shipped model's (DPM-Solver++, fewer steps)."""
+    import json
+
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["sampling"]["fast"] = {"sampler": "dpm++2m", "steps": 2, "spacing": "logsnr", "guidance_interval": [300, 999]}
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    return folder
+
+
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory):
+    from synth.vq.testing import make_tiny_vq_model
+
     root = tmp_path_factory.mktemp("models")
-    make_tiny_model(root / "tiny-test-model")
+    _add_fast_preset(make_tiny_model(root / "tiny-test-model"))  # the default model: DDIM 3 steps, fast DPM 2
+    make_tiny_vq_model(root / "tiny-vq-model", shape=tuple(TINY_GRID.shape))  # the second backend, on the segmenter's grid
     anatomy = pytest.importorskip("synth.anatomy.testing")
     anatomy.make_tiny_segmenter(root / "tiny-test-segmenter", TINY_GRID, steps=5)
     return root
@@ -416,3 +429,70 @@ def _tiny_generator():
     import synth
 
     return synth.load_generator(Path(os.environ["SYNTHBRAIN_MODELS"]) / "tiny-test-model", device="cpu")
+
+
+def _summary(at) -> str:
+    return next(m.value for m in at.markdown if "model `" in m.value)
+
+
+def test_speed_defaults_to_fast_and_standard_is_one_click_away(app):
+    speed = _widget(app, "speed")
+    assert speed.value == "fast" and not speed.disabled
+    assert "PSNR 33.7" in speed.help and "0.84 vs 0.88" in speed.help  # what each trades
+    assert any(c.value == "Sampling: DPM-Solver++(2M), 2 steps" for c in app.sidebar.caption)
+    _generate(app, seed=4)
+    assert not _errors(app)
+    first = app.session_state["request"]
+    prov = app.session_state["result"].brain.provenance
+    assert first.speed == "fast" and (prov["sampler"], prov["steps"], prov["sampling_preset"]) == ("DPM-Solver++(2M)", 2, "fast")
+    assert "Fast preview · DPM-Solver++(2M), 2 steps · fp32 precision" in _summary(app)
+
+    _widget(app, "speed").set_value("standard")
+    app.run()
+    assert any("Out of date" in w.value for w in app.warning)  # another request
+    assert any(c.value == "Sampling: DDIM, 3 steps" for c in app.sidebar.caption)
+    app.sidebar.button(key="generate").click()
+    app.run()
+    assert not any("Out of date" in w.value for w in app.warning)
+    second = app.session_state["request"]
+    prov = app.session_state["result"].brain.provenance
+    assert second.key() != first.key() and second.speed == "standard"
+    assert (prov["sampler"], prov["steps"], prov["sampling_preset"]) == ("DDIM", 3, "standard")
+    assert "Standard · DDIM, 3 steps" in _summary(app)
+
+
+def test_sampling_steps_replace_the_speeds_count_and_say_so(app):
+    _widget(app, "steps").set_value(4)
+    app.run()
+    assert any(c.value == "Sampling: DPM-Solver++(2M), 4 steps (from Sampling steps; this Speed alone runs 2)"
+               for c in app.sidebar.caption)
+    _generate(app, seed=4)
+    prov = app.session_state["result"].brain.provenance
+    assert (prov["sampler"], prov["steps"], prov["sampling_preset"]) == ("DPM-Solver++(2M)", 4, "fast")
+
+
+def test_the_vq_model_can_be_chosen_and_generates(app):
+    model = _widget(app, "model")
+    assert model.options == ["tiny-test-model · latent diffusion", "tiny-vq-model · VQ-VAE + transformer"]
+    _widget(app, "speed").set_value("standard")  # a choice the LDM should get back
+    _widget(app, "precision").set_value("fp32")
+    model.set_value("tiny-vq-model")
+    app.run()
+    assert not app.exception
+    # what the VQ backend does not use is greyed out, not silently ignored
+    assert _widget(app, "speed_unavailable").disabled and _widget(app, "speed_unavailable").value == "standard"
+    assert _widget(app, "steps").disabled and _widget(app, "precision").disabled
+    assert not _widget(app, "guidance").disabled
+    assert any(c.value == "Sampling: autoregressive over the code grid" for c in app.sidebar.caption)
+    _generate(app, seed=2, guidance=1.5)
+    assert not _errors(app)
+    request, brain = app.session_state["request"], app.session_state["result"].brain
+    assert (request.model, request.steps, request.precision, request.speed) == ("tiny-vq-model", None, None, "standard")
+    assert brain.provenance["backend"] == "vq" and brain.provenance["guidance_scale"] == 1.5
+    assert brain.image.shape == (32, 32, 32) and _niivue(app)
+    assert app.session_state["result"].labels is not None and not app.session_state["result"].note  # segmented too
+    assert "model `tiny-vq-model`" in _summary(app) and "autoregressive" in _summary(app)
+    _widget(app, "model").set_value("tiny-test-model")
+    app.run()
+    assert _widget(app, "speed").value == "standard" and not _widget(app, "steps").disabled
+    assert any("Out of date" in w.value for w in app.warning)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import sys
 import threading
 import time
@@ -169,7 +170,8 @@ def _parse(**kw):
 
 def test_parse_request_is_a_hashable_cache_key():
     r = _parse(volumes={"hippocampus": 0.005}, steps=10, guidance=2)
-    assert r.key() == ("m", 60.0, "F", "CN", (("hippocampus", 0.005),), 1, 10, 2.0, None)  # None: precision auto
+    # standard: the model's default sampling; None: precision auto
+    assert r.key() == ("m", 60.0, "F", "CN", (("hippocampus", 0.005),), 1, 10, 2.0, "standard", None)
     hash(r.key())
 
 
@@ -188,6 +190,9 @@ def test_parse_request_is_a_hashable_cache_key():
         ({"age": 120}, "`age` must be within 18-95"),
         ({"diagnosis": "PD"}, "`diagnosis`"),
         ({"volumes": {"hippocampus": 0.5}}, "hippocampus"),
+        ({"speed": "turbo"}, r"`speed` must be one of fast, standard, got 'turbo'"),
+        ({"speed": True}, "`speed` must be one of fast, standard"),
+        ({"speed": 8}, "`speed` must be one of fast, standard"),
     ],
 )
 def test_parse_request_explains_bad_values(kw, match):
@@ -206,6 +211,13 @@ def test_with_condition_changes_one_field():
     assert (r2.condition.age, r2.condition.volumes, r2.seed, r2.model) == (80.0, {}, 1, "m")
 
 
+def test_speed_is_part_of_the_request_and_its_key():
+    assert _parse().speed == "standard"  # as the library: the model's default sampling
+    fast = _parse(speed=" Fast ")
+    assert fast.speed == "fast" and fast.key() != _parse(speed="standard").key()
+    assert fast.with_condition(age=70).speed == "fast"  # compare and age-sweep brains keep the speed
+
+
 def test_default_model_prefers_the_shipped_one():
     assert service.default_model(["a", synth.DEFAULT_MODEL]) == synth.DEFAULT_MODEL
     assert service.default_model(["b", "a"]) == "b"
@@ -217,6 +229,89 @@ def test_generator_models_skip_non_generators(models, monkeypatch, tmp_path):
     (models / "some-segmenter").mkdir(exist_ok=True)
     (models / "some-segmenter" / "config.json").write_text("{}")
     assert service.generator_models() == ["tiny-test-model"]
+
+
+def add_fast_preset(folder: Path, steps: int = 2) -> Path:
+    """Give a tiny model the shipped model's kind of ``fast`` sampling preset (its config only)."""
+    import json
+
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["sampling"]["fast"] = {"sampler": "dpm++2m", "steps": steps, "spacing": "logsnr", "guidance_interval": [300, 999]}
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def backends(tmp_path_factory):
+    """A models folder with an LDM that has a fast preset, an LDM without one, a VQ model and a segmenter-like folder."""
+    from synth.vq.testing import make_tiny_vq_model
+
+    root = tmp_path_factory.mktemp("backends")
+    add_fast_preset(make_tiny_model(root / "tiny-fast-model"))
+    make_tiny_model(root / "tiny-test-model")
+    make_tiny_vq_model(root / "tiny-vq-model")
+    (root / "some-segmenter").mkdir()
+    (root / "some-segmenter" / "config.json").write_text("{}")
+    return root
+
+
+def test_model_choices_cover_every_backend_with_their_options(backends, monkeypatch):
+    monkeypatch.setenv("SYNTHBRAIN_MODELS", str(backends))
+    assert service.generator_models() == ["tiny-fast-model", "tiny-test-model", "tiny-vq-model"]
+    choices = service.model_choices()
+    fast, plain, vq = (choices[m] for m in ("tiny-fast-model", "tiny-test-model", "tiny-vq-model"))
+    assert (fast.label, vq.label) == ("tiny-fast-model · latent diffusion", "tiny-vq-model · VQ-VAE + transformer")
+    assert fast.options == {"steps", "guidance", "precision", "speed"} and fast.has_fast
+    assert plain.options == {"steps", "guidance", "precision"} and not plain.has_fast
+    assert vq.options == {"guidance"} and not vq.has_fast
+    assert fast.sampling_plan("fast") == "DPM-Solver++(2M), 2 steps"
+    assert fast.sampling_plan("standard") == "DDIM, 3 steps"
+    assert fast.sampling_plan("fast", 5) == "DPM-Solver++(2M), 5 steps (from Sampling steps; this Speed alone runs 2)"
+    assert plain.sampling_plan("fast") == "DDIM, 3 steps"  # no preset: nothing to switch to
+    assert vq.sampling_plan("standard", 5) == "autoregressive over the code grid"
+
+
+def _run(root: Path, model: str, **kw) -> service.Generated:
+    gen = synth.load_generator(root / model, device="cpu")
+    request = service.parse_request(model=model, age=70, sex="F", diagnosis="AD", seed=3, models=[model], **kw)
+    return service.run_generation(gen, request)
+
+
+def test_speed_reaches_the_sampler_and_the_provenance(backends):
+    import json
+
+    fast, standard = _run(backends, "tiny-fast-model", speed="fast"), _run(backends, "tiny-fast-model", speed="standard")
+    pf, ps = fast.brain.provenance, standard.brain.provenance
+    assert (pf["sampler"], pf["steps"], pf["sampling_preset"]) == ("DPM-Solver++(2M)", 2, "fast")
+    assert (ps["sampler"], ps["steps"], ps["sampling_preset"]) == ("DDIM", 3, "standard")
+    assert not np.array_equal(fast.brain.image, standard.brain.image)
+    assert service.sampling_caption(pf) == "Fast preview · DPM-Solver++(2M), 2 steps · fp32 precision"
+    # explicit steps replace the preset's count and keep its sampler, as the sidebar says
+    more = _run(backends, "tiny-fast-model", speed="fast", steps=4).brain.provenance
+    assert (more["sampler"], more["steps"]) == ("DPM-Solver++(2M)", 4)
+    # the downloaded provenance names the preset
+    meta = json.loads(service.export_files(fast.brain, ["json"])["json"][1])
+    assert (meta["sampling_preset"], meta["sampler"], meta["steps"]) == ("fast", "DPM-Solver++(2M)", 2)
+
+
+def test_options_a_model_does_not_have_are_refused_not_ignored(backends):
+    with pytest.raises(ValueError, match=re.escape("'tiny-test-model' (latent diffusion) has no fast sampling preset: choose Standard")):
+        _run(backends, "tiny-test-model", speed="fast")
+    with pytest.raises(ValueError, match=re.escape("'tiny-vq-model' (VQ-VAE + transformer) has no sampling steps")):
+        _run(backends, "tiny-vq-model", steps=10)
+    with pytest.raises(ValueError, match="has no precision option: leave precision on auto"):
+        _run(backends, "tiny-vq-model", precision="fp32")
+    with pytest.raises(ValueError, match="has no fast sampling preset"):
+        _run(backends, "tiny-vq-model", speed="fast")
+
+
+def test_the_vq_model_generates_through_the_service(backends):
+    result = _run(backends, "tiny-vq-model", guidance=1.5)
+    brain = result.brain
+    assert brain.image.shape == (16, 16, 16) and brain.seed == 3
+    assert brain.provenance["backend"] == "vq" and brain.provenance["guidance_scale"] == 1.5
+    assert "sampling_preset" not in brain.provenance  # no preset to name
+    assert service.sampling_caption(brain.provenance).startswith("autoregressive")
 
 
 def test_device_queue_runs_one_generation_at_a_time():

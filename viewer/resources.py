@@ -1,8 +1,8 @@
 """Shared resources of the viewer: models, the device queue, the cached generation, error guard.
 
 Streamlit objects shared by every session (``st.cache_resource``: never mutate them) and the
-brain cache (``st.cache_data``), keyed by models folder, model, condition, seed, steps, guidance
-and segmenter. Environment: ``SYNTHBRAIN_DEVICE`` (default ``auto``: GPU when present, else CPU),
+brain cache (``st.cache_data``), keyed by models folder, model, condition, seed, steps, guidance,
+speed, precision and segmenter. Environment: ``SYNTHBRAIN_DEVICE`` (default ``auto``: GPU when present, else CPU),
 ``SYNTHBRAIN_SEGMENTER`` (default ``synthbrain-seg-2mm``), ``SYNTHBRAIN_VIEWER_CACHE`` (brains
 kept, default 24, read at start).
 """
@@ -81,13 +81,13 @@ def settle_once(stage: str) -> int:
 @st.cache_data(max_entries=MAX_BRAINS, show_spinner=False)
 def generate_cached(
     root: str, model: str, age: float, sex: str, diagnosis: str, volumes: tuple, seed: int, steps, guidance,
-    segmenter_name: str | None = None, precision: str | None = None, _progress=None,
+    segmenter_name: str | None = None, precision: str | None = None, speed: str = "standard", _progress=None,
 ) -> service.Generated:
-    """The brain (and labels) for one request; cached by model, condition, seed, steps and guidance."""
+    """The brain (and labels) for one request; cached by model, condition, seed and sampling options."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # parse_request already showed them
         request = service.Request(model, synth.Condition(age, sex, diagnosis, dict(volumes)), seed, steps, guidance,
-                                  precision=precision)
+                                  precision=precision, speed=speed)
     generator = get_generator(root, model)
     segmenter, note = None, ""
     if service.anatomy() is not None:
@@ -139,7 +139,7 @@ def generate(request: service.Request, bar=None, label: str = "Sampling") -> ser
     progress = _Progress(bar, label) if bar is not None else None
     return generate_cached(
         models_root(), request.model, c.age, c.sex, c.diagnosis, tuple(sorted(c.volumes.items())), request.seed,
-        request.steps, request.guidance, segmenter_name(), request.precision, _progress=progress,
+        request.steps, request.guidance, segmenter_name(), request.precision, request.speed, _progress=progress,
     )
 
 

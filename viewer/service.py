@@ -23,6 +23,7 @@ __all__ = [
     "DISEASE_LINE",
     "DeviceQueue",
     "Generated",
+    "ModelChoice",
     "Request",
     "anatomy",
     "anatomy_error",
@@ -44,7 +45,9 @@ __all__ = [
     "read_upload",
     "scan_rows",
     "generator_models",
+    "model_choices",
     "run_generation",
+    "sampling_caption",
     "settle_heap",
     "structure_rows",
 ]
@@ -86,6 +89,8 @@ class Request:
         guidance: Classifier-free guidance scale, or ``None`` for the model's default.
         warnings: Messages raised while validating (e.g. age outside the training range).
         precision: ``fp32`` or ``bf16``, or ``None`` for the model's ``auto`` choice.
+        speed: ``standard`` (the model's default sampling) or ``fast`` (its fast preset, e.g.
+            DPM-Solver++(2M) in 8 steps; only models that have one, see :attr:`ModelChoice.has_fast`).
     """
 
     model: str
@@ -95,12 +100,13 @@ class Request:
     guidance: float | None = None
     warnings: tuple[str, ...] = field(default=(), compare=False)
     precision: str | None = None
+    speed: str = "standard"
 
     def key(self) -> tuple:
-        """Plain, hashable values for ``st.cache_data``."""
+        """Plain, hashable values for ``st.cache_data`` and the out-of-date check (precision last)."""
         c = self.condition
         return (self.model, c.age, c.sex, c.diagnosis, tuple(sorted(c.volumes.items())), self.seed, self.steps, self.guidance,
-                self.precision)
+                self.speed, self.precision)
 
     def with_condition(self, **changes: Any) -> "Request":
         """The same request with some condition fields changed (validated again)."""
@@ -110,7 +116,7 @@ class Request:
             warnings.simplefilter("always")
             cond = synth.Condition.from_dict(d)
         return Request(self.model, cond, self.seed, self.steps, self.guidance, tuple(str(w.message) for w in caught),
-                       precision=self.precision)
+                       precision=self.precision, speed=self.speed)
 
 
 def parse_request(
@@ -125,6 +131,7 @@ def parse_request(
     guidance: Any = None,
     models: Sequence[str] | None = None,
     precision: Any = None,
+    speed: Any = None,
 ) -> Request:
     """Validate what the widgets hold; raise ``ValueError``/``TypeError`` whose message the user can act on.
 
@@ -136,6 +143,8 @@ def parse_request(
         guidance: 0-20 or ``None`` (model default).
         precision: ``auto`` or ``None`` (the model's choice: bf16 only where the CPU or GPU computes it
             natively), ``fp32`` or ``bf16``.
+        speed: ``standard`` or ``None`` (the model's default sampling, as the library's), or ``fast``
+            (the model's fast preset; refused at generation by a model without one).
     """
     models = list(generator_models() if models is None else models)
     if not models:
@@ -168,29 +177,124 @@ def parse_request(
     if precision is not None and str(precision).lower() not in PRECISIONS:
         raise ValueError(f"`precision` must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     precision = None if precision is None or str(precision).lower() == "auto" else str(precision).lower()
-    return Request(str(model), condition, int(seed), steps, guidance, tuple(str(w.message) for w in caught), precision=precision)
+    if speed is None:
+        speed = "standard"
+    if not isinstance(speed, str) or speed.strip().lower() not in SPEEDS:
+        raise ValueError(f"`speed` must be one of {', '.join(SPEEDS)}, got {speed!r}")
+    return Request(str(model), condition, int(seed), steps, guidance, tuple(str(w.message) for w in caught),
+                   precision=precision, speed=speed.strip().lower())
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
+SPEEDS = ("fast", "standard")
+SPEED_LABELS = {"fast": "Fast preview", "standard": "Standard"}
+BACKEND_LABELS = {"ldm": "latent diffusion", "vq": "VQ-VAE + transformer"}
+SAMPLER_NAMES = {"ddim": "DDIM", "dpm++2m": "DPM-Solver++(2M)"}  # as synth.pipeline writes them in provenance
 
 
-def takes_precision(generator) -> bool:
-    """Whether ``generator.generate`` has a ``precision`` argument (newer ``synth``)."""
+def takes(generator, option: str) -> bool:
+    """Whether ``generator.generate`` (an instance's or a class's) names ``option`` as an argument.
+
+    A catch-all ``**kwargs`` does not count: the VQ backend accepts and ignores other backends'
+    options, and the viewer must not let a control do nothing in silence.
+    """
     import inspect
 
     try:
-        return "precision" in inspect.signature(generator.generate).parameters
+        p = inspect.signature(generator.generate).parameters.get(option)
     except (TypeError, ValueError):
         return False
+    return p is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+
+
+def takes_precision(generator) -> bool:
+    """Whether ``generator.generate`` has a ``precision`` argument (newer ``synth``, the ``ldm`` backend)."""
+    return takes(generator, "precision")
+
+
+def has_fast_preset(generator) -> bool:
+    """Whether ``generator`` takes ``fast=`` and its model config has a ``fast`` sampling preset."""
+    sampling = getattr(getattr(generator, "config", None), "sampling", None) or {}
+    return takes(generator, "fast") and isinstance(sampling.get("fast"), dict)
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """A generator the viewer offers, and which controls apply to it (read without loading weights).
+
+    Attributes:
+        name: Model folder name.
+        backend: ``ldm`` or ``vq`` (:data:`synth.generators.BACKENDS`).
+        version: The model's version.
+        options: The request fields its ``generate`` takes: some of ``steps``, ``guidance``,
+            ``precision``, ``speed`` (``speed`` only with a ``fast`` preset in its config).
+        sampling: Its config's ``sampling`` section (defaults and the ``fast`` preset).
+    """
+
+    name: str
+    backend: str
+    version: str = ""
+    options: frozenset = frozenset()
+    sampling: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def label(self) -> str:
+        """``name · backend`` for the model selectbox."""
+        return f"{self.name} · {BACKEND_LABELS.get(self.backend, self.backend)}"
+
+    @property
+    def has_fast(self) -> bool:
+        """Whether the Speed choice applies (an ``ldm`` model whose config has a ``fast`` preset)."""
+        return "speed" in self.options
+
+    def sampling_plan(self, speed: str = "standard", steps: int | None = None) -> str:
+        """What a generation with ``speed`` and ``steps`` will run, in words (e.g. ``DPM-Solver++(2M), 8 steps``).
+
+        Follows :meth:`synth.pipeline.BrainGenerator.sampling_options`: the ``fast`` preset over the
+        config's defaults; explicit ``steps`` replace the preset's count and keep its sampler.
+        """
+        if "steps" not in self.options:
+            return "autoregressive over the code grid" if self.backend == "vq" else "the model's own sampler"
+        cfg = {k: v for k, v in self.sampling.items() if k != "fast"}
+        if speed == "fast" and self.has_fast:
+            cfg.update(self.sampling["fast"])
+        sampler = SAMPLER_NAMES.get(str(cfg.get("sampler", "ddim")), str(cfg.get("sampler")))
+        preset = int(cfg.get("steps", 20))
+        if steps is None or int(steps) == preset:
+            return f"{sampler}, {preset} steps"
+        return f"{sampler}, {int(steps)} steps (from Sampling steps; this Speed alone runs {preset})"
+
+
+_OPTION_ARGS = {"steps": "steps", "guidance": "guidance_scale", "precision": "precision", "speed": "fast"}
+
+
+def model_choices() -> dict[str, ModelChoice]:
+    """The generator models of :func:`synth.available_models` (every backend; segmenters and other
+    folders excluded), by name, with the controls that apply to each."""
+    import json
+
+    from synth.generators import backend_class
+
+    out = {}
+    for info in synth.available_models(details=True):
+        try:
+            cfg = json.loads((Path(info.path) / "config.json").read_text())
+            cls = backend_class(info.backend)
+        except (OSError, ValueError, ImportError) as exc:  # unreadable or a backend not installed: not offered
+            warnings.warn(f"model {info.name} is not offered: {exc}", stacklevel=2)
+            continue
+        sampling = cfg.get("sampling") if isinstance(cfg.get("sampling"), dict) else {}
+        options = {o for o, arg in _OPTION_ARGS.items() if takes(cls, arg)}
+        if not isinstance(sampling.get("fast"), dict):
+            options.discard("speed")
+        out[info.name] = ModelChoice(info.name, info.backend, info.version, frozenset(options), sampling)
+    return out
 
 
 def generator_models() -> list[str]:
-    """:func:`synth.available_models` less folders that hold no generator (e.g. the segmenter,
-    which lives in the same models folder)."""
-    from synth.pipeline import models_dir
-
-    root = models_dir()
-    return [m for m in synth.available_models() if (root / m / "unet.safetensors").is_file()]
+    """The names of :func:`model_choices`: generators of every backend, not the segmenter or other
+    folders that live in the same models folder."""
+    return list(model_choices())
 
 
 def default_model(models: Sequence[str]) -> str | None:
@@ -221,17 +325,13 @@ def run_generation(
     """Generate ``request`` with ``generator`` and, when ``segmenter`` is given, segment it."""
     import time
 
+    extra = _generate_options(generator, request)
     t = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the request already reported them
-        extra = {}
-        if request.precision is not None:
-            if not takes_precision(generator):
-                raise ValueError("this version of synth has no precision option: leave precision on auto")
-            extra["precision"] = request.precision
-        brain = generator.generate(
-            request.condition, request.seed, steps=request.steps, guidance_scale=request.guidance, progress=progress, **extra
-        )
+        brain = generator.generate(request.condition, request.seed, progress=progress, **extra)
+    if takes(generator, "fast"):  # the library records sampler and steps; the preset's name is the viewer's
+        brain.provenance["sampling_preset"] = request.speed
     seconds = {"generate": time.perf_counter() - t}
     labels, note = None, ""
     if segmenter is not None:
@@ -249,6 +349,43 @@ def run_generation(
             labels, note = None, f"segmentation failed: {type(exc).__name__}: {exc}"
         seconds["segment"] = time.perf_counter() - t
     return Generated(brain, labels, seconds, note)
+
+
+def _generate_options(generator, request: Request) -> dict[str, Any]:
+    """``generate``'s keyword arguments for ``request``; refuses an option the generator would not use."""
+    backend = getattr(generator, "backend", "")
+    what = f"model {request.model!r}" + (f" ({BACKEND_LABELS[backend]})" if backend in BACKEND_LABELS else "")
+    extra: dict[str, Any] = {}
+    if request.steps is not None:
+        if not takes(generator, "steps"):
+            raise ValueError(f"{what} has no sampling steps: leave Sampling steps empty")
+        extra["steps"] = request.steps
+    if request.guidance is not None:
+        if not takes(generator, "guidance_scale"):
+            raise ValueError(f"{what} has no guidance scale: leave Guidance scale empty")
+        extra["guidance_scale"] = request.guidance
+    if request.precision is not None:
+        if not takes_precision(generator):
+            raise ValueError(f"{what} has no precision option: leave precision on auto")
+        extra["precision"] = request.precision
+    if request.speed == "fast":
+        if not has_fast_preset(generator):
+            raise ValueError(f"{what} has no fast sampling preset: choose Standard speed")
+        extra["fast"] = True
+    return extra
+
+
+def sampling_caption(provenance: Mapping[str, Any]) -> str:
+    """How a brain was sampled, from its provenance: ``Fast preview · DPM-Solver++(2M), 8 steps · fp32 precision``."""
+    parts = []
+    preset = provenance.get("sampling_preset")
+    if preset in SPEED_LABELS:
+        parts.append(SPEED_LABELS[preset])
+    sampler, steps = provenance.get("sampler"), provenance.get("steps")
+    if sampler or steps:
+        parts.append(", ".join(p for p in (sampler and str(sampler), steps and f"{steps} steps") if p))
+    parts.append(f"{provenance.get('precision', 'default')} precision")
+    return " · ".join(parts)
 
 
 def _segment(segmenter, brain: synth.SyntheticBrain) -> np.ndarray:
