@@ -296,6 +296,7 @@ class BrainGenerator:
             "model": self.config.name,
             "model_version": self.config.version,
             "model_source": _provenance.model_reference(self.source),  # a name or relative path, never absolute
+            "sampling_preset": "fast" if fast else "standard",
             "sampler": "DPM-Solver++(2M)" if opts["sampler"] == "dpm++2m" else "DDIM",
             "steps": opts["steps"],
             "guidance_scale": opts["guidance_scale"],

@@ -330,8 +330,6 @@ def run_generation(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the request already reported them
         brain = generator.generate(request.condition, request.seed, progress=progress, **extra)
-    if takes(generator, "fast"):  # the library records sampler and steps; the preset's name is the viewer's
-        brain.provenance["sampling_preset"] = request.speed
     seconds = {"generate": time.perf_counter() - t}
     labels, note = None, ""
     if segmenter is not None:
