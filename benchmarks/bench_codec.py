@@ -128,7 +128,7 @@ def main() -> None:
     info = cpu_info()
     print(f"CPU: {info['cpu']} ({info['capability']}); native bf16: {info['bf16_native']}; torch {info['torch']}")
     gen = VQBrainGenerator.from_folder(_model_folder(args.model), device="cpu")
-    print(f"model {gen.config.name} {gen.config.version}, engine {gen.engine}")
+    print(f"model {gen.config.name} {gen.config.version}, engine {gen.engine}, schedule {gen.transformer.schedule}")
     data = PreparedData.load(args.data or default_cache_dir() / "ixi-2mm")
     rows = data.subset(args.split)[: args.limit]
     seg = None
@@ -209,7 +209,8 @@ def main() -> None:
     if args.out:
         from synth.io import write_json
 
-        write_json(args.out, {**info, "model": gen.config.name, "engine": gen.engine, "split": args.split,
+        write_json(args.out, {**info, "model": gen.config.name, "engine": gen.engine,
+                              "schedule": gen.transformer.schedule, "split": args.split,
                               "subjects": [r["mrid"] for r in rows], "summary": summary, "per_subject": results})
 
 

@@ -6,6 +6,9 @@
 Same weights, same run, one thread (token-by-token work is too small to share), batch 1:
   recurrent-ft     fast-transformers RecurrentEncoderBuilder (linear attention): each token costs the same
   recurrent-torch  the plain-torch fallback: the same linear attention as a recurrent state
+  wavefront-ft / wavefront-torch
+                   models trained with `wavefront` only: all x-slabs side by side, each one code behind
+                   the one before (WavefrontDecoder: 499 batched steps instead of 9,600), same engines
   sdpa-kv          torch scaled_dot_product_attention with a preallocated key-value cache (softmax attention
                    on the same weights: a different function, timed for its cost only)
   recompute        what MONAI's VQVAETransformerInferer.sample does: the whole prefix through the
@@ -69,8 +72,8 @@ def load(model: str, engine: str):
     return VQBrainGenerator(cfg, build_vqvae(DEFAULT_VQVAE), CodeTransformer(**tf, engine=engine), device="cpu")
 
 
-def time_recurrent(model, cond, attention: str | None = None) -> float:
-    """Seconds to sample the whole sequence token by token (optionally as softmax attention)."""
+def time_recurrent(model, cond, attention: str | None = None, schedule: str = "sequential") -> float:
+    """Seconds to sample the whole sequence with ``schedule`` (optionally as softmax attention)."""
     import torch
 
     from synth.vq.sampler import sample_codes
@@ -82,7 +85,7 @@ def time_recurrent(model, cond, attention: str | None = None) -> float:
         other.load_state_dict(model.state_dict())
         model = other
     t0 = time.perf_counter()
-    sample_codes(model, cond, seed=0, threads=None)
+    sample_codes(model, cond, seed=0, threads=None, schedule=schedule)
     return time.perf_counter() - t0
 
 
@@ -154,6 +157,12 @@ def main() -> None:
     else:
         print("fast-transformers is not installed: recurrent-ft skipped")
     rows["recurrent-torch"] = time_recurrent(tf, cond)
+    if tf.config.get("wavefront"):
+        if "fast-transformers" in gens:
+            rows["wavefront-ft"] = time_recurrent(gens["fast-transformers"].transformer, cond, schedule="wavefront")
+        rows["wavefront-torch"] = time_recurrent(tf, cond, schedule="wavefront")
+    else:
+        print("the model was trained without `wavefront`: wavefront rows skipped (retrain it, or use --model random)")
     rows["sdpa-kv"] = time_recurrent(tf, cond, attention="softmax")
     rec_model = gens.get("fast-transformers", g).transformer
     rec = time_recompute(rec_model, cond, args.prefix)

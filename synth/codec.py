@@ -1,20 +1,25 @@
 """Neural codec: a T1 volume on the model grid -> VQ-VAE codes -> range coding with the transformer's
 own probabilities -> a few kilobytes (``.sbz``), and back.
 
-The code grid is visited in the transformer's raster order; each code is entropy-coded with the
-distribution the transformer predicts from the codes before it (unconditional input: a scan's
-age or sex is not known), through ``constriction``'s range coder (Bamler 2022). The expected
-size is the transformer's cross-entropy on the codes. Encoding and decoding compute those
-distributions along the same path (the recurrent / key-value-cached decoder, one thread), so the
-decoder sees bit-identical probabilities; a CRC of the codes catches a decode that diverges
+Each code is entropy-coded with the distribution the transformer predicts from the codes decoded
+before it (unconditional input: a scan's age or sex is not known), through ``constriction``'s
+range coder (Bamler 2022); the expected size is the transformer's cross-entropy on the codes. The
+codes are visited in the order of the model's decoding schedule
+(:attr:`synth.vq.transformer.CodeTransformer.schedule`): raster order token by token
+(``sequential``), or, for a model trained with ``wavefront``, all x-slabs side by side, each one
+position behind the one before (:func:`synth.vq.transformer.wavefront_order`; 499 batched steps
+instead of 9,600). Encoding and decoding compute the distributions along the same path (the same
+schedule, the recurrent / key-value-cached decoder, one thread), so the decoder sees bit-identical
+probabilities; the file records the schedule, and a CRC of the codes catches a decode that diverges
 anyway (a file decoded with other floating-point kernels than it was encoded with).
 
-File format ``.sbz`` version 1 (little-endian)::
+File format ``.sbz`` version 1 or 2 (little-endian)::
 
     offset  size  field
     0       4     magic b"SBZ\\x1a"
-    4       1     format version (1)
-    5       1     flags: bit 0 = the input was registered to the model grid by SynthBrain
+    4       1     format version: 1 (sequential schedule) or 2 (schedule in flags bit 1)
+    5       1     flags: bit 0 = the input was registered to the model grid by SynthBrain;
+                  bit 1 (version 2 only) = the wavefront schedule; other bits must be 0
     6       1     engine that computed the probabilities: 0 torch, 1 fast-transformers
     7       1     n = length of the model name
     8       n     model name (UTF-8)
@@ -27,6 +32,10 @@ File format ``.sbz`` version 1 (little-endian)::
     +4      4     payload length P in bytes (uint32)
     +4      P     payload: the range coder's 32-bit words (uint32)
     +P      4     CRC-32 of every byte before it
+
+Writers use version 1 for the sequential schedule (the same bytes as before the wavefront
+existed, so older readers still read them) and version 2 for the wavefront, which older readers
+refuse by its version. Readers take both; any other version is refused.
 
 Every decompressed volume is a lossy reconstruction, written with a JSON sidecar that says so,
 that it is not for clinical use, and which model and file it came from.
@@ -43,11 +52,13 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MAGIC", "FORMAT_VERSION", "CodecError", "SbzHeader", "compress", "decompress", "read_header",
-           "compress_file", "decompress_file", "code_probabilities"]
+__all__ = ["MAGIC", "FORMAT_VERSION", "READ_VERSIONS", "CodecError", "SbzHeader", "compress", "decompress", "read_header",
+           "compress_file", "decompress_file", "code_probabilities", "symbol_order"]
 
 MAGIC = b"SBZ\x1a"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version written; 1 is still written (and read) for the sequential schedule
+READ_VERSIONS = (1, 2)
+_WAVEFRONT = 2  # flags bit 1
 _ENGINE_IDS = {"torch": 0, "fast-transformers": 1}
 _FIXED = struct.Struct("<16s3H3B12f2fII")  # hash, grid, code grid, affine rows, scale/offset, code CRC, payload length
 GRID_TOLERANCE_MM = 0.01
@@ -72,6 +83,8 @@ class SbzHeader:
     offset: float
     codes_crc: int
     payload: bytes
+    schedule: str = "sequential"
+    version: int = 1
 
 
 def _token_crc(codes: np.ndarray) -> int:
@@ -82,8 +95,9 @@ def _pack(h: SbzHeader) -> bytes:
     name = h.model.encode("utf-8")
     if len(name) > 255:
         raise CodecError(f"model name is too long for the format ({len(name)} bytes, at most 255)")
-    flags = 1 if h.registered else 0
-    body = MAGIC + bytes([FORMAT_VERSION, flags, _ENGINE_IDS[h.engine], len(name)]) + name
+    flags = (1 if h.registered else 0) | (_WAVEFRONT if h.schedule == "wavefront" else 0)
+    version = 2 if h.schedule == "wavefront" else 1
+    body = MAGIC + bytes([version, flags, _ENGINE_IDS[h.engine], len(name)]) + name
     body += _FIXED.pack(h.weights_hash[:16], *h.grid_shape, *h.code_shape, *np.asarray(h.affine, np.float32)[:3].ravel(),
                         h.scale, h.offset, h.codes_crc, len(h.payload))
     body += h.payload
@@ -98,8 +112,9 @@ def read_header(data: bytes, source: str = "input") -> SbzHeader:
     """
     if len(data) < 8 or data[:4] != MAGIC:
         raise CodecError(f"{source} is not a SynthBrain .sbz file (bad magic)")
-    if data[4] != FORMAT_VERSION:
-        raise CodecError(f"{source} is .sbz format version {data[4]}; this SynthBrain reads version {FORMAT_VERSION}")
+    if data[4] not in READ_VERSIONS:
+        raise CodecError(f"{source} is .sbz format version {data[4]}; this SynthBrain reads versions "
+                         f"{', '.join(map(str, READ_VERSIONS))}")
     n = data[7]
     fixed_end = 8 + n + _FIXED.size
     if len(data) < fixed_end + 4:
@@ -110,6 +125,9 @@ def read_header(data: bytes, source: str = "input") -> SbzHeader:
         raise CodecError(f"{source} is truncated or has trailing bytes ({len(data)} bytes, header says {fixed_end + plen + 4})")
     if zlib.crc32(data[:-4]) != struct.unpack("<I", data[-4:])[0]:
         raise CodecError(f"{source} is damaged (checksum mismatch)")
+    known = 1 | (_WAVEFRONT if data[4] >= 2 else 0)
+    if data[5] & ~known:
+        raise CodecError(f"{source} is damaged (unknown flags {data[5]:#04x} for format version {data[4]})")
     engines = {v: k for k, v in _ENGINE_IDS.items()}
     if data[6] not in engines:
         raise CodecError(f"{source} names an unknown engine id {data[6]}")
@@ -120,23 +138,57 @@ def read_header(data: bytes, source: str = "input") -> SbzHeader:
     affine = np.eye(4)
     affine[:3] = np.asarray(affine_rows, np.float64).reshape(3, 4)
     return SbzHeader(model, digest, engines[data[6]], bool(data[5] & 1), (gx, gy, gz), (cx, cy, cz), affine,
-                     float(scale), float(offset), codes_crc, bytes(data[fixed_end:fixed_end + plen]))
+                     float(scale), float(offset), codes_crc, bytes(data[fixed_end:fixed_end + plen]),
+                     "wavefront" if data[5] & _WAVEFRONT else "sequential", data[4])
 
 
-def code_probabilities(transformer, codes: np.ndarray | None, cond, *, on_symbol=None) -> np.ndarray | None:
-    """Walk the incremental decoder over the sequence on one thread and return float64 probabilities.
+def symbol_order(transformer, schedule: str) -> np.ndarray:
+    """Raster positions in the order the ``schedule`` codes them (the range coder's symbol order)."""
+    if schedule == "wavefront":
+        from .vq.transformer import wavefront_order
 
-    With ``codes`` (encoding), returns the (L, K) probabilities of every position. Without (decoding),
-    ``on_symbol(i, probs)`` must return the i-th code from its (K,) probabilities; returns ``None``.
+        return wavefront_order(transformer.seq_len, transformer.config["window"]).numpy()
+    return np.arange(transformer.seq_len)
+
+
+def code_probabilities(transformer, codes: np.ndarray | None, cond, *, on_symbol=None,
+                       schedule: str | None = None) -> np.ndarray | None:
+    """Walk the decoder over the sequence on one thread and return float64 probabilities.
+
+    With ``codes`` (raster order; encoding), returns the (L, K) probabilities of every position
+    (raster order). Without (decoding), ``on_symbol(i, probs)`` must return the code at raster
+    position ``i`` from its (K,) probabilities, and is called in the schedule's order
+    (:func:`symbol_order`); returns ``None``. ``schedule``: ``sequential`` or ``wavefront``
+    (``None``: the transformer's own).
     """
     import torch
 
     from .vq.sampler import torch_threads
 
+    schedule = transformer.schedule if schedule is None else schedule
+    if schedule == "wavefront" and transformer.schedule != "wavefront":
+        why = ("this model has no `wavefront` flag" if not transformer.config.get("wavefront") else
+               f"the {transformer.engine} engine cannot run it for {transformer.config['attention']} attention "
+               "(use --engine torch)")
+        raise CodecError(f"coded with the wavefront schedule, but {why}")
     device = transformer.head.weight.device
     n = transformer.seq_len
     out = np.empty((n, transformer.config["num_tokens"]), np.float64) if codes is not None else None
     with torch_threads(1), torch.no_grad():
+        if schedule == "wavefront":
+            dec = transformer.wavefront_decoder(cond.to(device))
+            prev = None
+            for _ in range(dec.steps):
+                pos, logits = dec.step(prev)
+                p = torch.softmax(logits[:, 0].float().cpu().double(), dim=-1).numpy()
+                where = pos.cpu().numpy()
+                if out is not None:
+                    out[where] = p
+                    syms = codes[where]
+                else:
+                    syms = [int(on_symbol(int(i), pi)) for i, pi in zip(where, p)]
+                prev = torch.as_tensor(np.asarray(syms, np.int64), device=device)[:, None]
+            return out
         dec = transformer.decoder(cond.to(device))
         prev = None
         for i in range(n):
@@ -177,13 +229,15 @@ def compress(image: np.ndarray, affine: np.ndarray, generator, *, registered: bo
     scale, offset = _intensity_scaling(image)
     x = np.clip((np.nan_to_num(image) - offset) / scale, 0.0, 1.0)
     codes = generator.encode_image(x).flatten().numpy()
-    probs = code_probabilities(generator.transformer, codes, generator.null_condition())
+    schedule = generator.transformer.schedule
+    probs = code_probabilities(generator.transformer, codes, generator.null_condition(), schedule=schedule)
+    order = symbol_order(generator.transformer, schedule)
     enc = constriction.stream.queue.RangeEncoder()
-    enc.encode(codes.astype(np.int32), constriction.stream.model.Categorical(perfect=False), probs)
+    enc.encode(codes[order].astype(np.int32), constriction.stream.model.Categorical(perfect=False), probs[order])
     payload = enc.get_compressed().astype("<u4").tobytes()
     header = SbzHeader(generator.config.name, bytes.fromhex(generator.weights_hash)[:16], generator.engine, registered,
                        grid, tuple(generator.code_shape()), np.asarray(affine, np.float64), scale, offset,
-                       _token_crc(codes), payload)
+                       _token_crc(codes), payload, schedule, 2 if schedule == "wavefront" else 1)
     return _pack(header)
 
 
@@ -213,7 +267,7 @@ def decompress(data: bytes, generator, source: str = "input") -> tuple[np.ndarra
         codes[i] = int(dec.decode(family, p[None])[0])
         return codes[i]
 
-    code_probabilities(generator.transformer, None, generator.null_condition(), on_symbol=next_symbol)
+    code_probabilities(generator.transformer, None, generator.null_condition(), on_symbol=next_symbol, schedule=h.schedule)
     if _token_crc(codes) != h.codes_crc:
         raise CodecError(f"{source}: decoding diverged from encoding (codes checksum mismatch); it was encoded with the "
                          f"{h.engine} engine, this run uses {generator.engine}, and float kernels must match exactly")
@@ -301,7 +355,7 @@ def decompress_file(src: str | Path, dst: str | Path, generator, *, force: bool 
     except ImportError:  # older trees without synth.provenance
         prov = {"notice": SYNTHETIC_NOTICE, "synthetic": False, "history": [{"command": "decompress", **details}]}
         desc = "SYNTHETIC not for clinical use; SynthBrain codec reconstruction"
-    prov["codec"] = {"format": f"sbz v{FORMAT_VERSION}", **details}
+    prov["codec"] = {"format": f"sbz v{h.version}", "schedule": h.schedule, **details}
     save_nifti(dst, image, affine, descrip=desc)
     try:
         write_json(side, prov)

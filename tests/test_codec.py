@@ -46,6 +46,7 @@ def test_round_trip_is_exactly_the_models_reconstruction(gen):
     assert h.model == "tiny-vq-model" and h.engine == "torch" and h.code_shape == (8, 8, 8)
     assert h.scale == pytest.approx(np.percentile(img[img > 0], 99.5), rel=1e-5) and h.offset == 0.0
     assert data[:4] == MAGIC and compress(img, gen.grid.affine, gen) == data  # deterministic bytes
+    assert data[4] == 1 and h.version == 1 and h.schedule == "sequential"  # a model without `wavefront`: as before
 
 
 def test_payload_is_the_transformers_cross_entropy(gen):
@@ -113,6 +114,78 @@ def test_fast_transformers_engine_round_trips_and_cross_engine_decoding_is_check
         assert np.array_equal(other, back)
     except CodecError as exc:
         assert "diverged" in str(exc)
+
+
+# -- the wavefront schedule ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def wave_dir(tmp_path_factory):
+    return make_tiny_vq_model(tmp_path_factory.mktemp("vqw") / "tiny-vq-model", seed=0, shape=SHAPE, wavefront=True)
+
+
+@pytest.fixture(scope="module")
+def wave(wave_dir):
+    return VQBrainGenerator.from_folder(wave_dir, device="cpu", engine="torch")
+
+
+def _resealed(data: bytes, at: int, value: int) -> bytes:
+    out = bytearray(data)
+    out[at] = value
+    struct.pack_into("<I", out, len(out) - 4, zlib.crc32(bytes(out[:-4])))
+    return bytes(out)
+
+
+def test_wavefront_model_round_trips_exactly_as_format_version_2(wave):
+    assert wave.transformer.schedule == "wavefront" and wave.transformer.config["window"] == 64
+    img = phantom(4)
+    data = compress(img, wave.grid.affine, wave)
+    back, _, h = decompress(data, wave)
+    x = np.clip(img / h.scale, 0, 1)
+    codes = wave.encode_image(x)
+    assert np.array_equal(back, (wave.decode_codes(codes) * np.float32(h.scale)).astype(np.float32))
+    assert data[4] == 2 and data[5] & 2 and h.version == 2 and h.schedule == "wavefront"
+    assert compress(img, wave.grid.affine, wave) == data
+    # the payload is the model's cross-entropy: the wavefront's probabilities are the model's own
+    probs = code_probabilities(wave.transformer, codes.flatten().numpy(), wave.null_condition())
+    seq = code_probabilities(wave.transformer, codes.flatten().numpy(), wave.null_condition(), schedule="sequential")
+    assert np.abs(probs - seq).max() < 1e-5
+    bits = -np.log2(probs[np.arange(probs.shape[0]), codes.flatten().numpy()]).sum()
+    assert bits - 32 <= len(h.payload) * 8 <= bits + 64  # give or take the coder's quantised probabilities
+
+
+def test_wavefront_files_refuse_damage_other_schedules_and_models_without_the_flag(wave, gen):
+    data = compress(phantom(), wave.grid.affine, wave)
+    damaged = bytearray(data)
+    damaged[len(data) // 2] ^= 0x40
+    with pytest.raises(CodecError, match="damaged"):
+        decompress(bytes(damaged), wave)
+    with pytest.raises(CodecError, match="truncated"):
+        decompress(data[:-5], wave)
+    with pytest.raises(CodecError, match="format version 3; this SynthBrain reads versions 1, 2"):
+        decompress(_resealed(data, 4, 3), wave)
+    with pytest.raises(CodecError, match="unknown flags"):
+        decompress(_resealed(data, 4, 1), wave)  # version 1 has no schedule bit
+    with pytest.raises(CodecError, match="unknown flags"):
+        decompress(_resealed(data, 5, data[5] | 4), wave)
+    with pytest.raises(CodecError, match="diverged"):  # read in the other order: caught by the codes' CRC
+        decompress(_resealed(data, 5, data[5] & ~2), wave)
+    # `gen`: the same seed's weights under a config without the flag (same hash): refused before decoding
+    assert gen.weights_hash == wave.weights_hash and not gen.transformer.config["wavefront"]
+    with pytest.raises(CodecError, match="coded with the wavefront schedule, but this model has no `wavefront` flag"):
+        decompress(data, gen)
+    # without the flag the same weights write and read sequential version-1 files; both hold the same codes
+    v1 = compress(phantom(), gen.grid.affine, gen)
+    assert v1[4] == 1 and np.array_equal(decompress(v1, gen)[0], decompress(data, wave)[0])
+
+
+@pytest.mark.skipif(not fast_transformers_available(), reason="pytorch-fast-transformers is not installed")
+def test_wavefront_round_trips_on_fast_transformers(wave_dir):
+    ft = VQBrainGenerator.from_folder(wave_dir, device="cpu", engine="fast-transformers")
+    assert ft.transformer.schedule == "wavefront"
+    data = compress(phantom(5), ft.grid.affine, ft)
+    back, _, h = decompress(data, ft)
+    assert h.engine == "fast-transformers" and h.schedule == "wavefront"
+    ref = ft.decode_codes(ft.encode_image(np.clip(phantom(5) / h.scale, 0, 1))) * np.float32(h.scale)
+    assert np.array_equal(back, ref.astype(np.float32))
 
 
 def test_wrong_shape_is_refused(gen):

@@ -6,7 +6,7 @@ import torch
 
 from synth.vq.quantizer import EMAQuantizer
 from synth.vq.sampler import sample_codes, torch_threads
-from synth.vq.transformer import CodeTransformer, fast_transformers_available, resolve_engine
+from synth.vq.transformer import CodeTransformer, WavefrontDecoder, fast_transformers_available, resolve_engine, wavefront_order
 from synth.vq.vqvae import build_vqvae
 
 needs_ft = pytest.mark.skipif(not fast_transformers_available(),
@@ -18,10 +18,12 @@ TINY_AE = {"spatial_dims": 3, "in_channels": 1, "out_channels": 1, "latent_chann
            "with_encoder_nonlocal_attn": False, "with_decoder_nonlocal_attn": False}
 
 
-def tiny_tf(engine, attention="linear", seq_len=40, seed=0, code_shape=(2, 4, 5), window=None, prior_top=None):
+def tiny_tf(engine, attention="linear", seq_len=40, seed=0, code_shape=(2, 4, 5), window=None, prior_top=None,
+            wavefront=False):
     torch.manual_seed(seed)
     model = CodeTransformer(12, seq_len, 3, d_model=16, n_layers=2, n_heads=2, d_ff=32, attention=attention,
-                            code_shape=code_shape, window=window, prior_top=prior_top, engine=engine).eval()
+                            code_shape=code_shape, window=window, prior_top=prior_top, wavefront=wavefront,
+                            engine=engine).eval()
     if prior_top:
         model.set_prior(torch.randint(0, 12, (30, seq_len)))
     return model
@@ -90,10 +92,11 @@ def test_vqvae_assignments_do_not_depend_on_bf16_autocast():
 # -- transformer ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("attention", ["linear", "softmax"])
-@pytest.mark.parametrize("code_shape,window,prior", [((2, 4, 5), None, None), (None, None, None), ((2, 4, 5), 20, 4),
-                                                    ((2, 4, 5), 15, None)])
-def test_recurrent_decoding_matches_the_parallel_pass_token_by_token(engine, attention, code_shape, window, prior):
-    model = tiny_tf(engine, attention, code_shape=code_shape, window=window, prior_top=prior)
+@pytest.mark.parametrize("code_shape,window,prior,wavefront", [((2, 4, 5), None, None, False), (None, None, None, False),
+                                                              ((2, 4, 5), 20, 4, False), ((2, 4, 5), 15, None, False),
+                                                              ((2, 4, 5), 20, 4, True)])
+def test_recurrent_decoding_matches_the_parallel_pass_token_by_token(engine, attention, code_shape, window, prior, wavefront):
+    model = tiny_tf(engine, attention, code_shape=code_shape, window=window, prior_top=prior, wavefront=wavefront)
     tokens, cond = torch.randint(0, 12, (2, 40)), torch.rand(2, 3)
     with torch.no_grad():
         parallel = model(tokens, cond)
@@ -103,6 +106,88 @@ def test_recurrent_decoding_matches_the_parallel_pass_token_by_token(engine, att
     assert torch.equal(steps.argmax(-1), parallel.argmax(-1))
     with pytest.raises(ValueError, match="all 40 tokens"):
         dec.step(tokens[:, -1])
+
+
+# -- wavefront ------------------------------------------------------------------------------------
+def wave_logits(model, tokens, cond):
+    """Teacher-forced logits (B, L, K) from the WavefrontDecoder, and the positions in decoding order."""
+    dec = model.wavefront_decoder(cond)
+    out = torch.full((*tokens.shape, model.config["num_tokens"]), float("nan"))
+    prev, order = None, []
+    for _ in range(dec.steps):
+        pos, logits = dec.step(prev)
+        assert torch.isnan(out[:, pos]).all()  # each position once
+        out[:, pos] = logits.transpose(0, 1)
+        prev, order = tokens[:, pos].t(), order + pos.tolist()
+    with pytest.raises(ValueError, match="all 60 tokens"):
+        dec.step(prev)
+    return out, order
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("attention", ["linear", "softmax"])
+@pytest.mark.parametrize("prior", [None, 4])
+def test_wavefront_decoding_matches_the_parallel_pass_token_by_token(engine, attention, prior):
+    model = tiny_tf(engine, attention, seq_len=60, code_shape=(3, 4, 5), window=20, prior_top=prior, wavefront=True)
+    tokens, cond = torch.randint(0, 12, (2, 60)), torch.rand(2, 3)
+    if engine == "fast-transformers" and attention == "softmax":  # its recurrent key cache: one length per batch
+        assert model.schedule == "sequential"
+        with pytest.raises(ValueError, match="cannot decode softmax"):
+            model.wavefront_decoder(cond)
+        return
+    assert model.schedule == "wavefront"
+    with torch.no_grad():
+        parallel = model(tokens, cond)
+    steps, order = wave_logits(model, tokens, cond)
+    assert model.wavefront_decoder(cond).steps == 3 - 1 + 20  # blocks side by side, one position apart
+    assert order == wavefront_order(60, 20).tolist() and sorted(order) == list(range(60))
+    assert order[:4] == [0, 1, 20, 2]  # step 1: block 0 position 1, block 1 position 0
+    assert (steps - parallel).abs().max().item() < 1e-4
+    assert torch.equal(steps.argmax(-1), parallel.argmax(-1))
+
+
+def test_wavefront_block_starts_drop_the_previous_token_and_nothing_else():
+    """With ``wavefront`` a block's first token does not see the previous block's last token (its only
+    link to earlier blocks is the slab-back context); without it, it does, as before."""
+    a = torch.randint(0, 12, (1, 40))
+    b = a.clone()
+    b[0, 19] = (b[0, 19] + 5) % 12  # the last token of block 0 (not a context neighbour of 20)
+    c = a.clone()
+    c[0, 0] = (c[0, 0] + 5) % 12  # the slab-back neighbour of position 20
+    cond = torch.ones(1, 3)
+    for wavefront in (True, False):
+        model = tiny_tf("torch", window=20, wavefront=wavefront)
+        with torch.no_grad():
+            la, lb, lc = model(a, cond), model(b, cond), model(c, cond)
+            xa, xb = model.inputs(a, cond), model.inputs(b, cond)
+        assert torch.allclose(la[:, 20], lb[:, 20], atol=1e-6) == wavefront
+        assert not torch.allclose(la[:, 20], lc[:, 20], atol=1e-6)  # the slab-back context still reaches it
+        assert not torch.allclose(la[:, 39], lb[:, 39], atol=1e-6)  # 19 is 39's slab-back neighbour
+        diff = (xb - xa)[0, 20]
+        expected = torch.zeros(16) if wavefront else model.tok_emb.weight[b[0, 19]] - model.tok_emb.weight[a[0, 19]]
+        assert torch.allclose(diff, expected, atol=1e-6)
+        same = torch.ones(40, dtype=torch.bool)
+        same[[20, 39]] = False
+        assert torch.equal(xb[:, same], xa[:, same])  # no other input changes
+    with torch.no_grad():  # the first token of the sequence has no previous token either way
+        x = tiny_tf("torch", window=20, wavefront=True).inputs(a, cond)
+        y = tiny_tf("torch", window=20).inputs(a, cond)
+    assert torch.allclose(x[:, :20], y[:, :20]) and torch.allclose(x[:, 21:], y[:, 21:])
+
+
+def test_wavefront_needs_a_window_its_context_allows():
+    with pytest.raises(ValueError, match="wavefront.*window"):
+        tiny_tf("torch", wavefront=True)  # no window
+    with pytest.raises(ValueError, match="divides"):
+        tiny_tf("torch", window=15, wavefront=True)
+    with pytest.raises(ValueError, match="row/slab neighbour"):
+        tiny_tf("torch", window=10, wavefront=True)  # half slabs: a row-back neighbour would come later
+    assert tiny_tf("torch", window=20, wavefront=True).config["wavefront"] is True
+    assert tiny_tf("torch", window=20).schedule == "sequential" and tiny_tf("torch").config["wavefront"] is False
+    with pytest.raises(ValueError, match="trained with `wavefront`"):
+        WavefrontDecoder(tiny_tf("torch", window=20), torch.ones(1, 3))
+    twin = tiny_tf("torch", window=20, wavefront=True).with_engine("torch")
+    assert twin.config["wavefront"] and twin.schedule == "wavefront"
 
 
 @needs_ft
@@ -200,6 +285,27 @@ def test_sampling_is_seeded_conditional_and_leaves_threads_alone():
     assert g.shape == (40,) and not torch.equal(a, g)
     greedy = sample_codes(model, cond, seed=5, top_k=1)
     assert torch.equal(greedy, sample_codes(model, cond, seed=6, top_k=1))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_wavefront_sampling_is_seeded_and_agrees_with_sequential_greedy_decoding(engine):
+    model = tiny_tf(engine, seq_len=60, code_shape=(3, 4, 5), window=20, prior_top=4, wavefront=True)
+    with torch.no_grad():
+        model.head.weight.mul_(5)
+        model.cond_proj.weight.mul_(5)
+    cond = torch.tensor([[0.2, 1.0, 1.0]])
+    calls = []
+    a = sample_codes(model, cond, seed=1, progress=lambda i, n: calls.append((i, n)))
+    assert a.shape == (60,) and calls[-1] == (60, 60)
+    assert torch.equal(a, sample_codes(model, cond, seed=1))  # same seed, same codes
+    assert not torch.equal(a, sample_codes(model, cond, seed=2))
+    g = sample_codes(model, cond, seed=1, guidance_scale=3.0)
+    assert torch.equal(g, sample_codes(model, cond, seed=1, guidance_scale=3.0)) and not torch.equal(a, g)
+    for scale in (1.0, 3.0):  # greedy: the same codes whichever schedule walks the model
+        wave = sample_codes(model, cond, seed=5, top_k=1, guidance_scale=scale)
+        assert torch.equal(wave, sample_codes(model, cond, seed=6, top_k=1, guidance_scale=scale, schedule="sequential"))
+    with pytest.raises(ValueError, match="schedule"):
+        sample_codes(model, cond, seed=0, schedule="diagonal")
 
 
 @pytest.mark.parametrize("kwargs,match", [({"temperature": 0}, "temperature"), ({"top_k": 0}, "top_k")])

@@ -144,3 +144,43 @@ def test_decoder_only_keeps_encoder_and_codebook_and_caches_codes_for_the_transf
 
     vols = np.stack([prepared.t1(r)[None] for r in prepared.subset("train", labelled=True)])
     assert np.array_equal(reused, encode_codes(vqvae, vols, torch.device("cpu")))
+
+
+def test_new_transformers_get_the_wavefront_and_a_run_resumes_only_with_its_own_setting(prepared, tmp_path, monkeypatch):
+    from synth.cli import main
+    from synth.generators import load_generator
+    from synth.vq.package import package_vq_model
+    from synth.vq.train import DEFAULT_TRANSFORMER
+
+    vq_run, tf_run = tmp_path / "vq", tmp_path / "tf"
+    train_vqvae(vq_cfg(vq_run, prepared, steps=1), progress=False)
+    assert DEFAULT_TRANSFORMER["wavefront"] is True and DEFAULT_TRANSFORMER["window"] == "slab"
+    small = dict(DEFAULT_TRANSFORMER, d_model=16, n_layers=1, n_heads=2, d_ff=32, prior_top=4)
+    cfg = TFTrainConfig(data_dir=str(prepared.root), vq_run=str(vq_run), run_dir=str(tf_run), steps=2, batch_size=2,
+                        ckpt_every=1, bf16=False, engine="torch", transformer=small)
+    state = train_transformer(cfg, progress=False)
+    tf = state["model_config"]["transformer"]
+    assert tf["wavefront"] is True and tf["window"] == 64 and tf["code_shape"] == [8, 8, 8]
+    cfg.steps, cfg.transformer = 3, dict(small, wavefront=False)
+    with pytest.raises(ValueError, match="trained with wavefront=True.*fresh --run-dir"):
+        train_transformer(cfg, progress=False)  # other inputs on the same weights: refused, not resumed
+    cfg.transformer = small
+    assert train_transformer(cfg, progress=False)["step"] == 3
+    models = tmp_path / "models"
+    package_vq_model(tf_run, models / "synthbrain-vq-2mm", version="0.0.1-test")
+    monkeypatch.setenv("SYNTHBRAIN_MODELS", str(models))
+    gen = load_generator("synthbrain-vq-2mm", device="cpu")
+    assert gen.config.transformer["wavefront"] is True and gen.transformer.schedule == "wavefront"
+    a = gen.generate(__import__("synth").Condition(age=60, sex="F"), seed=4)
+    assert "wavefront" in a.provenance["sampler"]
+    # no window, no wavefront; --no-wavefront turns it off from the command line
+    none_run = tmp_path / "tf-none"
+    cfg = TFTrainConfig(data_dir=str(prepared.root), vq_run=str(vq_run), run_dir=str(none_run), steps=1, batch_size=2,
+                        bf16=False, engine="torch", transformer=dict(small, window=None))
+    assert train_transformer(cfg, progress=False)["model_config"]["transformer"]["wavefront"] is False
+    cli_run = tmp_path / "tf-cli"
+    assert main(["train-transformer", "--data", str(prepared.root), "--vq-run", str(vq_run), "--run-dir", str(cli_run),
+                 "--steps", "1", "--batch-size", "2", "--d-model", "16", "--layers", "1", "--heads", "2",
+                 "--engine", "torch", "--no-bf16", "--quiet", "--no-wavefront"]) == 0
+    saved = torch.load(cli_run / "last.pt", weights_only=False)["model_config"]["transformer"]
+    assert saved["wavefront"] is False and saved["window"] == 64

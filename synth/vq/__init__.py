@@ -13,6 +13,7 @@ _EXPORTS = {
     "build_vqvae": "vqvae",
     "CodeTransformer": "transformer",
     "IncrementalDecoder": "transformer",
+    "WavefrontDecoder": "transformer",
     "fast_transformers_available": "transformer",
     "resolve_engine": "transformer",
     "EMAQuantizer": "quantizer",

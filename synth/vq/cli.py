@@ -141,11 +141,13 @@ def _cmd_train_transformer(args: argparse.Namespace) -> int:
         except ValueError:
             raise _usage(f"--window expects slab, none or a number of tokens, got {args.window!r}") from None
     tf = dict(DEFAULT_TRANSFORMER, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
-              d_ff=4 * args.d_model, attention=args.attention, window=window)
+              d_ff=4 * args.d_model, attention=args.attention, window=window,
+              wavefront=not args.no_wavefront and window is not None)
     cfg = TFTrainConfig(data_dir=args.data, vq_run=args.vq_run, run_dir=args.run, steps=args.steps,
                         batch_size=args.batch_size, lr=args.lr, p_uncond=args.p_uncond, bf16=not args.no_bf16,
                         seed=args.seed, max_minutes=args.max_minutes, engine=engine, transformer=tf)
-    print(f"transformer engine: {engine}")
+    print(f"transformer engine: {engine}; decoding schedule of the trained model: "
+          f"{'wavefront' if tf['wavefront'] else 'sequential'}")
     state = train_transformer(cfg, progress=not args.quiet)
     print(f"transformer at step {state['step']} in {args.run}/last.pt (engine {state['engine']})")
     return 0
@@ -229,6 +231,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
             t.add_argument("--p-uncond", type=_nonnegative_float, default=0.1, help="condition dropout (classifier-free guidance)")
             t.add_argument("--window", default="slab",
                            help="attention restarts every N tokens: slab (one x-slab of the code grid, default), none, or N")
+            t.add_argument("--no-wavefront", action="store_true",
+                           help="keep the previous token at every block start (older models' inputs): sampling and the "
+                                "codec then decode token by token instead of all slabs side by side (default: wavefront "
+                                "with a window)")
             t.set_defaults(func=_cmd_train_transformer)
 
     k = sub.add_parser("package-vq", help="write a VQ model folder (safetensors + config.json) from training runs")

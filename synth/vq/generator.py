@@ -23,6 +23,8 @@ from .vqvae import VQVAE, build_vqvae
 
 __all__ = ["VQBrainGenerator", "state_hash"]
 
+_ORDER = {"sequential": "raster order", "wavefront": "x-slab wavefront (slabs side by side, each one code behind)"}
+
 
 def state_hash(*modules: torch.nn.Module) -> str:
     """SHA-256 (hex) of the modules' weights as float32: identifies the exact weights a file was made with."""
@@ -166,7 +168,8 @@ class VQBrainGenerator:
         progress: ProgressFn | bool | None = None,
         **unused,
     ) -> SyntheticBrain:
-        """Generate one brain: sample the code grid in raster order, then decode it.
+        """Generate one brain: sample the code grid (raster order, or the x-slab wavefront of a model
+        trained with ``wavefront``; :attr:`~synth.vq.transformer.CodeTransformer.schedule`), then decode it.
 
         Args:
             condition: Age, sex, diagnosis and optional volume targets.
@@ -211,7 +214,8 @@ class VQBrainGenerator:
             "model": self.config.name,
             "model_version": self.config.version,
             "model_source": _model_reference(self.source),
-            "sampler": f"autoregressive, raster order, {self.transformer.config['attention']} attention, engine {self.engine}",
+            "sampler": (f"autoregressive, {_ORDER[self.transformer.schedule]}, {self.transformer.config['attention']} attention, "
+                        f"engine {self.engine}"),
             "guidance_scale": guidance_scale,
             "temperature": temperature,
             "top_k": top_k,

@@ -15,7 +15,9 @@ from .vqvae import build_vqvae
 __all__ = ["tiny_vq_config", "make_tiny_vq_model"]
 
 
-def tiny_vq_config(shape=(16, 16, 16), name: str = "tiny-vq-model", attention: str = "linear") -> VQModelConfig:
+def tiny_vq_config(shape=(16, 16, 16), name: str = "tiny-vq-model", attention: str = "linear",
+                   wavefront: bool = False) -> VQModelConfig:
+    """A tiny config; ``wavefront``: attention blocks of one x-slab of codes and the wavefront inputs."""
     covariates = ["age", "sex", "brain", "lateral_ventricles", "hippocampus"]
     code = [s // 2 for s in shape]
     return VQModelConfig(
@@ -32,7 +34,7 @@ def tiny_vq_config(shape=(16, 16, 16), name: str = "tiny-vq-model", attention: s
         },
         transformer={"num_tokens": 16, "seq_len": code[0] * code[1] * code[2], "n_conditioning": len(covariates) + 1,
                      "d_model": 16, "n_layers": 2, "n_heads": 2, "d_ff": 32, "attention": attention, "dropout": 0.0,
-                     "code_shape": code},
+                     "code_shape": code, **({"window": code[1] * code[2], "wavefront": True} if wavefront else {})},
         covariates=covariates,
         covariate_ranges={"age": [20, 90], "brain": [0.7, 0.95], "lateral_ventricles": [0.0, 0.06], "hippocampus": [0.003, 0.007]},
         sampling={"guidance_scale": 1.0, "temperature": 1.0, "top_k": None},
@@ -42,13 +44,15 @@ def tiny_vq_config(shape=(16, 16, 16), name: str = "tiny-vq-model", attention: s
     )
 
 
-def make_tiny_vq_model(folder: str | Path, seed: int = 0, shape=(16, 16, 16), attention: str = "linear") -> Path:
-    """Write a random-weight tiny VQ model folder loadable by :func:`synth.load_generator`."""
+def make_tiny_vq_model(folder: str | Path, seed: int = 0, shape=(16, 16, 16), attention: str = "linear",
+                       wavefront: bool = False) -> Path:
+    """Write a random-weight tiny VQ model folder loadable by :func:`synth.load_generator` (``wavefront``:
+    its transformer decodes x-slabs side by side)."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = tiny_vq_config(shape, attention=attention)
+    cfg = tiny_vq_config(shape, attention=attention, wavefront=wavefront)
     torch.manual_seed(seed)
     vqvae = build_vqvae(cfg.vqvae)
     with torch.no_grad():  # a codebook on the scale of the random encoder's outputs, so codes vary

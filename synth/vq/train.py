@@ -10,8 +10,11 @@ validation subjects is logged to ``val.csv`` and the best checkpoint kept as ``b
 
 Transformer: cross-entropy of the next code in raster order, conditioned on the same covariates
 as the diffusion model (:func:`synth.train.diffusion.covariate_matrix`), with the condition
-replaced by zeros with probability ``p_uncond`` (classifier-free guidance). Runs resume from
-``RUN/last.pt``.
+replaced by zeros with probability ``p_uncond`` (classifier-free guidance). New transformers get
+attention blocks of one x-slab and ``wavefront`` (a block's first input carries no previous token,
+so sampling and the codec decode the slabs side by side: :class:`~synth.vq.transformer.WavefrontDecoder`);
+``transformer={"wavefront": False}`` (``--no-wavefront``) trains the older sequential-only inputs.
+Runs resume from ``RUN/last.pt`` (with the ``wavefront`` setting they started with).
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ __all__ = ["VQTrainConfig", "TFTrainConfig", "train_vqvae", "train_transformer",
            "reconstruction_metrics", "encode_codes", "DEFAULT_TRANSFORMER"]
 
 DEFAULT_TRANSFORMER: dict[str, Any] = {"d_model": 128, "n_layers": 4, "n_heads": 4, "d_ff": 512,
-                                       "attention": "linear", "dropout": 0.0, "window": "slab", "prior_top": 64}
+                                       "attention": "linear", "dropout": 0.0, "window": "slab", "prior_top": 64,
+                                       "wavefront": True}
 
 
 @dataclass
@@ -379,9 +383,15 @@ def train_transformer(cfg: TFTrainConfig, *, rows: list[dict] | None = None, vol
         window = code_shape[1] * code_shape[2]
     tf_kwargs = dict(cfg.transformer, num_tokens=int(vq_config["num_embeddings"]), seq_len=int(codes.shape[1]),
                      n_conditioning=int(cond.shape[1]), code_shape=code_shape, window=window)
+    tf_kwargs["wavefront"] = bool(tf_kwargs.get("wavefront", False)) and window is not None  # no blocks: no wavefront
     if tf_kwargs.get("prior_top"):  # at most all codes but one (the rest share the floor)
         tf_kwargs["prior_top"] = min(int(tf_kwargs["prior_top"]), int(vq_config["num_embeddings"]) - 1)
-    model = CodeTransformer(**tf_kwargs, engine=cfg.engine).to(ctx.device)
+    try:
+        model = CodeTransformer(**tf_kwargs, engine=cfg.engine).to(ctx.device)
+    except ValueError as exc:
+        if "`wavefront`" in str(exc):
+            raise ValueError(f"{exc}: train with --window slab, or with --no-wavefront") from None
+        raise
     if tf_kwargs.get("prior_top"):
         model.set_prior(torch.from_numpy(codes.astype(np.int64)))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
@@ -389,6 +399,10 @@ def train_transformer(cfg: TFTrainConfig, *, rows: list[dict] | None = None, vol
     start = 0
     state = ckpt.resume()
     if state is not None:
+        was = bool(state.get("model_config", {}).get("transformer", {}).get("wavefront", False))
+        if was != tf_kwargs["wavefront"]:  # same weights' shapes, other inputs: refuse rather than change the function
+            raise ValueError(f"{run / 'last.pt'} was trained with wavefront={was}; resume it with the same setting "
+                             f"({'the default' if was else '--no-wavefront'}) or start a fresh --run-dir")
         model.load_state_dict(state["state_dict"])
         opt.load_state_dict(state["optimizer"])
         start = state["step"]

@@ -18,6 +18,16 @@ Two engines hold the same parameters under the same names, so one state dict run
 Conditioning: the condition vector (covariates in [0, 1] plus a presence flag; all zeros is the
 unconditional input of classifier-free guidance) is projected to one embedding that is the first
 input token and is added to every input position.
+
+Decoding schedules. :class:`IncrementalDecoder` walks the sequence token by token (``sequential``:
+one step per token). A model with a ``window`` (attention blocks, e.g. one x-slab of codes) and
+``wavefront`` (a block's first input carries no previous token) depends on earlier blocks only
+through the slab-back context, i.e. block ``k``'s token at in-block position ``p`` needs block
+``k - 1`` up to position ``p``. :class:`WavefrontDecoder` then decodes all blocks side by side, block
+``k`` one position behind block ``k - 1``: at step ``t`` block ``k`` decodes position ``t - k``, so the
+9,600 codes of a 20 x 24 x 20 grid in 480-token slabs take 480 + 19 = 499 batched steps (up to 20
+blocks each) instead of 9,600. Both compute the teacher-forced model exactly (to float rounding);
+:attr:`CodeTransformer.schedule` says which one the sampler and the codec use.
 """
 
 from __future__ import annotations
@@ -29,10 +39,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CodeTransformer", "IncrementalDecoder", "fast_transformers_available", "resolve_engine", "ENGINES"]
+__all__ = ["CodeTransformer", "IncrementalDecoder", "WavefrontDecoder", "fast_transformers_available", "resolve_engine",
+           "wavefront_order", "ENGINES", "SCHEDULES"]
 
 ENGINES = ("fast-transformers", "torch")
 ATTENTIONS = ("linear", "softmax")
+SCHEDULES = ("sequential", "wavefront")
 _EPS = 1e-6  # fast_transformers' linear attention eps
 
 
@@ -198,6 +210,14 @@ class CodeTransformer(nn.Module):
             context and the absolute positions). Training then runs on blocks, far cheaper than whole
             sequences, and is exactly what the recurrent decoder computes (it resets its state at
             every block). ``None``: one causal attention over the whole sequence.
+        wavefront: The first input of every attention block (position ``% window == 0``) carries no
+            previous-token embedding, like the first token of the sequence, so a block depends on
+            earlier blocks only through ``code_shape``'s context (and the absolute positions), and
+            :class:`WavefrontDecoder` decodes the blocks side by side, each one position behind the
+            one before. Needs a ``window`` that divides ``seq_len`` and under which every context
+            neighbour is decoded earlier in that schedule (true for one x-slab, ``y * z`` tokens).
+            ``False`` (the default, and what a saved config without the key means): the previous
+            token is always embedded, and decoding is sequential.
         prior_top: Add a fixed per-position log-prior to the logits: the ``prior_top`` most frequent
             codes of each position in the training codes (Laplace-smoothed), the rest sharing what
             is left (:meth:`set_prior`). The network then learns what the position alone does not tell;
@@ -208,7 +228,7 @@ class CodeTransformer(nn.Module):
     def __init__(self, num_tokens: int, seq_len: int, n_conditioning: int, d_model: int = 128, n_layers: int = 4,
                  n_heads: int = 4, d_ff: int | None = None, attention: str = "linear", dropout: float = 0.0,
                  code_shape: list[int] | tuple[int, ...] | None = None, window: int | None = None,
-                 prior_top: int | None = None, engine: str = "auto"):
+                 prior_top: int | None = None, wavefront: bool = False, engine: str = "auto"):
         super().__init__()
         if attention not in ATTENTIONS:
             raise ValueError(f"`attention` must be linear or softmax, got {attention!r}")
@@ -220,12 +240,18 @@ class CodeTransformer(nn.Module):
             raise ValueError(f"`prior_top` must be within 1-{num_tokens - 1} (or None), got {prior_top}")
         if window is not None and not 1 <= window <= seq_len:
             raise ValueError(f"`window` must be within 1-{seq_len} (or None), got {window}")
+        if wavefront:
+            if window is None or seq_len % window:
+                raise ValueError(f"`wavefront` needs a `window` that divides `seq_len` ({seq_len}), got {window}")
+            if code_shape is not None and not _wavefront_causal(_context_index(code_shape), window):
+                raise ValueError(f"`wavefront` needs every row/slab neighbour decoded earlier in the wavefront; a window "
+                                 f"of {window} tokens on code grid {tuple(code_shape)} does not allow it (one x-slab does)")
         self.config = dict(num_tokens=int(num_tokens), seq_len=int(seq_len), n_conditioning=int(n_conditioning),
                            d_model=int(d_model), n_layers=int(n_layers), n_heads=int(n_heads),
                            d_ff=int(d_ff or 4 * d_model), attention=attention, dropout=float(dropout),
                            code_shape=list(code_shape) if code_shape is not None else None,
                            window=int(window) if window is not None else None,
-                           prior_top=int(prior_top) if prior_top else None)
+                           prior_top=int(prior_top) if prior_top else None, wavefront=bool(wavefront))
         self.engine = resolve_engine(engine)
         self.tok_emb = nn.Embedding(num_tokens, d_model)
         self.pos_emb = nn.Embedding(seq_len, d_model)
@@ -255,12 +281,25 @@ class CodeTransformer(nn.Module):
     def seq_len(self) -> int:
         return self.config["seq_len"]
 
+    @property
+    def schedule(self) -> str:
+        """The decoding schedule the sampler and the codec use: ``wavefront`` for a model with
+        ``wavefront`` (except softmax attention on fast-transformers, whose recurrent key cache holds
+        one length for the whole batch), else ``sequential``."""
+        if self.config.get("wavefront") and not (self.engine == "fast-transformers" and self.config["attention"] == "softmax"):
+            return "wavefront"
+        return "sequential"
+
     def inputs(self, tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """(B, L) tokens and (B, C) conditions -> (B, L, D) inputs, shifted right by the condition token."""
+        """(B, L) tokens and (B, C) conditions -> (B, L, D) inputs, shifted right by the condition token
+        (with ``wavefront``, every block's first input carries no previous token)."""
         c = self.cond_proj(cond.to(self.cond_proj.weight.dtype))[:, None]
-        prev = self.tok_emb(tokens[:, :-1])
+        prev = torch.cat([torch.zeros_like(c), self.tok_emb(tokens[:, :-1])], dim=1)
         n = tokens.shape[1]
-        x = torch.cat([torch.zeros_like(c), prev], dim=1) + c + self.pos_emb.weight[:n]
+        if self.config.get("wavefront"):
+            starts = torch.arange(n, device=prev.device) % self.config["window"] == 0
+            prev = prev.masked_fill(starts[None, :, None], 0.0)
+        x = prev + c + self.pos_emb.weight[:n]
         if self.ctx_emb is not None:
             x = x + self.ctx_emb(self._context_ids(tokens, self.ctx_index[:, :n])).sum(1)
         return x
@@ -286,9 +325,18 @@ class CodeTransformer(nn.Module):
 
     def prior_logits(self, start: int, n: int) -> torch.Tensor:
         """(n, K) log-prior of positions ``start..start+n-1``."""
-        sl = slice(start, start + n)
-        dense = self.prior_floor[sl, None].expand(-1, self.config["num_tokens"]).clone()
-        return dense.scatter_(1, self.prior_index[sl].long(), self.prior_logp[sl])
+        return self._prior_at(slice(start, start + n))
+
+    def _prior_at(self, index: slice | torch.Tensor) -> torch.Tensor:
+        dense = self.prior_floor[index, None].expand(-1, self.config["num_tokens"]).clone()
+        return dense.scatter_(1, self.prior_index[index].long(), self.prior_logp[index])
+
+    def logits_at(self, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(n, B, D) encoder outputs at the ``positions`` (n,) -> (n, B, K) logits (+ the prior)."""
+        out = self.head(h)
+        if self.config.get("prior_top"):
+            out = out + self._prior_at(positions)[:, None].to(out.dtype)
+        return out
 
     @torch.no_grad()
     def set_prior(self, codes: torch.Tensor, alpha: float = 0.05) -> None:
@@ -325,6 +373,10 @@ class CodeTransformer(nn.Module):
     def decoder(self, cond: torch.Tensor) -> "IncrementalDecoder":
         """An :class:`IncrementalDecoder` (recurrent / key-value-cached) for conditions (B, C)."""
         return IncrementalDecoder(self, cond)
+
+    def wavefront_decoder(self, cond: torch.Tensor) -> "WavefrontDecoder":
+        """A :class:`WavefrontDecoder` for conditions (B, C) (a model with ``wavefront``)."""
+        return WavefrontDecoder(self, cond)
 
     def with_engine(self, engine: str) -> "CodeTransformer":
         """A copy of this model (same weights) on another engine."""
@@ -367,15 +419,16 @@ class IncrementalDecoder:
         if self.t >= m.seq_len:
             raise ValueError(f"all {m.seq_len} tokens are decoded")
         x = self.c + m.pos_emb.weight[self.t]
+        w = m.config["window"]
         if prev is not None:
             prev = prev.to(self.c.device)
-            x = x + m.tok_emb(prev)
+            if not (m.config.get("wavefront") and self.t % w == 0):  # wavefront: a block starts without it
+                x = x + m.tok_emb(prev)
             self.history[:, self.t - 1] = prev
         elif self.t:
             raise ValueError("`prev` is needed after the first token")
         if m.ctx_emb is not None:
             x = x + m.ctx_emb(m._context_ids(self.history, m.ctx_index[:, self.t:self.t + 1])).sum(1)[:, 0]
-        w = m.config["window"]
         if w is not None and self.t and self.t % w == 0:  # a new attention block
             self._reset()
         if m.engine == "fast-transformers":
@@ -401,6 +454,147 @@ class IncrementalDecoder:
             for st in self.state:
                 st["s"].zero_()
                 st["z"].zero_()
+
+
+class WavefrontDecoder:
+    """All attention blocks of a ``wavefront`` model decoded side by side, block ``k`` one position
+    behind block ``k - 1``: at step ``t`` block ``k`` decodes in-block position ``t - k`` (when within the
+    block), so ``seq_len / window + window - 1`` steps cover the sequence, each one batched evaluation
+    of the active blocks (times the condition batch). Every block keeps its own recurrent state
+    (linear attention) or key-value cache (softmax); inactive blocks' state is not touched.
+
+    Exact for a model with ``wavefront``: a block's inputs need only its own earlier tokens and the
+    tokens of earlier blocks up to the same position (``code_shape``'s slab-back context), all decoded
+    at earlier steps. Engines: torch (linear and softmax attention) and fast-transformers (linear;
+    its recurrent softmax keeps one key length per batch, so such models stay sequential).
+
+    Example:
+        >>> dec = model.wavefront_decoder(cond)          # doctest: +SKIP
+        >>> prev = None
+        >>> for _ in range(dec.steps):                   # doctest: +SKIP
+        ...     positions, logits = dec.step(prev)       # (n,) raster positions, (n, B, K) logits
+        ...     prev = logits.argmax(-1)                 # (n, B) the tokens at those positions
+    """
+
+    @torch.no_grad()
+    def __init__(self, model: CodeTransformer, cond: torch.Tensor):
+        cfg = model.config
+        if not cfg.get("wavefront"):
+            raise ValueError("wavefront decoding needs a model trained with `wavefront` (its first token of a block "
+                             "carries no previous token); use the sequential IncrementalDecoder")
+        if model.schedule != "wavefront":
+            raise ValueError(f"the {model.engine} engine cannot decode {cfg['attention']} attention as a wavefront")
+        self.model, self.t, self.positions = model, 0, None
+        self.window = w = cfg["window"]
+        self.blocks = model.seq_len // w
+        self.steps = self.blocks - 1 + w
+        self.c = model.cond_proj(cond.to(model.cond_proj.weight.dtype))  # (B, D)
+        self.batch = b = cond.shape[0]
+        self.history = torch.zeros(b, model.seq_len, dtype=torch.long, device=self.c.device)
+        rows, h, e = self.blocks * b, cfg["n_heads"], cfg["d_model"] // cfg["n_heads"]
+        z = self.c.new_zeros
+        if cfg["attention"] == "linear":  # per layer: running sums S (rows, H, E, E), z (rows, H, E)
+            self.state = [{"s": z(rows, h, e, e), "z": z(rows, h, e)} for _ in range(cfg["n_layers"])]
+        else:  # per layer: a key-value cache of one block per row
+            self.state = [{"k": z(rows, h, w, e), "v": z(rows, h, w, e)} for _ in range(cfg["n_layers"])]
+        self.rnn = self.fused = None
+        if model.engine == "fast-transformers":
+            from fast_transformers.builders import RecurrentEncoderBuilder
+
+            self.rnn = RecurrentEncoderBuilder.from_kwargs(**_ft_kwargs(cfg, recurrent=True)).get()
+            self.rnn.load_state_dict(model.encoder.state_dict())
+            self.rnn.to(self.c.device).eval()
+        elif cfg["attention"] == "linear":
+            self.fused = [_fuse(layer) for layer in model.encoder.layers]
+
+    def active(self, t: int) -> tuple[int, int]:
+        """Blocks ``lo..hi`` (inclusive) decoded at step ``t``."""
+        return max(0, t - self.window + 1), min(t, self.blocks - 1)
+
+    @torch.no_grad()
+    def step(self, prev: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One wavefront step.
+
+        Args:
+            prev: (n, B) tokens at the positions the previous step returned (``None`` at the first).
+
+        Returns:
+            ``(positions, logits)``: the (n,) raster positions decoded now (ascending block order)
+            and their (n, B, K) logits.
+        """
+        m, w, b = self.model, self.window, self.batch
+        if self.t >= self.steps:
+            raise ValueError(f"all {m.seq_len} tokens are decoded")
+        if prev is not None:
+            if self.positions is None:
+                raise ValueError("`prev` must be None at the first step")
+            self.history[:, self.positions] = prev.to(self.c.device).reshape(len(self.positions), b).t()
+        elif self.t:
+            raise ValueError("`prev` is needed after the first step")
+        lo, hi = self.active(self.t)
+        blocks = torch.arange(lo, hi + 1, device=self.c.device)
+        inner = self.t - blocks  # in-block positions, decreasing
+        pos = blocks * w + inner
+        n = len(pos)
+        x = self.c[None] + m.pos_emb.weight[pos][:, None]  # (n, B, D)
+        emb = m.tok_emb(self.history[:, (pos - 1).clamp(min=0)]).transpose(0, 1)  # (n, B, D)
+        x = x + emb.masked_fill((inner == 0)[:, None, None], 0.0)  # a block starts without a previous token
+        if m.ctx_emb is not None:
+            x = x + m.ctx_emb(m._context_ids(self.history, m.ctx_index[:, pos])).sum(1).transpose(0, 1)
+        x = x.reshape(n * b, -1)
+        rows = slice(lo * b, (hi + 1) * b)  # row = block * B + condition: the active blocks are contiguous
+        if self.rnn is not None:
+            state = [[st["s"][rows], st["z"][rows]] for st in self.state]
+            h, new = self.rnn(x, state=state)
+            for st, (s, z) in zip(self.state, new):  # in place already (no grad); copy if it was not
+                if s.data_ptr() != st["s"][rows].data_ptr():
+                    st["s"][rows] = s
+                    st["z"][rows] = z
+        elif self.fused is not None:
+            h = x
+            for fw, st in zip(self.fused, self.state):
+                h = _linear_step(h, fw, {"s": st["s"][rows], "z": st["z"][rows]}, m.config["n_heads"])
+            h = m.encoder.norm(h)
+        else:
+            h = x
+            inner_rows = inner.repeat_interleave(b)
+            for layer, st in zip(m.encoder.layers, self.state):
+                h = _softmax_wave_step(layer, h, st["k"][rows], st["v"][rows], inner_rows)
+            h = m.encoder.norm(h)
+        self.t += 1
+        self.positions = pos
+        return pos, m.logits_at(h.view(n, b, -1), pos)
+
+
+def wavefront_order(seq_len: int, window: int) -> torch.Tensor:
+    """(seq_len,) raster positions in the order :class:`WavefrontDecoder` decodes them (step by
+    step, blocks ascending within a step)."""
+    pos = torch.arange(seq_len)
+    block, inner = pos // window, pos % window
+    return pos[torch.argsort((block + inner) * (seq_len // window + 1) + block)]
+
+
+def _wavefront_causal(ctx_index: torch.Tensor, window: int) -> bool:
+    """Whether every context neighbour is decoded at an earlier wavefront step than its position."""
+    pos = torch.arange(ctx_index.shape[1])
+    step = pos // window + pos % window
+    nb = ctx_index.clamp(min=0)
+    return bool(((ctx_index < 0) | (step[nb] < step[None])).all())
+
+
+def _softmax_wave_step(layer: _TorchLayer, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       inner: torch.Tensor) -> torch.Tensor:
+    """One token per row through a softmax layer; row ``i`` is at in-block position ``inner[i]`` of its
+    own (rows, H, window, E) cache (a mask hides the keys past it)."""
+    a = layer.attention
+    q, k, v = a._qkv(x)  # (N, H, E)
+    rows = torch.arange(len(x), device=x.device)
+    k_cache[rows, :, inner] = k
+    v_cache[rows, :, inner] = v
+    n = int(inner.max()) + 1
+    mask = (torch.arange(n, device=x.device)[None] <= inner[:, None])[:, None, None]  # (N, 1, 1, n)
+    y = F.scaled_dot_product_attention(q[:, :, None], k_cache[:, :, :n], v_cache[:, :, :n], attn_mask=mask)[:, :, 0]
+    return layer._ff(x + a.out_projection(y.reshape(x.shape)))
 
 
 def _context_index(code_shape) -> torch.Tensor:
