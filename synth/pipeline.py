@@ -29,6 +29,7 @@ from .grid import Grid
 from . import provenance as _provenance
 from .io import SYNTHETIC_NOTICE
 from .models.config import ModelConfig
+from .models.fast import use_onednn_convs
 from .models.networks import autocast, build_autoencoder, build_unet, latent_mean
 from .normative import NormativeModel, target_volumes
 from .runtime import pick_threads, resolve_precision
@@ -71,6 +72,7 @@ class BrainGenerator:
         self.autoencoder = autoencoder.to(self.device).eval().requires_grad_(False)
         self.unet = unet.to(self.device).eval().requires_grad_(False)
         _use_fused_attention(self.unet)
+        use_onednn_convs(self.unet)  # batch-1 (unguided) steps otherwise take PyTorch's slow conv3d path
         self._decoder = None  # the fast inference form of the decoder, built on first use
         self.source = source
         self.normative = NormativeModel.from_dict(config.normative) if config.normative else None
@@ -332,8 +334,16 @@ def _fast_decoder(autoencoder: torch.nn.Module) -> Callable[[torch.Tensor], torc
 
     post_quant_conv, decoder = copy.deepcopy(autoencoder.post_quant_conv), copy.deepcopy(autoencoder.decoder)
     fuse_upsample_convs(decoder)
+    # oneDNN's convolutions run about a tenth faster on channels-last 3D tensors (measured on 2 AVX2 cores,
+    # 0.81 -> 0.73 s per decode); the image is the same to float rounding.
+    channels_last = next(decoder.parameters()).device.type == "cpu"
+    if channels_last:
+        post_quant_conv.to(memory_format=torch.channels_last_3d)
+        decoder.to(memory_format=torch.channels_last_3d)
 
     def run(z: torch.Tensor) -> torch.Tensor:
-        return decoder(post_quant_conv(z))
+        if channels_last:
+            z = z.contiguous(memory_format=torch.channels_last_3d)
+        return decoder(post_quant_conv(z)).contiguous()
 
     return run

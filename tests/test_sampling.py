@@ -164,3 +164,33 @@ def test_shipped_model_default_and_fast_preset():
     gen_cfg = synth.load_generator(device="cpu").config.sampling
     assert gen_cfg["sampler"] == "ddim" and gen_cfg["steps"] == 20
     assert gen_cfg["fast"]["sampler"] == "dpm++2m" and gen_cfg["fast"]["steps"] == 8
+
+
+def test_onednn_conv3d_same_result_same_state_dict_and_falls_back_where_it_must():
+    from synth.models.fast import OneDNNConv3d, use_onednn_convs
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv3d(3, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv3d(8, 4, 1, stride=2))
+    plain = copy.deepcopy(net)
+    keys = list(net.state_dict())
+    assert use_onednn_convs(net) == 2 and all(isinstance(m, OneDNNConv3d) for m in (net[0], net[2]))
+    assert list(net.state_dict()) == keys
+    x = torch.randn(1, 3, 6, 5, 4)  # batch 1, small: PyTorch itself would take its slow reference path
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), plain(x), atol=1e-5, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: the ordinary (bf16) path
+        assert net(x).dtype == torch.bfloat16
+    xg = x.clone().requires_grad_(True)  # training: gradients flow as through a plain Conv3d
+    net(xg).sum().backward()
+    plain_x = x.clone().requires_grad_(True)
+    plain(plain_x).sum().backward()
+    torch.testing.assert_close(xg.grad, plain_x.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(net[0].weight.grad, plain[0].weight.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_generator_unet_uses_onednn_convs(tiny_model_dir):
+    from synth.models.fast import OneDNNConv3d
+
+    gen = synth.load_generator(tiny_model_dir, device="cpu")
+    convs = [m for m in gen.unet.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert convs and all(isinstance(m, OneDNNConv3d) for m in convs)
