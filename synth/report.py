@@ -527,11 +527,12 @@ def _markdown(res: dict) -> str:
                               res["privacy"], res["texture"])
     y = d["yardstick"]
     cnn = c["cnn"]
+    steps = f" {g['steps']} steps" if g.get("steps") else ""  # an autoregressive model has no sampling steps
     L = [f"# Evaluation of {g['name']} {g['version']} against held-out real scans", "",
          f"> {SYNTHETIC_NOTICE}. Real scans: IXI dataset, CC BY-SA 3.0.", "",
          f"`synthbrain evaluate`, {res['date']}, SynthBrain {res['synth_version']}: {d['n_samples']} generated brains "
          f"(the ages and sexes of the {res['data']['n_heldout']} held-out subjects, {'+'.join(res['data']['heldout_splits'])}; "
-         f"{g['sampler']} {g['steps']} steps, guidance {g['guidance_scale']}, {g['precision']}, {g['device']}) against those "
+         f"{g['sampler']}{steps}, guidance {g['guidance_scale']}, {g['precision']}, {g['device']}) against those "
          f"subjects; {res['data']['n_train']} training subjects for the yardsticks and privacy. "
          f"{res['seconds']['total'] / 60:.1f} minutes on {res['hardware'].get('cpu', '?')} ({res['hardware'].get('cores', '?')} cores).", "",
          "## Headline", "",
