@@ -47,7 +47,7 @@ def models_root() -> str:
 
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=4)
-def get_generator(root: str, model: str, device: str | None = None) -> synth.BrainGenerator:
+def get_generator(root: str, model: str, device: str | None = None) -> synth.Generator:  # either backend
     generator = synth.load_generator(Path(root) / model, device=device or device_setting())
     service.settle_heap()  # keep slider reruns free of long garbage collections
     return generator
