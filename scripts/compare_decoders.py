@@ -31,16 +31,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def load_decoder_weights(spec: str) -> dict[str, torch.Tensor]:
-    """Autoencoder weights from a model folder or a training checkpoint (its EMA weights)."""
-    from synth.train.common import is_model_folder, model_folder_weights
-
-    if is_model_folder(spec):
-        return model_folder_weights(spec, "autoencoder")[0]
-    state = torch.load(spec if spec.endswith(".pt") else Path(spec) / "last.pt", map_location="cpu", weights_only=False)
-    return {k: v.float() for k, v in state["ema_state_dict"].items()}
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="assets/models/synthbrain-ldm-2mm")
@@ -59,6 +49,7 @@ def main(argv=None) -> int:
     from synth.metrics import psnr, sharpness, ssim
     from synth.brain import zero_background
     from synth.report import _condition
+    from synth.train.common import autoencoder_weights
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -93,7 +84,7 @@ def main(argv=None) -> int:
     results, images = {}, {}
     for spec in args.decoder:
         name, path = spec.split("=", 1)
-        gen.autoencoder.load_state_dict(load_decoder_weights(path))
+        gen.autoencoder.load_state_dict(autoencoder_weights(path))
         gen._decoder = None  # rebuild the fused inference decoder from the new weights
         t0 = time.time()
         with torch.no_grad():

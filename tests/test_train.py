@@ -320,3 +320,18 @@ def test_packaging_refuses_an_autoencoder_of_another_layout(tmp_path):
     with pytest.raises(ValueError, match="not the one the UNet"):
         package_model(tmp_path / "ae8", folder, tmp_path / "bad", name="t", version="0")
     assert not (tmp_path / "bad" / "config.json").exists()
+
+
+def test_autoencoder_weights_from_a_model_folder_a_run_folder_or_a_checkpoint(tmp_path):
+    from synth.train.common import autoencoder_weights, model_folder_weights
+
+    vols, rows = phantoms(n=8)
+    folder = _tiny_packaged_model(tmp_path, vols, rows)
+    ema = torch.load(tmp_path / "ae" / "last.pt", map_location="cpu", weights_only=False)["ema_state_dict"]
+    from_run, from_ckpt = autoencoder_weights(tmp_path / "ae"), autoencoder_weights(tmp_path / "ae" / "last.pt")
+    assert all(torch.equal(from_run[k], ema[k].float()) and torch.equal(from_ckpt[k], from_run[k]) for k in ema)
+    packaged = autoencoder_weights(folder)
+    assert packaged.keys() == model_folder_weights(folder, "autoencoder")[0].keys()
+    assert all(v.dtype == torch.float32 for v in packaged.values())
+    with pytest.raises(FileNotFoundError, match="no autoencoder at"):
+        autoencoder_weights(tmp_path / "nowhere")

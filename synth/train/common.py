@@ -17,7 +17,7 @@ from ..io import atomic_path
 from ..models.networks import autocast
 
 __all__ = ["DistContext", "setup_distributed", "autocast", "Checkpointer", "LossLog", "EMA", "cosine_lr", "StepClock",
-           "is_model_folder", "model_folder_weights"]
+           "is_model_folder", "model_folder_weights", "autoencoder_weights"]
 
 
 @dataclass
@@ -213,3 +213,20 @@ def model_folder_weights(folder: str | Path, part: str) -> tuple[dict[str, torch
     if not path.is_file():
         raise FileNotFoundError(f"{folder} has no {part}.safetensors")
     return {k: v.float() for k, v in load_file(str(path)).items()}, config
+
+
+def autoencoder_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Float32 ``AutoencoderKL`` weights from a packaged model folder (checked against its SHA-256), a
+    training run folder (``last.pt``'s EMA weights), a checkpoint file (``.pt``) or a ``.safetensors`` file."""
+    p = Path(path)
+    if is_model_folder(p):
+        return model_folder_weights(p, "autoencoder")[0]
+    if p.suffix == ".safetensors" and p.is_file():
+        from safetensors.torch import load_file
+
+        return {k: v.float() for k, v in load_file(str(p)).items()}
+    ckpt = p if p.suffix == ".pt" and p.is_file() else p / "last.pt"
+    if ckpt.is_file():
+        return {k: v.float() for k, v in torch.load(ckpt, map_location="cpu", weights_only=False)["ema_state_dict"].items()}
+    raise FileNotFoundError(f"no autoencoder at {path}: expected a model folder with autoencoder.safetensors, "
+                            "a training run folder with last.pt, a .pt checkpoint or a .safetensors file")

@@ -34,7 +34,7 @@ from ..metrics import psnr, ssim
 from ..models.networks import count_parameters
 from ..normative import NormativeModel
 from ..train.autoencoder import gradient_l1, load_volumes
-from ..train.common import Checkpointer, LossLog, StepClock, autocast, setup_distributed, training_bf16
+from ..train.common import Checkpointer, LossLog, StepClock, autocast, autoencoder_weights, setup_distributed, training_bf16
 from ..train.diffusion import DEFAULT_COVARIATES, covariate_matrix, covariate_ranges
 from .transformer import CodeTransformer
 from .vqvae import DEFAULT_VQVAE, VQVAE, build_vqvae
@@ -88,22 +88,6 @@ class TFTrainConfig:
     blocks_per_volume: int = 4
     covariates: list[str] = field(default_factory=lambda: list(DEFAULT_COVARIATES))
     transformer: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_TRANSFORMER))
-
-
-def _load_autoencoder_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """AutoencoderKL weights from a model folder (``autoencoder.safetensors``), a run folder
-    (``last.pt``'s EMA weights) or a ``.safetensors`` file."""
-    p = Path(path)
-    if p.is_dir() and (p / "autoencoder.safetensors").is_file():
-        p = p / "autoencoder.safetensors"
-    if p.suffix == ".safetensors" and p.is_file():
-        from safetensors.torch import load_file
-
-        return {k: v.float() for k, v in load_file(str(p)).items()}
-    if (p / "last.pt").is_file():
-        return torch.load(p / "last.pt", map_location="cpu", weights_only=False)["ema_state_dict"]
-    raise FileNotFoundError(f"no autoencoder at {path}: expected a model folder with autoencoder.safetensors, "
-                            "a training run folder with last.pt, or a .safetensors file")
 
 
 @torch.no_grad()
@@ -181,7 +165,7 @@ def train_vqvae(cfg: VQTrainConfig, *, volumes: np.ndarray | None = None, val: t
         gen.manual_seed(cfg.seed + start)
     else:
         if cfg.init_autoencoder:
-            model.ae.load_state_dict(_load_autoencoder_state(cfg.init_autoencoder))
+            model.ae.load_state_dict(autoencoder_weights(cfg.init_autoencoder))
         _kmeans_init(model, volumes, cfg.kmeans_volumes, ctx.device, cfg.seed, cfg.kmeans_vectors)
     cached = _code_cache(model, volumes, Path(cfg.run_dir), ctx) if cfg.decoder_only else None
     net = torch.nn.parallel.DistributedDataParallel(model) if ctx.world_size > 1 else model
