@@ -334,8 +334,8 @@ def _fast_decoder(autoencoder: torch.nn.Module) -> Callable[[torch.Tensor], torc
 
     post_quant_conv, decoder = copy.deepcopy(autoencoder.post_quant_conv), copy.deepcopy(autoencoder.decoder)
     fuse_upsample_convs(decoder)
-    # oneDNN's convolutions run about a tenth faster on channels-last 3D tensors (measured on 2 AVX2 cores,
-    # 0.81 -> 0.73 s per decode); the image is the same to float rounding.
+    # oneDNN's convolutions run faster on channels-last 3D tensors (benchmarks/bench_convs.py, 2 AVX2 cores:
+    # 0.742 -> 0.635 s per decode); the image is the same to float rounding.
     channels_last = next(decoder.parameters()).device.type == "cpu"
     if channels_last:
         post_quant_conv.to(memory_format=torch.channels_last_3d)

@@ -15,8 +15,8 @@ upsampling convolutions are 57 % of its work at 2 mm, and the decoder takes a th
 choice (``ConvParams::use_mkldnn``) keeps a batch of one with a 3x3x3 kernel on its slow reference
 path (``slow_conv3d_forward``) when ``N * C * D * H <= 20480``, a rule tuned for 2D images: every
 convolution of the UNet on its 20 x 24 x 20 latent. That path was 63 % of an unguided UNet step; with
-oneDNN the step takes about a third less (0.166 -> 0.109 s on 2 AVX2 cores, 0.121 -> 0.072 s with
-AVX-512), the same result to float rounding.
+oneDNN the step takes about a third less (0.159 -> 0.110 s on 2 AVX2 cores, 0.133 -> 0.076 s with
+AVX-512; ``benchmarks/bench_convs.py``), the same result to float rounding.
 """
 
 from __future__ import annotations

@@ -1,0 +1,90 @@
+#!/usr/bin/env python
+"""The two convolution levers of the generator, each against its baseline in the same run.
+
+    python benchmarks/bench_convs.py [--model synthbrain-ldm-2mm] [--threads 2] [--repeats 5]
+
+  unet step  one unguided UNet evaluation (batch 1, fp32) with PyTorch's own Conv3d dispatch (the
+             baseline: its 2D-tuned rule keeps these small 3D convolutions on the slow reference path)
+             against synth.models.fast.OneDNNConv3d (oneDNN for every fp32 CPU convolution)
+  decoder    the inference decoder (fused upsampling) in the default memory format (baseline) against
+             channels-last 3D, as synth.pipeline runs it
+Prints the CPU, the kernels PyTorch uses and whether bf16 is native; ``ATEN_CPU_CAPABILITY=avx2
+ONEDNN_MAX_CPU_ISA=AVX2`` reproduces a CPU without native bf16. Also checks that each pair agrees.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _median_s(f, repeats: int) -> float:
+    import torch
+
+    with torch.no_grad():
+        f()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="synthbrain-ldm-2mm")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args()
+
+    import torch
+
+    import synth
+    from synth.models.fast import OneDNNConv3d
+    from synth.pipeline import _fast_decoder
+    from synth.runtime import cpu_description
+
+    torch.set_num_threads(args.threads)
+    cpu = cpu_description()
+    print(f"machine: {cpu['cpu']}, {cpu['cores']} cores; PyTorch {cpu['torch']} kernels {cpu['capability']}; "
+          f"native bf16 {'yes' if cpu['native_bf16'] else 'no'}; {args.threads} threads; date {time.strftime('%Y-%m-%d')}")
+    gen = synth.load_generator(args.model, device="cpu")
+    fast_unet = gen.unet
+    plain_unet = copy.deepcopy(fast_unet)
+    for m in plain_unet.modules():
+        if type(m) is OneDNNConv3d:
+            m.__class__ = torch.nn.Conv3d
+    z = torch.randn(gen.latent_shape(), generator=torch.Generator().manual_seed(0))
+    x, ctx = gen._unet_inputs(z, gen.encode_condition(synth.Condition(age=70, sex="F")))
+    t = torch.tensor([500])
+    base = _median_s(lambda: plain_unet(x, timesteps=t, context=ctx), args.repeats)
+    ours = _median_s(lambda: fast_unet(x, timesteps=t, context=ctx), args.repeats)
+    with torch.no_grad():
+        diff = (plain_unet(x, timesteps=t, context=ctx) - fast_unet(x, timesteps=t, context=ctx)).abs().max().item()
+    print(f"unet step, batch 1:  PyTorch dispatch {base:.3f} s   oneDNN {ours:.3f} s   ({base / ours:.2f}x; max difference {diff:.1e})")
+
+    latent = z / gen.config.latent_scale
+    channels_last = _fast_decoder(gen.autoencoder)
+    ae = copy.deepcopy(gen.autoencoder)
+    from synth.models.fast import fuse_upsample_convs
+
+    post, dec = ae.post_quant_conv, ae.decoder
+    fuse_upsample_convs(dec)
+    base = _median_s(lambda: dec(post(latent)), args.repeats)
+    ours = _median_s(lambda: channels_last(latent), args.repeats)
+    with torch.no_grad():
+        diff = (dec(post(latent)) - channels_last(latent)).abs().max().item()
+    print(f"decoder:             default format   {base:.3f} s   channels-last {ours:.3f} s   ({base / ours:.2f}x; max difference {diff:.1e})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
