@@ -15,6 +15,7 @@ This is the ``ldm`` backend of :class:`synth.generators.Generator`; loading by n
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 from pathlib import Path
 from typing import Callable
@@ -32,7 +33,7 @@ from .models.config import ModelConfig
 from .models.fast import use_onednn_convs
 from .models.networks import autocast, build_autoencoder, build_unet, latent_mean
 from .normative import NormativeModel, target_volumes
-from .runtime import pick_threads, resolve_precision
+from .runtime import AdaptiveThreads, resolve_precision
 from .sampling import SAMPLERS, dpm_solver_pp_2m, dpm_timesteps
 from .version import __version__
 
@@ -252,7 +253,8 @@ class BrainGenerator:
             precision: ``auto`` (bf16 only where the hardware computes it natively and the model
                 config allows it), ``fp32`` or ``bf16``; default ``$SYNTHBRAIN_PRECISION`` or ``auto``.
             threads: CPU threads (default ``$SYNTHBRAIN_THREADS`` or the idle cores,
-                :func:`synth.runtime.pick_threads`).
+                :func:`synth.runtime.pick_threads`), re-checked between steps
+                (:class:`synth.runtime.AdaptiveThreads`) unless given.
             sampler: ``dpm++2m`` or ``ddim`` (default from the model config).
             fast: Use the model config's ``fast`` sampling preset (for the shipped model DPM-Solver++
                 in 8 steps, guidance on the 4 noisiest: about 2.3x faster, measured trade-offs in its card);
@@ -276,20 +278,18 @@ class BrainGenerator:
 
             bar = tqdm(total=opts["steps"], desc="sampling", leave=False)
             callback = lambda i, n: bar.update(1)  # noqa: E731
-        n_threads = None
-        if self.device.type == "cpu":
-            n_threads, before = pick_threads(threads), torch.get_num_threads()
-            torch.set_num_threads(n_threads)
-        try:
+        governor = AdaptiveThreads(threads) if self.device.type == "cpu" else None
+        with governor or contextlib.nullcontext():
+            if governor is not None:  # re-pick threads between steps: another process may have started or stopped
+                callback = _checking_threads(governor, callback)
             latent = self.sample_latent(condition, int(seed), opts["steps"], opts["guidance_scale"], use_bf16, callback,
                                         sampler=opts["sampler"], guidance_interval=opts["guidance_interval"],
                                         spacing=opts["spacing"])
             if bar:
                 bar.close()
+            if governor is not None:
+                governor.check()
             image = zero_background(self.decode(latent, bf16=use_bf16))
-        finally:
-            if n_threads is not None:
-                torch.set_num_threads(before)
         affine = self.grid.affine if self.grid else np.eye(4)
         provenance = {
             "generator": "SynthBrain",
@@ -305,7 +305,8 @@ class BrainGenerator:
             "guidance_interval": opts["guidance_interval"],
             "precision": precision,
             "bf16": use_bf16,
-            "threads": n_threads,
+            "threads": governor.used[0] if governor is not None else None,
+            **({"threads_adapted": governor.used[1:]} if governor is not None and len(governor.used) > 1 else {}),
             "device": str(self.device),
             "space": "MNI152 (RAS), affine in the NIfTI header",
             "intensity": "T1-weighted, scaled to [0, 1], skull-stripped",
@@ -315,6 +316,17 @@ class BrainGenerator:
             "history": [_provenance.step("generate", model=self.config.name, seed=int(seed))],
         }
         return SyntheticBrain(image, affine, condition, int(seed), self.targets(condition), provenance)
+
+
+def _checking_threads(governor: AdaptiveThreads, callback: ProgressFn | None) -> ProgressFn:
+    """``callback`` preceded by a re-check of the thread count (``governor.check``) at every step."""
+
+    def step(i: int, n: int) -> None:
+        governor.check()
+        if callback is not None:
+            callback(i, n)
+
+    return step
 
 
 def _use_fused_attention(unet: torch.nn.Module) -> None:

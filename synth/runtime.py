@@ -25,6 +25,7 @@ import torch
 
 __all__ = [
     "PRECISIONS",
+    "AdaptiveThreads",
     "cpu_description",
     "idle_cpus",
     "native_bf16",
@@ -128,6 +129,83 @@ def pick_threads(threads: int | str | None = None) -> int:
     if n < 1:
         raise ValueError(f"{source} must be a positive integer, got {threads!r}")
     return n
+
+
+class AdaptiveThreads:
+    """Keeps torch's CPU thread count at the cores other processes leave idle, re-checked as work goes on.
+
+    :func:`pick_threads` looks once, over 50 ms, before the work starts. A short burst from another
+    process at that moment (a browser drawing the page that just asked for a brain) then halves the
+    threads for the whole brain, and a process that starts later is never seen. Here each
+    :meth:`check` (call it between steps; it does nothing until ``interval`` seconds have passed)
+    measures what *other* processes used since the last look: all CPU time the kernel counted minus
+    this process's own, so this process's threads do not count as load. Threads go up when the others
+    leave cores idle and down when they take them.
+
+    Counts the caller fixed (``threads`` or ``$SYNTHBRAIN_THREADS``) are never changed. Linux only;
+    elsewhere the first choice stays. Float results can differ at rounding level between thread counts.
+
+    Example:
+        >>> with AdaptiveThreads() as threads:
+        ...     for step in range(3):
+        ...         threads.check()
+    """
+
+    def __init__(self, threads: int | str | None = None, *, interval: float = 0.2):
+        self.fixed = threads is not None or bool(os.environ.get("SYNTHBRAIN_THREADS"))
+        self.threads = pick_threads(threads)
+        self.interval = float(interval)
+        self.used = [self.threads]
+        try:
+            self.available = len(os.sched_getaffinity(0))
+        except AttributeError:
+            self.available = os.cpu_count() or 1
+        self._tick = float(os.sysconf("SC_CLK_TCK")) if hasattr(os, "sysconf") else 100.0
+        self._last = None
+
+    def _snapshot(self):
+        try:
+            idle, total = _cpu_times()
+        except (OSError, ValueError, IndexError):
+            return None
+        return time.monotonic(), total - idle, time.process_time()
+
+    def others_busy(self) -> float | None:
+        """CPUs' worth of work other processes did since the last look (``None`` before ``interval`` passed)."""
+        now = self._snapshot()
+        if now is None or self._last is None:
+            self._last = now
+            return None
+        wall = now[0] - self._last[0]
+        if wall < self.interval:
+            return None
+        busy = (now[1] - self._last[1]) / self._tick  # CPU-seconds every process used, this one included
+        own = now[2] - self._last[2]
+        self._last = now
+        return max(0.0, (busy - own) / wall)
+
+    def check(self) -> int:
+        """Re-pick the thread count from the last interval's load; returns the count in force."""
+        if self.fixed:
+            return self.threads
+        others = self.others_busy()
+        if others is None:
+            return self.threads
+        n = max(1, min(self.available, int(self.available - others + 0.35)))
+        if n != self.threads:
+            torch.set_num_threads(n)
+            self.threads = n
+            self.used.append(n)
+        return n
+
+    def __enter__(self) -> "AdaptiveThreads":
+        self._before = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        self._last = self._snapshot()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        torch.set_num_threads(self._before)
 
 
 def cpu_description() -> dict[str, object]:

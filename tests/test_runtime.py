@@ -86,6 +86,48 @@ def test_threads_leave_out_a_busy_core():
         spin.wait()
 
 
+def test_adaptive_threads_follow_other_processes_not_this_one(monkeypatch):
+    """Threads drop to one while another process holds a core, come back when it stops, and this
+    process's own work never counts as load; a count the caller fixed is never changed."""
+    import time
+
+    import torch
+
+    from synth.runtime import AdaptiveThreads, idle_cpus
+
+    if len(os.sched_getaffinity(0)) != 2:
+        pytest.skip("needs exactly two CPUs")
+    if (idle_cpus(0.3) or 0) < 1.7:
+        pytest.skip("this machine is already busy")
+    monkeypatch.delenv("SYNTHBRAIN_THREADS", raising=False)
+    before = torch.get_num_threads()
+    with AdaptiveThreads(interval=0.3) as gov:
+        assert gov.threads == 2 and torch.get_num_threads() == 2
+        x = torch.randn(256, 256)
+        t = time.monotonic()
+        while time.monotonic() - t < 0.4:  # this process busy on both threads: not others' load
+            x = x @ x.T / 256
+        assert gov.check() == 2
+        spin = subprocess.Popen([sys.executable, "-c", "import time\nt=time.time()\nwhile time.time()-t<20: pass"])
+        try:
+            time.sleep(0.5)
+            gov.check()
+            time.sleep(0.4)
+            assert gov.check() == 1 and torch.get_num_threads() == 1
+        finally:
+            spin.kill()
+            spin.wait()
+        time.sleep(0.4)
+        gov.check()
+        time.sleep(0.4)
+        assert gov.check() == 2 and torch.get_num_threads() == 2
+        assert gov.used[0] == 2 and 1 in gov.used
+    assert torch.get_num_threads() == before
+    with AdaptiveThreads(1, interval=0.0) as fixed:
+        time.sleep(0.05)
+        assert fixed.check() == 1 and fixed.used == [1]
+
+
 def test_cpu_description_names_the_hardware():
     d = cpu_description()
     assert d["capability"] == torch.backends.cpu.get_cpu_capability()

@@ -496,3 +496,57 @@ def test_the_vq_model_can_be_chosen_and_generates(app):
     app.run()
     assert _widget(app, "speed").value == "standard" and not _widget(app, "steps").disabled
     assert any("Out of date" in w.value for w in app.warning)
+
+
+SWIFTSHADER = {"webgl2": True, "vendor": "Google Inc. (Google)",
+               "renderer": "ANGLE (Google, Vulkan 1.3.0 (SwiftShader Device (Subzero) (0x0000C0DE)), SwiftShader driver)"}
+
+
+def test_a_browser_with_software_webgl_starts_on_server_drawn_slices(app):
+    app.session_state["webgl"] = SWIFTSHADER  # what viewer/webgl_probe reports from headless chromium
+    _generate(app, seed=2)
+    assert not _errors(app)
+    assert _widget(app, "nv_layout").value == "Server PNG" and not _niivue(app)
+    assert any("draws WebGL in software (ANGLE (Google, Vulkan" in c.value for c in app.caption)
+    _widget(app, "nv_layout").set_value("Multiplanar + 3D")  # NiiVue stays one click away
+    app.run()
+    assert _niivue(app) and not app.exception
+
+
+def test_a_browser_with_a_gpu_and_the_layout_setting_keep_niivue(models_dir, monkeypatch):
+    monkeypatch.setenv("SYNTHBRAIN_MODELS", str(models_dir))
+    monkeypatch.setenv("SYNTHBRAIN_SEGMENTER", "tiny-test-segmenter")
+    for env, webgl, expected in [
+        (None, {"webgl2": True, "renderer": "ANGLE (NVIDIA, NVIDIA GeForce RTX 3060 Direct3D11 vs_5_0 ps_5_0)"}, "Multiplanar + 3D"),
+        ("Axial", SWIFTSHADER, "Axial"),  # SYNTHBRAIN_VIEWER_LAYOUT wins over the probe
+        ("Nonsense", None, "Multiplanar + 3D"),  # an unknown name is ignored (and logged)
+    ]:
+        if env:
+            monkeypatch.setenv("SYNTHBRAIN_VIEWER_LAYOUT", env)
+        else:
+            monkeypatch.delenv("SYNTHBRAIN_VIEWER_LAYOUT", raising=False)
+        at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+        at.run()
+        if webgl is not None:
+            at.session_state["webgl"] = webgl
+        _generate(at, seed=2)
+        assert _widget(at, "nv_layout").value == expected, (env, webgl)
+
+
+def test_the_brain_comes_first_and_its_labels_follow(app):
+    """Generate shows the brain from the sampler alone and segments it after the page is drawn; the
+    labels then arrive (cached by the pixels), the overlay starts on, and nothing was generated twice."""
+    from viewer import resources
+
+    _generate(app, age=66.0, seed=4)
+    result = app.session_state["result"]
+    assert result.labels is not None and app.session_state["labels_pending"] is False
+    assert set(result.seconds) == {"generate", "segment"}
+    assert _widget(app, "overlay").value is True
+    # The two phases outside the page: the brain alone, then the same brain with labels from the cache.
+    request = app.session_state["request"]
+    bare = resources.generate(request, labels=False)
+    assert bare.labels is None and np.array_equal(bare.brain.image, result.brain.image)
+    labelled = resources.with_labels(bare)
+    np.testing.assert_array_equal(labelled.labels, result.labels)
+    assert labelled.seconds["segment"] == result.seconds["segment"]  # the cached segmentation, not a new one

@@ -28,7 +28,7 @@ if str(ROOT) not in sys.path:  # `streamlit run viewer/app.py` without `pip inst
     sys.path.insert(0, str(ROOT))
 
 import synth  # noqa: E402
-from viewer import service  # noqa: E402
+from viewer import browser, service  # noqa: E402
 from viewer.resources import (  # noqa: E402
     TRAIN_AGES,
     USER_ERRORS,
@@ -42,6 +42,7 @@ from viewer.resources import (  # noqa: E402
     models_root,
     segmenter_name,
     settle_once,
+    with_labels,
 )
 from viewer.tabs import PANELS, TABS  # noqa: E402
 
@@ -176,6 +177,8 @@ def controls_ui(choices: dict[str, service.ModelChoice]) -> dict:
                           "Not offered by this model's backend: it runs in float32.")
         st.caption(f"Device: `{device_setting()}` → {synth.pick_device(device_setting())}")
     clicked = sb.button("Generate", type="primary", key="generate", width="stretch")
+    with sb:
+        browser.webgl_info()  # once per session: a browser drawing WebGL in software starts on server-drawn slices
     return {
         "model": st.session_state.model, "age": st.session_state.age, "sex": st.session_state.sex,
         "diagnosis": st.session_state.diagnosis, "seed": st.session_state.seed, "volumes": volumes or None,
@@ -191,11 +194,13 @@ def on_generate(values: dict, models: list[str]) -> None:
     except USER_ERRORS as exc:
         st.error(f"Cannot generate: {exc}")
         return
-    for w in request.warnings:
-        st.warning(w)
+    notes = st.empty()  # the request's warnings while it runs; the page repeats them beside the brain
+    with notes.container():
+        for w in request.warnings:
+            st.warning(w)
     bar = st.progress(0.0, text="Sampling…")
     try:
-        result = generate(request, bar)
+        result = generate(request, bar, labels=False)  # shown at once; the labels follow (see main)
     except USER_ERRORS as exc:
         st.error(f"Generation failed: {exc}")
         return
@@ -205,8 +210,10 @@ def on_generate(values: dict, models: list[str]) -> None:
         return
     finally:
         bar.empty()
+    notes.empty()
     st.session_state.request = request
     st.session_state.result = result
+    st.session_state.labels_pending = result.labels is None and service.anatomy() is not None
     st.session_state.meshes = None
     st.session_state.pop("compare", None)
 
@@ -269,14 +276,27 @@ def main() -> None:
         f"**{describe(request)}** · model `{request.model}` on {result.brain.provenance.get('device', '?')} · "
         f"{service.sampling_caption(result.brain.provenance)} · {secs}"
     )
+    for w in request.warnings:
+        st.warning(w)
     if result.note:
         st.caption(f"Note: {result.note}")
+    pending = st.session_state.get("labels_pending", False)
+    if pending:
+        st.caption("Labelling the structures (about a second): the overlay, surfaces and volumes follow.")
     tabs = st.tabs(TABS, key="tab", on_change="rerun")
     for tab, panel in zip(tabs, PANELS):
         if tab.open is False:
             continue
         with tab:
             guarded(panel)()
+    if pending:
+        # The brain is on the page already (Streamlit sends each element as it is drawn); segment it
+        # now and draw the page again with the labels. A rerun that interrupts this picks it up again.
+        st.session_state.result = with_labels(result)
+        st.session_state.labels_pending = False
+        if st.session_state.result.labels is not None:
+            st.session_state.pop("overlay", None)  # the Labels toggle was off while there were none: start it on
+        st.rerun()
 
 
 main()

@@ -2,7 +2,7 @@
 
 Streamlit objects shared by every session (``st.cache_resource``: never mutate them) and the
 brain cache (``st.cache_data``), keyed by models folder, model, condition, seed, steps, guidance,
-speed, precision and segmenter. Environment: ``SYNTHBRAIN_DEVICE`` (default ``auto``: GPU when present, else CPU),
+speed and precision, and the label cache, keyed by the brain's pixels and the segmenter. Environment: ``SYNTHBRAIN_DEVICE`` (default ``auto``: GPU when present, else CPU),
 ``SYNTHBRAIN_SEGMENTER`` (default ``synthbrain-seg-2mm``), ``SYNTHBRAIN_VIEWER_CACHE`` (brains
 kept, default 24, read at start).
 """
@@ -13,6 +13,7 @@ import contextvars
 import functools
 import logging
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -81,27 +82,45 @@ def settle_once(stage: str) -> int:
 @st.cache_data(max_entries=MAX_BRAINS, show_spinner=False)
 def generate_cached(
     root: str, model: str, age: float, sex: str, diagnosis: str, volumes: tuple, seed: int, steps, guidance,
-    segmenter_name: str | None = None, precision: str | None = None, speed: str = "standard", _progress=None,
+    precision: str | None = None, speed: str = "standard", _progress=None,
 ) -> service.Generated:
-    """The brain (and labels) for one request; cached by model, condition, seed and sampling options."""
+    """The brain for one request, without labels (:func:`labels_cached` adds them); cached by model,
+    condition, seed and sampling options."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # parse_request already showed them
         request = service.Request(model, synth.Condition(age, sex, diagnosis, dict(volumes)), seed, steps, guidance,
                                   precision=precision, speed=speed)
     generator = get_generator(root, model)
-    segmenter, note = None, ""
-    if service.anatomy() is not None:
-        try:
-            segmenter = get_segmenter(root, segmenter_name)
-        except Exception as exc:  # keep generating images even if the segmenter cannot load
-            note = f"Segmenter unavailable, so no labels, surfaces or measured volumes: {exc}"
-            log.warning(note)
     queue, where = device_queue(), str(generator.device)
     on_wait = None if _progress is None else _progress.queued
     with queue.slot(where, on_wait=on_wait):
-        result = service.run_generation(generator, request, progress=_progress, segmenter=segmenter)
-    result.note = result.note or note
-    return result
+        return service.run_generation(generator, request, progress=_progress)
+
+
+@st.cache_data(max_entries=MAX_BRAINS, show_spinner=False)
+def labels_cached(digest: str, root: str, segmenter: str | None, _result: service.Generated) -> tuple:
+    """``(labels, note, seconds)`` of the brain whose pixels hash to ``digest``; cached apart from the
+    brain so the page can show the brain before its labels (and keep one copy of the pixels)."""
+    try:
+        seg = get_segmenter(root, segmenter)
+    except Exception as exc:  # keep the brain even if the segmenter cannot load
+        note = f"Segmenter unavailable, so no labels, surfaces or measured volumes: {exc}"
+        log.warning(note)
+        return None, note, {}
+    with device_queue().slot(str(getattr(seg, "device", "cpu"))):
+        out = service.segment_result(service.Generated(_result.brain, seconds={}), seg)
+    return out.labels, out.note, out.seconds
+
+
+def with_labels(result: service.Generated) -> service.Generated:
+    """``result`` with its segmentation (cached by the brain's pixels); unchanged without anatomy."""
+    import hashlib
+
+    if service.anatomy() is None or result.labels is not None:
+        return result
+    digest = hashlib.sha1(result.brain.image.tobytes()).hexdigest()
+    labels, note, seconds = labels_cached(digest, models_root(), segmenter_name(), _result=result)
+    return service.Generated(result.brain, labels, {**result.seconds, **seconds}, result.note or note)
 
 
 @st.cache_data(max_entries=4, show_spinner=False)
@@ -120,11 +139,20 @@ class _Progress:
     they are not stored for replay on a cache hit (replaying into a bar from another run fails).
     """
 
+    # Each update makes the browser redraw the page; on 2 cores that took 0.2 s from an 8-step brain
+    # (benchmarks/bench_viewer_browser.py), so the bar moves at most every MIN_INTERVAL seconds.
+    MIN_INTERVAL = 0.25
+
     def __init__(self, bar, label: str):
         self.bar, self.label = bar, label
         self.ctx = contextvars.copy_context()
+        self.last = float("-inf")
 
     def __call__(self, step: int, total: int) -> None:
+        now = time.monotonic()
+        if step < total and now - self.last < self.MIN_INTERVAL:
+            return
+        self.last = now
         self.ctx.run(self.bar.progress, min(step / max(total, 1), 1.0), text=f"{self.label}: step {step}/{total}")
 
     def queued(self, ahead: int) -> None:
@@ -133,14 +161,16 @@ class _Progress:
         self.ctx.run(self.bar.progress, 0.0, text=text)
 
 
-def generate(request: service.Request, bar=None, label: str = "Sampling") -> service.Generated:
-    """Cached generation with a progress bar (``bar``: an ``st.progress`` element or ``None``)."""
+def generate(request: service.Request, bar=None, label: str = "Sampling", *, labels: bool = True) -> service.Generated:
+    """Cached generation with a progress bar (``bar``: an ``st.progress`` element or ``None``); with its
+    segmentation unless ``labels`` is false (then :func:`with_labels` adds it later)."""
     c = request.condition
     progress = _Progress(bar, label) if bar is not None else None
-    return generate_cached(
+    result = generate_cached(
         models_root(), request.model, c.age, c.sex, c.diagnosis, tuple(sorted(c.volumes.items())), request.seed,
-        request.steps, request.guidance, segmenter_name(), request.precision, request.speed, _progress=progress,
+        request.steps, request.guidance, request.precision, request.speed, _progress=progress,
     )
+    return with_labels(result) if labels else result
 
 
 def guarded(panel):

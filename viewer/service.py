@@ -47,6 +47,7 @@ __all__ = [
     "generator_models",
     "model_choices",
     "run_generation",
+    "segment_result",
     "sampling_caption",
     "settle_heap",
     "structure_rows",
@@ -330,23 +331,29 @@ def run_generation(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the request already reported them
         brain = generator.generate(request.condition, request.seed, progress=progress, **extra)
-    seconds = {"generate": time.perf_counter() - t}
+    result = Generated(brain, seconds={"generate": time.perf_counter() - t})
+    return segment_result(result, segmenter) if segmenter is not None else result
+
+
+def segment_result(result: Generated, segmenter) -> Generated:
+    """``result`` with its labels from ``segmenter`` (and the time taken); a failure becomes ``note``, never an error."""
+    import time
+
+    t = time.perf_counter()
     labels, note = None, ""
-    if segmenter is not None:
-        t = time.perf_counter()
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                labels = _segment(segmenter, brain)
-            note = "; ".join(dict.fromkeys(str(w.message) for w in caught))
-            if labels.shape != brain.image.shape:
-                raise ValueError(f"segmentation shape {labels.shape} differs from the image's {brain.image.shape}")
-            if labels.min(initial=0) >= 0 and labels.max(initial=0) < 256:
-                labels = labels.astype(np.uint8)
-        except Exception as exc:  # a failed segmentation must not lose the brain
-            labels, note = None, f"segmentation failed: {type(exc).__name__}: {exc}"
-        seconds["segment"] = time.perf_counter() - t
-    return Generated(brain, labels, seconds, note)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            labels = _segment(segmenter, result.brain)
+        note = "; ".join(dict.fromkeys(str(w.message) for w in caught))
+        if labels.shape != result.brain.image.shape:
+            raise ValueError(f"segmentation shape {labels.shape} differs from the image's {result.brain.image.shape}")
+        if labels.min(initial=0) >= 0 and labels.max(initial=0) < 256:
+            labels = labels.astype(np.uint8)
+    except Exception as exc:  # a failed segmentation must not lose the brain
+        labels, note = None, f"segmentation failed: {type(exc).__name__}: {exc}"
+    seconds = {**result.seconds, "segment": time.perf_counter() - t}
+    return Generated(result.brain, labels, seconds, result.note or note)
 
 
 def _generate_options(generator, request: Request) -> dict[str, Any]:

@@ -8,13 +8,15 @@ slider reruns only that panel.
 from __future__ import annotations
 
 import html
+import logging
+import os
 import time
 
 import numpy as np
 import streamlit as st
 
 import synth
-from viewer import niivue, render, scene, service
+from viewer import browser, niivue, render, scene, service
 from viewer.resources import (
     USER_ERRORS,
     describe,
@@ -26,6 +28,8 @@ from viewer.resources import (
     segmenter_name,
     settle_once,
 )
+
+log = logging.getLogger(__name__)
 
 TABS = ["Slices", "3D", "Morphometry", "Compare", "Your scan", "Age sweep", "Downloads"]
 
@@ -50,6 +54,28 @@ LAYOUT_HELP = (
     "NiiVue draws in your browser with WebGL2: instant with a graphics card. 'Server PNG' draws the three planes "
     "on the server instead (sliders, no WebGL): quicker in a browser without a GPU, where WebGL runs in software."
 )
+def default_layout() -> str:
+    """The layout a new session starts on: ``SYNTHBRAIN_VIEWER_LAYOUT`` (a name of ``LAYOUTS``) if set; else
+    "Server PNG" in a browser whose WebGL runs in software (NiiVue takes seconds to draw there), else the first."""
+    wanted = os.environ.get("SYNTHBRAIN_VIEWER_LAYOUT")
+    if wanted in LAYOUTS:
+        return wanted
+    if wanted:
+        log.warning("SYNTHBRAIN_VIEWER_LAYOUT=%r is not a layout (one of %s); ignored", wanted, ", ".join(LAYOUTS))
+    if browser.is_software_renderer(st.session_state.get("webgl")):
+        return "Server PNG"
+    return next(iter(LAYOUTS))
+
+
+def software_note() -> None:
+    """Say why the slices are server-drawn when the browser's WebGL runs in software."""
+    info = st.session_state.get("webgl")
+    if browser.is_software_renderer(info) and not os.environ.get("SYNTHBRAIN_VIEWER_LAYOUT"):
+        st.caption(f"Your browser draws WebGL in software ({(info or {}).get('renderer') or 'no WebGL2'}), so the slices "
+                   "start server-drawn: they show at once and redraw in about 10 ms. NiiVue's layouts (3D render, "
+                   "window/level) work here too, but take a few seconds per brain.")
+
+
 NAVIGATION = (
     "Click or drag: move the crosshair (the readout below names the structure there) · scroll: next slice · "
     "right-drag: window/level · middle-drag or the Zoom menu: pan and zoom · orientation letters on every pane"
@@ -74,7 +100,8 @@ def _nv_data(result: service.Generated, lut) -> dict:
     import hashlib
 
     brain = result.brain
-    ident = hashlib.sha1(brain.image.tobytes()).hexdigest()  # the pixels, not id(): ids are reused
+    # The pixels, not id() (ids are reused), and whether the labels have arrived (they follow the brain).
+    ident = hashlib.sha1(brain.image.tobytes()).hexdigest() + ("+labels" if lut is not None else "")
     cached = st.session_state.get("nv_data")
     if cached is None or cached["id"] != ident:
         cached = {
@@ -97,8 +124,10 @@ def slices_ui() -> None:
         return png_slices_ui()
     brain = result.brain
     lut = _lut(result)
+    st.session_state.setdefault("nv_layout", default_layout())
     layout = st.radio("Layout", list(LAYOUTS), horizontal=True, key="nv_layout", help=LAYOUT_HELP)
     if LAYOUTS[layout] is None:
+        software_note()
         return png_slices_ui()
     o2, o3, o4, o5 = st.columns([1, 1, 1, 1], vertical_alignment="bottom")
     overlay = o2.toggle("Labels", value=lut is not None, key="overlay", disabled=lut is None,
