@@ -61,6 +61,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         raise UsageError(f"--model expects a model name or folder, got {args.model!r}")
     if args.segmenter != "none":
         _model_folder(args.segmenter, "segmenter", "--segmenter")
+    elif args.match_volumes:
+        raise UsageError("--match-volumes needs a segmenter (not --segmenter none)")
     check_writable(out / "report.md")
 
     import synth  # heavy (torch): only after every check
@@ -80,7 +82,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     opts = EvalOptions(n_samples=args.n_samples, seed=args.seed, diversity_conditions=args.diversity_conditions,
                        diversity_seeds=args.diversity_seeds, c2st_folds=args.folds, c2st_steps=args.c2st_steps,
                        segmenter=None if args.segmenter == "none" else args.segmenter,
-                       splits=tuple(args.splits), cache_dir=args.cache)
+                       splits=tuple(args.splits), cache_dir=args.cache, match_volumes=args.match_volumes)
     results, arrays = run_evaluation(gen, data, load_features(features), opts, log=log)
     path = write_report(results, arrays, out)
     c, d = results["c2st"]["cnn"], results["distances"]
@@ -112,6 +114,9 @@ def add_parser(sub) -> None:
                    help="CPU threads of the measuring networks (default: $SYNTHBRAIN_THREADS or the idle cores)")
     e.add_argument("--cache", default=None,
                    help="keep the generated brains in this folder (outside the repository) and reuse them in later runs")
+    e.add_argument("--match-volumes", action="store_true",
+                   help="warp the generated brains to their requested ventricle and hippocampus volumes before measuring "
+                        "(synth.anatomy.match_volumes; the volume study then measures the warp)")
     e.add_argument("--force", action="store_true", help="overwrite an existing report")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_cmd_evaluate)

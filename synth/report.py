@@ -65,6 +65,9 @@ class EvalOptions:
         max_real_pairs_gap: Largest age gap (years) of a same-sex real pair for diversity.
         cache_dir: Keep the generated brains here (NIfTI + sidecar, outside the repository) and reuse
             them in a later run with the same model, options, conditions and seeds.
+        match_volumes: Warp every generated brain to its requested ventricle and hippocampus volumes
+            (:func:`synth.anatomy.match_brain_volumes`, with ``segmenter``) before measuring it. The
+            volume study then measures the warp with the segmenter it steered by.
     """
 
     splits: tuple[str, ...] = ("val", "test")
@@ -80,6 +83,7 @@ class EvalOptions:
     generate_options: dict[str, Any] = field(default_factory=dict)
     max_real_pairs_gap: float = 5.0
     cache_dir: str | None = None
+    match_volumes: bool = False
 
 
 def _condition(row: dict) -> Condition:
@@ -214,6 +218,15 @@ def run_evaluation(gen, data, features: R.FeatureModel, options: EvalOptions | N
     div_rows = [held_rows[order[i]] for i in np.linspace(0, len(order) - 1, o.diversity_conditions).round().astype(int)]
     div = [_generate(gen, [_condition(r)] * o.diversity_seeds, [o.seed + 100_000 + 1000 * c + j for j in range(o.diversity_seeds)],
                      o.generate_options, log, f"diversity condition {c + 1}", cache) for c, r in enumerate(div_rows)]
+    if o.match_volumes:
+        from .anatomy import load_segmenter, match_brain_volumes
+
+        if not o.segmenter:
+            raise ValueError("`match_volumes` needs a `segmenter`")
+        seg = load_segmenter(o.segmenter, device=str(getattr(gen, "device", "cpu")))
+        samples = [match_brain_volumes(b, seg)[0] for b in samples]
+        div = [[match_brain_volumes(b, seg)[0] for b in group] for group in div]
+        log(f"  volumes matched by warping ({len(samples) + sum(map(len, div))} brains)")
     t_gen = time.time() - t0
     s_imgs = [b.image for b in samples]
 
@@ -310,7 +323,8 @@ def run_evaluation(gen, data, features: R.FeatureModel, options: EvalOptions | N
         "date": time.strftime("%Y-%m-%d"), "provenance": prov,
         "generator": {"name": first.get("model"), "version": first.get("model_version"), "backend": getattr(gen, "backend", "?"),
                       "sampler": first.get("sampler"), "steps": first.get("steps"), "guidance_scale": first.get("guidance_scale"),
-                      "precision": first.get("precision"), "device": first.get("device")},
+                      "precision": first.get("precision"), "device": first.get("device"),
+                      "volume_matching": bool(o.match_volumes)},
         "features": {k: features.config.get(k) for k in ("name", "version", "channels", "pool", "input_shape", "training_steps",
                                                           "held_out", "weights_sha256")} | {"source": features.source},
         "data": {"root": Path(data.root).name, "heldout_splits": list(o.splits), "n_heldout": len(held_rows), "n_train": len(train_rows),
@@ -532,7 +546,8 @@ def _markdown(res: dict) -> str:
          f"> {SYNTHETIC_NOTICE}. Real scans: IXI dataset, CC BY-SA 3.0.", "",
          f"`synthbrain evaluate`, {res['date']}, SynthBrain {res['synth_version']}: {d['n_samples']} generated brains "
          f"(the ages and sexes of the {res['data']['n_heldout']} held-out subjects, {'+'.join(res['data']['heldout_splits'])}; "
-         f"{g['sampler']}{steps}, guidance {g['guidance_scale']}, {g['precision']}, {g['device']}) against those "
+         f"{g['sampler']}{steps}, guidance {g['guidance_scale']}, {g['precision']}, {g['device']}"
+         f"{'; then warped to the requested ventricle and hippocampus volumes (synth.anatomy.match_volumes)' if g.get('volume_matching') else ''}) against those "
          f"subjects; {res['data']['n_train']} training subjects for the yardsticks and privacy. "
          f"{res['seconds']['total'] / 60:.1f} minutes on {res['hardware'].get('cpu', '?')} ({res['hardware'].get('cores', '?')} cores).", "",
          "## Headline", "",

@@ -28,6 +28,20 @@ def test_generate_writes_nifti_and_sidecar(tiny_model_dir, tmp_path):
     assert "NOT FOR CLINICAL USE" in meta["notice"]
 
 
+def test_generate_match_volumes_records_the_warp(tiny_model_dir, tmp_path, capsys):
+    from synth.anatomy.testing import make_tiny_segmenter
+
+    seg = make_tiny_segmenter(tmp_path / "seg", Grid((32, 32, 32), 2.0, (-31, -31, -31)), steps=5)
+    assert _gen(tiny_model_dir, tmp_path / "plain.nii.gz") == 0
+    assert _gen(tiny_model_dir, tmp_path / "m.nii.gz", "--match-volumes", "--segmenter", str(seg)) == 0
+    assert "volumes matched: " in capsys.readouterr().out
+    meta = json.loads((tmp_path / "m.json").read_text())
+    vm = meta["volume_matching"]
+    assert vm["segmenter"] and set(vm) >= {"structures", "before", "after", "requested", "min_jacobian_per_round"}
+    assert [h["command"] for h in meta["history"]][-1] == "match_volumes" and meta["seed"] == 3
+    assert "volume_matching" not in json.loads((tmp_path / "plain.json").read_text())
+
+
 def test_generate_n_brains_with_consecutive_seeds(tiny_model_dir, tmp_path):
     assert _gen(tiny_model_dir, tmp_path / "b.nii.gz", "--n", "2") == 0
     seeds = [json.loads((tmp_path / f"b_{i:03d}.json").read_text())["seed"] for i in range(2)]

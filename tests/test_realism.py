@@ -267,6 +267,13 @@ def test_evaluate_cli_end_to_end(prepared, features_dir, tiny_model_dir, tiny_se
     # an existing report is not overwritten without --force
     assert main(["evaluate", "--model", str(tiny_model_dir), "--data", str(prepared.root), "--out-dir", str(out),
                  "--features", str(features_dir)]) == 2
+    # --match-volumes warps the same cached brains before measuring, and the report says so
+    assert main([*argv, "--match-volumes", "--out-dir", str(tmp_path / "matched")]) == 0
+    matched = json.loads((tmp_path / "matched" / "report.json").read_text())
+    assert matched["generator"]["volume_matching"] is True and res["generator"]["volume_matching"] is False
+    assert "warped to the requested ventricle and hippocampus volumes" in (tmp_path / "matched" / "report.md").read_text()
+    assert main([*argv, "--match-volumes", "--segmenter", "none", "--out-dir", str(tmp_path / "no")]) == 2
+    assert not (tmp_path / "no").exists()
 
 
 @pytest.mark.parametrize("args, message", [

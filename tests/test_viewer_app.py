@@ -550,3 +550,18 @@ def test_the_brain_comes_first_and_its_labels_follow(app):
     labelled = resources.with_labels(bare)
     np.testing.assert_array_equal(labelled.labels, result.labels)
     assert labelled.seconds["segment"] == result.seconds["segment"]  # the cached segmentation, not a new one
+
+
+def test_match_volumes_warps_the_brain_and_says_so(app):
+    _generate(app, age=75.0, diagnosis="AD", seed=6)
+    plain = app.session_state["result"]
+    _widget(app, "match_volumes").set_value(True)
+    assert any("Out of date" in w.value for w in app.run().warning)  # a different request until Generate
+    _generate(app)
+    assert not _errors(app)
+    result = app.session_state["result"]
+    vm = result.brain.provenance["volume_matching"]
+    assert vm["structures"] and set(vm["before"]) == set(vm["after"]) == set(vm["structures"])
+    assert result.labels is not None and result.brain.seed == plain.brain.seed
+    assert "match volumes" in result.seconds
+    assert any("volumes matched by a warp" in m.value for m in app.markdown)

@@ -17,6 +17,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import streamlit as st
 
 import synth
@@ -112,13 +113,38 @@ def labels_cached(digest: str, root: str, segmenter: str | None, _result: servic
     return out.labels, out.note, out.seconds
 
 
-def with_labels(result: service.Generated) -> service.Generated:
-    """``result`` with its segmentation (cached by the brain's pixels); unchanged without anatomy."""
+@st.cache_data(max_entries=MAX_BRAINS, show_spinner=False)
+def matched_cached(digest: str, root: str, segmenter: str | None, _result: service.Generated) -> service.Generated:
+    """The brain whose pixels hash to ``digest`` warped to its requested volumes, with its labels
+    (``synth.anatomy.match_brain_volumes``); a failure keeps the brain as sampled and says why in ``note``."""
+    import time
+
+    t = time.perf_counter()
+    try:
+        seg = get_segmenter(root, segmenter)
+        with device_queue().slot(str(getattr(seg, "device", "cpu"))):
+            brain, labels = service.anatomy().match_brain_volumes(_result.brain, seg)
+    except Exception as exc:  # noqa: BLE001 - the brain as sampled is still worth showing
+        log.warning("volume matching failed: %s", exc)
+        return service.Generated(_result.brain, None, dict(_result.seconds),
+                                 f"volume matching failed ({type(exc).__name__}: {exc}); showing the brain as sampled")
+    return service.Generated(brain, labels.astype(np.uint8), {**_result.seconds, "match volumes": time.perf_counter() - t},
+                             _result.note)
+
+
+def with_labels(result: service.Generated, match_volumes: bool = False) -> service.Generated:
+    """``result`` with its segmentation (cached by the brain's pixels), after warping it to its requested
+    volumes when ``match_volumes``; unchanged without anatomy."""
     import hashlib
 
     if service.anatomy() is None or result.labels is not None:
         return result
     digest = hashlib.sha1(result.brain.image.tobytes()).hexdigest()
+    if match_volumes:
+        matched = matched_cached(digest, models_root(), segmenter_name(), _result=result)
+        if matched.labels is not None:
+            return matched
+        result = service.Generated(result.brain, None, result.seconds, matched.note)  # then label it as sampled
     labels, note, seconds = labels_cached(digest, models_root(), segmenter_name(), _result=result)
     return service.Generated(result.brain, labels, {**result.seconds, **seconds}, result.note or note)
 
@@ -170,7 +196,7 @@ def generate(request: service.Request, bar=None, label: str = "Sampling", *, lab
         models_root(), request.model, c.age, c.sex, c.diagnosis, tuple(sorted(c.volumes.items())), request.seed,
         request.steps, request.guidance, request.precision, request.speed, _progress=progress,
     )
-    return with_labels(result) if labels else result
+    return with_labels(result, request.match_volumes) if labels else result
 
 
 def guarded(panel):

@@ -92,6 +92,8 @@ class Request:
         precision: ``fp32`` or ``bf16``, or ``None`` for the model's ``auto`` choice.
         speed: ``standard`` (the model's default sampling) or ``fast`` (its fast preset, e.g.
             DPM-Solver++(2M) in 8 steps; only models that have one, see :attr:`ModelChoice.has_fast`).
+        match_volumes: Warp the brain to its requested ventricle and hippocampus volumes after
+            sampling (``synth.anatomy.match_brain_volumes``; needs the segmenter).
     """
 
     model: str
@@ -102,12 +104,13 @@ class Request:
     warnings: tuple[str, ...] = field(default=(), compare=False)
     precision: str | None = None
     speed: str = "standard"
+    match_volumes: bool = False
 
     def key(self) -> tuple:
         """Plain, hashable values for ``st.cache_data`` and the out-of-date check (precision last)."""
         c = self.condition
         return (self.model, c.age, c.sex, c.diagnosis, tuple(sorted(c.volumes.items())), self.seed, self.steps, self.guidance,
-                self.speed, self.precision)
+                self.speed, self.precision, self.match_volumes)
 
     def with_condition(self, **changes: Any) -> "Request":
         """The same request with some condition fields changed (validated again)."""
@@ -117,7 +120,7 @@ class Request:
             warnings.simplefilter("always")
             cond = synth.Condition.from_dict(d)
         return Request(self.model, cond, self.seed, self.steps, self.guidance, tuple(str(w.message) for w in caught),
-                       precision=self.precision, speed=self.speed)
+                       precision=self.precision, speed=self.speed, match_volumes=self.match_volumes)
 
 
 def parse_request(
@@ -133,6 +136,7 @@ def parse_request(
     models: Sequence[str] | None = None,
     precision: Any = None,
     speed: Any = None,
+    match_volumes: Any = False,
 ) -> Request:
     """Validate what the widgets hold; raise ``ValueError``/``TypeError`` whose message the user can act on.
 
@@ -146,6 +150,7 @@ def parse_request(
             natively), ``fp32`` or ``bf16``.
         speed: ``standard`` or ``None`` (the model's default sampling, as the library's), or ``fast``
             (the model's fast preset; refused at generation by a model without one).
+        match_volumes: ``True`` to warp the brain to its requested volumes after sampling.
     """
     models = list(generator_models() if models is None else models)
     if not models:
@@ -182,8 +187,10 @@ def parse_request(
         speed = "standard"
     if not isinstance(speed, str) or speed.strip().lower() not in SPEEDS:
         raise ValueError(f"`speed` must be one of {', '.join(SPEEDS)}, got {speed!r}")
+    if not isinstance(match_volumes, (bool, np.bool_)):
+        raise TypeError(f"`match_volumes` must be True or False, got {match_volumes!r}")
     return Request(str(model), condition, int(seed), steps, guidance, tuple(str(w.message) for w in caught),
-                   precision=precision, speed=speed.strip().lower())
+                   precision=precision, speed=speed.strip().lower(), match_volumes=bool(match_volumes))
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -390,6 +397,8 @@ def sampling_caption(provenance: Mapping[str, Any]) -> str:
     if sampler or steps:
         parts.append(", ".join(p for p in (sampler and str(sampler), steps and f"{steps} steps") if p))
     parts.append(f"{provenance.get('precision', 'default')} precision")
+    if "volume_matching" in provenance:
+        parts.append("volumes matched by a warp")
     return " · ".join(parts)
 
 

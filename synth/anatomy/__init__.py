@@ -29,6 +29,8 @@ __all__ = [
     "export_usd",
     "label_table",
     "load_segmenter",
+    "match_brain_volumes",
+    "match_volumes",
     "measure_volumes",
     "morphometry",
     "muse_to_compact",
@@ -42,7 +44,8 @@ __all__ = [
 # The segmenter (torch, MONAI) loads only when first asked for, so that the command line can check
 # its arguments before any heavy import.
 _LAZY = {"DEFAULT_SEGMENTER": "segmenter", "Segmenter": "segmenter", "load_segmenter": "segmenter",
-         "EXPORT_FORMATS": "workflow", "export_brain": "workflow"}
+         "EXPORT_FORMATS": "workflow", "export_brain": "workflow",
+         "match_volumes": "warp", "match_brain_volumes": "warp"}
 
 
 def __getattr__(name: str):
