@@ -11,7 +11,7 @@ model's classifier-free guidance scale:
   bf16      the default under bfloat16 autocast: only where the CPU computes bf16 natively (emulated
             bf16 is ~100x slower, so it is skipped and said so)
 With ``--busy``, the fast path also runs while another process spins on one core: with the automatic
-thread count (``synth.runtime.pick_threads``) and with two threads forced.
+thread count (``synth.runtime.AdaptiveThreads``: re-checked between steps) and with two threads forced.
 
 Quality: each brain is compared with the baseline's brain of the same seed (PSNR and correlation
 inside the brain) and its sharpness reported. The machine is named first: CPU model, the kernels

@@ -94,6 +94,10 @@ def test_subpixel_upconv_equals_nearest_upsample_then_conv(shape):
     x = torch.randn(2, 3, *shape)
     ref = conv(torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest"))
     torch.testing.assert_close(SubpixelUpConv(conv)(x), ref, atol=1e-5, rtol=1e-5)
+    # a channels-last input (as the pipeline's decoder runs) gives the same values, in channels-last
+    y = SubpixelUpConv(conv)(x.contiguous(memory_format=torch.channels_last_3d))
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    assert y.is_contiguous(memory_format=torch.channels_last_3d) or min(shape) == 1
     with pytest.raises(ValueError, match="3x3x3 convolution"):
         SubpixelUpConv(torch.nn.Conv3d(3, 4, 3, padding=1, stride=2))
 

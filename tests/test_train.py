@@ -307,6 +307,10 @@ def test_training_continues_from_a_packaged_model_and_packages_with_it(tmp_path)
     assert unet2.keys() == unet0.keys() and all(torch.equal(unet2[k], unet0[k]) for k in unet0)
     brain = synth.load_generator(out, device="cpu").generate(synth.Condition(age=50, sex="F"), seed=0, bf16=False)
     assert brain.image.shape == (80, 96, 80)
+    # the UNet run continued from the model packages with the model's sampling settings, not the defaults
+    cfg3 = ModelConfig.load(package_model(folder, tmp_path / "ldm2", tmp_path / "model3", name="tiny", version="0.3"))
+    assert cfg3.sampling == shipped.sampling and shipped.sampling["guidance_scale"] == 2.0
+    assert "from tiny 0.1" in cfg3.reference
 
 
 def test_packaging_refuses_an_autoencoder_of_another_layout(tmp_path):

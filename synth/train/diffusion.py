@@ -143,7 +143,8 @@ def _diffusion_init(init_from: str | Path) -> tuple[dict[str, torch.Tensor], dic
     if is_model_folder(init_from):
         weights, config = model_folder_weights(init_from, "unet")
         keep = {"unet": config.unet, "covariates": config.covariates, "covariate_ranges": config.covariate_ranges,
-                "latent_scale": config.latent_scale, "from": f"{config.name} {config.version}"}
+                "latent_scale": config.latent_scale, "from": f"{config.name} {config.version}",
+                "sampling": dict(config.sampling)}  # its sampler, steps, guidance and presets, for `package`
         return weights, keep
     path = Path(init_from) / "last.pt"
     if not path.is_file():
@@ -152,6 +153,8 @@ def _diffusion_init(init_from: str | Path) -> tuple[dict[str, torch.Tensor], dic
     state = torch.load(path, map_location="cpu", weights_only=False)
     mc = state["model_config"]
     keep = {k: mc[k] for k in ("unet", "covariates", "covariate_ranges", "latent_scale")}
+    if mc.get("sampling"):
+        keep["sampling"] = mc["sampling"]
     return {k: v.float() for k, v in state["ema_state_dict"].items()}, {**keep, "from": f"{init_from} step {state['step']}"}
 
 
@@ -233,6 +236,7 @@ def train_diffusion(cfg: LDMTrainConfig, *, progress: bool = True, rows: list[di
         "latent_scale": latent_scale,
         "normative": NormativeModel.fit(rows).to_dict(),
         "init_from": init.get("from"),
+        **({"sampling": init["sampling"]} if init.get("sampling") else {}),
     }
     log = LossLog(run / "losses.csv", ["loss", "lr"], resume_step=start) if ctx.is_main else None
     z_all = torch.from_numpy(latents * latent_scale)

@@ -46,7 +46,8 @@ def package_model(ae_run: str | Path, ldm_run: str | Path, out: str | Path, *, n
 
     ``ae_run`` and ``ldm_run`` are training run folders or packaged model folders (a decoder fine-tune
     packaged with a shipped UNet, say). Sampling settings: ``steps`` and ``guidance_scale`` where
-    given, else those of a packaged ``ldm_run`` (its presets too), else 20 steps and guidance 1.0.
+    given, else those of a packaged ``ldm_run`` or of the packaged model a run was started from
+    (``--init-from``; presets too), else 20 steps and guidance 1.0.
     """
     if is_model_folder(ae_run):  # the first stage of a packaged model, as it is
         weights, config = model_folder_weights(ae_run, "autoencoder")
@@ -64,6 +65,8 @@ def package_model(ae_run: str | Path, ldm_run: str | Path, out: str | Path, *, n
     else:
         ldm_state = torch.load(Path(ldm_run) / "last.pt", map_location="cpu", weights_only=False)
         mc = ldm_state["model_config"]
+        if mc.get("sampling"):  # a run started from a packaged model keeps that model's sampling settings
+            sampling = dict(mc["sampling"])
         unet_history = f"UNet {ldm_state['step']} steps" + (f" from {mc['init_from']}" if mc.get("init_from") else "")
     if steps is not None:
         sampling["steps"] = steps
