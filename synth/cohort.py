@@ -174,6 +174,9 @@ class CohortSpec:
         seed: Seed of the whole cohort; each subject's sampler seed is derived from it.
         steps: DDIM steps (``None``: the model's default).
         guidance_scale: Classifier-free guidance (``None``: the model's default).
+        match_volumes: Warp each brain to its requested ventricle and hippocampus volumes with the
+            cohort's segmenter (:func:`synth.anatomy.match_brain_volumes`) before it is written;
+            recorded in every subject's sidecar.
 
     Example:
         >>> spec = CohortSpec(n=4, age=(40, 90), diagnosis={"CN": 0.5, "AD": 0.5}, seed=1)
@@ -190,6 +193,7 @@ class CohortSpec:
     seed: int = 0
     steps: int | None = None
     guidance_scale: float | None = None
+    match_volumes: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "n", _parse_int("n", self.n, 1, MAX_SUBJECTS))
@@ -203,6 +207,8 @@ class CohortSpec:
             object.__setattr__(self, "steps", _parse_int("steps", self.steps, 1, 1000))
         if self.guidance_scale is not None:
             object.__setattr__(self, "guidance_scale", _parse_float("guidance_scale", self.guidance_scale, 0.0, 20.0))
+        if not isinstance(self.match_volumes, bool):
+            raise ValueError(f"`match_volumes` must be true or false, got {self.match_volumes!r}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "CohortSpec":
@@ -219,12 +225,15 @@ class CohortSpec:
 
     @staticmethod
     def fields() -> tuple[str, ...]:
-        return ("n", "age", "sex_ratio", "diagnosis", "model", "segmenter", "seed", "steps", "guidance_scale")
+        return ("n", "age", "sex_ratio", "diagnosis", "model", "segmenter", "seed", "steps", "guidance_scale",
+                "match_volumes")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["age"] = list(self.age)
         d["diagnosis"] = dict(self.diagnosis)
+        if not self.match_volumes:  # absent when off: cohorts made before the option keep their digest
+            d.pop("match_volumes")
         return d
 
     def digest(self) -> str:
@@ -419,6 +428,10 @@ def make_subject(root: Path, subject: Subject, spec: CohortSpec, generator, segm
     names = _files(subject.label)
     try:
         brain = generator.generate(subject.condition, seed=subject.seed, progress=False, **_generate_kwargs(spec))
+        if spec.match_volumes:
+            from .anatomy import match_brain_volumes
+
+            brain, _ = match_brain_volumes(brain, segmenter)
         t1 = anat / names[0]
         brain.save(t1)
         meta = read_json(anat / names[1])
@@ -853,6 +866,8 @@ def add_parser(subparsers) -> None:
     c.add_argument("--seed", default=None, help="seed of the cohort (default 0)")
     c.add_argument("--steps", default=None, help="DDIM steps (default: the model's)")
     c.add_argument("--guidance-scale", default=None, help="classifier-free guidance (default: the model's)")
+    c.add_argument("--match-volumes", action="store_true", default=None,
+                   help="warp each brain to its requested ventricle and hippocampus volumes (recorded in its sidecar)")
     c.add_argument("--out", required=True, help="data set folder (new, empty, or this spec's to resume)")
     c.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     c.add_argument("--workers", default="auto", help="CPU processes on this machine, each on one thread (default auto: "

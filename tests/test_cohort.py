@@ -201,6 +201,23 @@ def test_yaml_spec_flags_override_and_another_spec_is_refused(tmp_path, model_di
     assert checksums(out) == before
 
 
+def test_match_volumes_warps_every_subject_and_keeps_old_digests(tmp_path, model_dir, seg_dir, one_thread):
+    from synth.cohort import CohortSpec
+
+    # Off (the default) is not in the canonical spec: cohorts made before the option keep their digest.
+    assert "match_volumes" not in CohortSpec(n=2).to_dict()
+    assert CohortSpec(n=2).digest() != CohortSpec(n=2, match_volumes=True).digest()
+    with pytest.raises(ValueError, match="`match_volumes` must be true or false"):
+        CohortSpec(n=2, match_volumes="yes")
+    out = tmp_path / "m"
+    assert main(["cohort", "--n", "2", "--model", str(model_dir), "--segmenter", str(seg_dir), "--steps", "2",
+                 "--match-volumes", "--out", str(out), "--device", "cpu", "--workers", "1", "--quiet"]) == 0
+    assert json.loads((out / "code" / "cohort_spec.json").read_text())["match_volumes"] is True
+    for sub in ("sub-0001", "sub-0002"):
+        meta = json.loads((out / sub / "anat" / f"{sub}_T1w.json").read_text())
+        assert meta["volume_matching"]["segmenter"] and meta["history"][-1]["command"] == "match_volumes"
+
+
 def test_a_failed_subject_leaves_nothing_half_written(tmp_path, model_dir, seg_dir, one_thread, monkeypatch, capsys):
     import synth.anatomy
 
