@@ -13,6 +13,7 @@ synthetic notice. Generated volumes are never written.
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -102,7 +103,18 @@ def _cached(gen, c: Condition, seed: int, opts: dict, cache: Path | None):
         return gen.generate(c, seed=int(seed), progress=None, **opts)
     cfg = getattr(gen, "config", None)
     tag = "_".join(f"{k}-{v}" for k, v in sorted(opts.items()))
-    path = cache / f"{getattr(cfg, 'name', 'model')}-{getattr(cfg, 'version', '')}{'_' + tag if tag else ''}_{c.age:g}_{c.sex}_{c.diagnosis}_{seed}.nii.gz"
+    # The model's own sampling settings and weights are part of the key: a config edited under the same
+    # name and version (another default sampler, say) must not pick up the brains of the old one.
+    import hashlib
+    import json
+
+    from .runtime import native_bf16
+
+    what = {"sampling": getattr(cfg, "sampling", None), "weights": getattr(cfg, "weights_sha256", None),
+            "precision": os.environ.get("SYNTHBRAIN_PRECISION"), "native_bf16": native_bf16(getattr(gen, "device", "cpu"))}
+    key = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    path = cache / (f"{getattr(cfg, 'name', 'model')}-{getattr(cfg, 'version', '')}-{key}{'_' + tag if tag else ''}"
+                    f"_{c.age:g}_{c.sex}_{c.diagnosis}_{seed}.nii.gz")
     if path.is_file() and sidecar_path(path).is_file():
         from .io import load_nifti, read_json
 

@@ -276,6 +276,21 @@ def test_evaluate_cli_end_to_end(prepared, features_dir, tiny_model_dir, tiny_se
     assert not (tmp_path / "no").exists()
 
 
+def test_the_brain_cache_is_keyed_by_the_models_sampling_settings(tiny_generator, tmp_path, monkeypatch):
+    """A config edited under the same name and version (another default sampler, say) must not reuse
+    the old brains (it did: a report measured fast-preset brains cached by an earlier run)."""
+    from synth import Condition
+    from synth.report import _cached
+
+    c = Condition(age=50, sex="F")
+    first = _cached(tiny_generator, c, 1, {}, tmp_path)
+    again = _cached(tiny_generator, c, 1, {}, tmp_path)
+    assert len(list(tmp_path.glob("*.nii.gz"))) == 1 and np.allclose(first.image, again.image, atol=1e-6)
+    monkeypatch.setitem(tiny_generator.config.sampling, "guidance_scale", 7.0)
+    other = _cached(tiny_generator, c, 1, {}, tmp_path)
+    assert len(list(tmp_path.glob("*.nii.gz"))) == 2 and other.provenance["guidance_scale"] == 7.0
+
+
 @pytest.mark.parametrize("args, message", [
     (["--data", "/nonexistent"], "subjects.csv"),
     (["--features", "/nonexistent"], "feature network"),
