@@ -158,8 +158,13 @@ async def _session(browser, url: str, seed: int, go: asyncio.Event, ready: list,
                     out["places"].append(int(m.group(1)))
             await asyncio.sleep(0.1)
         await header.wait_for(timeout=1000)
-        await page.locator('iframe[title="niivue_component.niivue_viewer"]').first.wait_for()
+        # The slices: NiiVue, or (a browser whose WebGL runs in software, as headless chromium) the server-drawn planes.
+        await page.locator('iframe[title="niivue_component.niivue_viewer"], iframe[title="st.iframe"]').first.wait_for()
         out["seconds"] = time.perf_counter() - t
+        # The labels follow the brain (a second rerun of the page): download once they are on it.
+        await page.get_by_text(re.compile("Labelling the structures|Matching the requested volumes")).first.wait_for(
+            state="detached", timeout=max(1.0, deadline - time.monotonic()) * 1000)
+        out["labels_seconds"] = time.perf_counter() - t
         await page.get_by_role("tab", name="Downloads", exact=True).click()
         async with page.expect_download() as dl:
             await page.get_by_role("button", name="Provenance (JSON)").click()
