@@ -110,7 +110,7 @@ class Request:
         """Plain, hashable values for ``st.cache_data`` and the out-of-date check (precision last)."""
         c = self.condition
         return (self.model, c.age, c.sex, c.diagnosis, tuple(sorted(c.volumes.items())), self.seed, self.steps, self.guidance,
-                self.speed, self.precision, self.match_volumes)
+                self.speed, self.match_volumes, self.precision)
 
     def with_condition(self, **changes: Any) -> "Request":
         """The same request with some condition fields changed (validated again)."""
