@@ -97,7 +97,7 @@ def fill_targets() -> None:
 # -- sidebar ----------------------------------------------------------------------------------
 SPEED_HELP = (
     "**Fast preview**: the model's fast preset (shipped model: DPM-Solver++(2M), 8 steps, guidance on the "
-    "4 noisiest), about 2.2 s per brain on 2 CPU cores without native bf16. Its image is closer to a 50-step "
+    "4 noisiest), about 2 s per brain on 2 CPU cores without native bf16. Its image is closer to a 50-step "
     "reference (PSNR 33.7 vs 30.4 dB) but it follows the requested volumes a little less closely "
     "(correlation with the request: ventricles 0.84 vs 0.88, brain 0.72 vs 0.82) and is less sharp "
     "(0.85 vs 0.94 of real scans).\n\n"
