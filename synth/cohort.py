@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import inspect
 import io as _io
 import json
 import math
@@ -427,7 +428,14 @@ def make_subject(root: Path, subject: Subject, spec: CohortSpec, generator, segm
     anat.mkdir(parents=True)
     names = _files(subject.label)
     try:
-        brain = generator.generate(subject.condition, seed=subject.seed, progress=False, **_generate_kwargs(spec))
+        kw = _generate_kwargs(spec)
+        if "threads" in inspect.signature(generator.generate).parameters:
+            # The thread count the cohort set (one per worker), fixed: the generator would otherwise pick
+            # and re-pick its own from the load, and the files would depend on what else ran.
+            import torch
+
+            kw["threads"] = torch.get_num_threads()
+        brain = generator.generate(subject.condition, seed=subject.seed, progress=False, **kw)
         if spec.match_volumes:
             from .anatomy import match_brain_volumes
 

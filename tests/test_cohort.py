@@ -216,6 +216,8 @@ def test_match_volumes_warps_every_subject_and_keeps_old_digests(tmp_path, model
     for sub in ("sub-0001", "sub-0002"):
         meta = json.loads((out / sub / "anat" / f"{sub}_T1w.json").read_text())
         assert meta["volume_matching"]["segmenter"] and meta["history"][-1]["command"] == "match_volumes"
+        # one fixed thread per worker: the generator did not re-pick its count from the machine's load
+        assert meta["threads"] == 1 and "threads_adapted" not in meta
 
 
 def test_a_failed_subject_leaves_nothing_half_written(tmp_path, model_dir, seg_dir, one_thread, monkeypatch, capsys):
