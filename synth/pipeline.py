@@ -288,7 +288,7 @@ class BrainGenerator:
             if bar:
                 bar.close()
             if governor is not None:
-                governor.check()
+                governor.check("decode")
             image = zero_background(self.decode(latent, bf16=use_bf16))
         affine = self.grid.affine if self.grid else np.eye(4)
         provenance = {
@@ -306,7 +306,8 @@ class BrainGenerator:
             "precision": precision,
             "bf16": use_bf16,
             "threads": governor.used[0] if governor is not None else None,
-            **({"threads_adapted": governor.used[1:]} if governor is not None and len(governor.used) > 1 else {}),
+            # [after sampling step, threads] (or "decode"): the schedule, to reproduce the brain to the bit
+            **({"threads_adapted": governor.changes} if governor is not None and governor.changes else {}),
             "device": str(self.device),
             "space": "MNI152 (RAS), affine in the NIfTI header",
             "intensity": "T1-weighted, scaled to [0, 1], skull-stripped",
@@ -322,7 +323,7 @@ def _checking_threads(governor: AdaptiveThreads, callback: ProgressFn | None) ->
     """``callback`` preceded by a re-check of the thread count (``governor.check``) at every step."""
 
     def step(i: int, n: int) -> None:
-        governor.check()
+        governor.check(i)
         if callback is not None:
             callback(i, n)
 

@@ -156,6 +156,7 @@ class AdaptiveThreads:
         self.threads = pick_threads(threads)
         self.interval = float(interval)
         self.used = [self.threads]
+        self.changes: list[list] = []  # [when, count]: when = what the caller passed to check()
         try:
             self.available = len(os.sched_getaffinity(0))
         except AttributeError:
@@ -184,8 +185,10 @@ class AdaptiveThreads:
         self._last = now
         return max(0.0, (busy - own) / wall)
 
-    def check(self) -> int:
-        """Re-pick the thread count from the last interval's load; returns the count in force."""
+    def check(self, when=None) -> int:
+        """Re-pick the thread count from the last interval's load; returns the count in force.
+
+        ``when`` (a step number, say) is recorded with any change in :attr:`changes`."""
         if self.fixed:
             return self.threads
         others = self.others_busy()
@@ -196,6 +199,7 @@ class AdaptiveThreads:
             torch.set_num_threads(n)
             self.threads = n
             self.used.append(n)
+            self.changes.append([when, n])
         return n
 
     def __enter__(self) -> "AdaptiveThreads":

@@ -122,6 +122,7 @@ def test_adaptive_threads_follow_other_processes_not_this_one(monkeypatch):
         time.sleep(0.4)
         assert gov.check() == 2 and torch.get_num_threads() == 2
         assert gov.used[0] == 2 and 1 in gov.used
+        assert [n for _, n in gov.changes] == gov.used[1:]
     assert torch.get_num_threads() == before
     with AdaptiveThreads(1, interval=0.0) as fixed:
         time.sleep(0.05)
