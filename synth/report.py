@@ -13,6 +13,8 @@ synthetic notice. Generated volumes are never written.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 import warnings
@@ -24,6 +26,7 @@ import numpy as np
 
 from . import provenance as _prov
 from . import realism as R
+from .runtime import native_bf16
 from .brain import brain_mask
 from .condition import TRAINING_AGE_RANGE, Condition
 from .io import SYNTHETIC_NOTICE, write_json
@@ -105,11 +108,6 @@ def _cached(gen, c: Condition, seed: int, opts: dict, cache: Path | None):
     tag = "_".join(f"{k}-{v}" for k, v in sorted(opts.items()))
     # The model's own sampling settings and weights are part of the key: a config edited under the same
     # name and version (another default sampler, say) must not pick up the brains of the old one.
-    import hashlib
-    import json
-
-    from .runtime import native_bf16
-
     what = {"sampling": getattr(cfg, "sampling", None), "weights": getattr(cfg, "weights_sha256", None),
             "precision": os.environ.get("SYNTHBRAIN_PRECISION"), "native_bf16": native_bf16(getattr(gen, "device", "cpu"))}
     key = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:10]

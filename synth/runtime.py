@@ -143,7 +143,7 @@ class AdaptiveThreads:
     leave cores idle and down when they take them.
 
     Counts the caller fixed (``threads`` or ``$SYNTHBRAIN_THREADS``) are never changed. Linux only;
-    elsewhere the first choice stays. Float results can differ at rounding level between thread counts.
+    elsewhere the first choice stays.
 
     Example:
         >>> with AdaptiveThreads() as threads:

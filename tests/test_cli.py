@@ -40,6 +40,10 @@ def test_generate_match_volumes_records_the_warp(tiny_model_dir, tmp_path, capsy
     assert vm["segmenter"] and set(vm) >= {"structures", "before", "after", "requested", "min_jacobian_per_round"}
     assert [h["command"] for h in meta["history"]][-1] == "match_volumes" and meta["seed"] == 3
     assert "volume_matching" not in json.loads((tmp_path / "plain.json").read_text())
+    # a segmenter that is not there: one line, exit 2, nothing written
+    assert _gen(tiny_model_dir, tmp_path / "bad.nii.gz", "--match-volumes", "--segmenter", str(tmp_path / "none")) == 2
+    assert "no segmenter named or found at" in capsys.readouterr().err
+    assert not list(tmp_path.glob("bad*"))
 
 
 def test_generate_n_brains_with_consecutive_seeds(tiny_model_dir, tmp_path):

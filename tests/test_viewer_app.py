@@ -565,3 +565,19 @@ def test_match_volumes_warps_the_brain_and_says_so(app):
     assert result.labels is not None and result.brain.seed == plain.brain.seed
     assert "match volumes" in result.seconds
     assert any("volumes matched by a warp" in m.value for m in app.markdown)
+
+
+def test_a_failed_volume_match_keeps_the_brain_as_sampled_and_says_why(app, monkeypatch):
+    import synth.anatomy
+
+    def broken(brain, segmenter=None, **kw):
+        raise ValueError("the warp folded")
+
+    monkeypatch.setattr(synth.anatomy, "match_brain_volumes", broken)
+    _widget(app, "match_volumes").set_value(True)
+    _generate(app, seed=8)
+    result = app.session_state["result"]
+    assert not app.exception and "volume_matching" not in result.brain.provenance
+    assert result.labels is not None  # labelled as sampled
+    assert "volume matching failed (ValueError: the warp folded)" in result.note
+    assert any("volume matching failed" in c.value for c in app.caption)

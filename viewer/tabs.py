@@ -124,7 +124,8 @@ def slices_ui() -> None:
         return png_slices_ui()
     brain = result.brain
     lut = _lut(result)
-    st.session_state.setdefault("nv_layout", default_layout())
+    if "nv_layout" not in st.session_state:
+        st.session_state.nv_layout = default_layout()
     layout = st.radio("Layout", list(LAYOUTS), horizontal=True, key="nv_layout", help=LAYOUT_HELP)
     if LAYOUTS[layout] is None:
         software_note()

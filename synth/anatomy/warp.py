@@ -49,10 +49,12 @@ class VolumeMatch:
     record: dict = field(default_factory=dict)
 
 
-def _fractions(labels: np.ndarray, keys) -> tuple[dict[str, float], float]:
-    counts = np.bincount(labels.ravel().astype(np.int64), minlength=32)
-    icv = float(counts[list(TOTALS["icv"])].sum())
-    return {k: float(counts[list(TOTALS[k])].sum()) / icv if icv else float("nan") for k in keys}, icv
+def _fractions(labels: np.ndarray, keys) -> dict[str, float]:
+    """Fractions of ICV of ``keys`` in a compact label map (:func:`synth.anatomy.measure_volumes`)."""
+    from .volumes import measure_volumes
+
+    vols = measure_volumes(labels)
+    return {k: vols[k] / vols["icv"] if vols["icv"] else float("nan") for k in keys}
 
 
 def _field(mask: np.ndarray, sigma: float) -> np.ndarray:
@@ -168,12 +170,12 @@ def match_volumes(
     if iterations < 1:
         raise ValueError(f"`iterations` must be >= 1, got {iterations}")
     labels = np.asarray(segment(image))
-    before, _ = _fractions(labels, keys)
+    before = _fractions(labels, keys)
     warped, total = image, np.zeros((3, *image.shape), np.float32)
     worst_jacobian = 1.0
     gain: dict[int, float] = {}  # label -> voxels the segmenter gained per unit eps, measured in the last round
     for _ in range(iterations):
-        now, _ = _fractions(labels, keys)
+        now = _fractions(labels, keys)
         disp = np.zeros((3, *image.shape), np.float32)
         planned: dict[int, tuple[int, float]] = {}
         for key in keys:
@@ -210,7 +212,7 @@ def match_volumes(
                 g = (int((labels == label).sum()) - n) / (eps * scale)
                 if g > 0:
                     gain[label] = g
-    after, _ = _fractions(labels, keys)
+    after = _fractions(labels, keys)
     shift = np.sqrt((total ** 2).sum(0))
     record = {
         "structures": list(keys),
