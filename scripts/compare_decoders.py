@@ -4,7 +4,8 @@ A decoder fine-tune (say, with an adversarial patch loss) keeps the latent space
 can be drawn once and decoded by every candidate. For each decoder this prints and writes (JSON):
 
 - the classifier two-sample tests of ``synthbrain evaluate`` (3D CNN trained per fold; logistic
-  regression on a fixed random-convolution texture bank; 50 % = indistinguishable);
+  regression on a fixed random-convolution texture bank; 50 % = indistinguishable), on the decoded
+  samples and on the decoder's reconstructions of the held-out scans (``recon_c2st_*``: its ceiling);
 - FID on the feature network's features (samples vs held-out; beside real train vs held-out);
 - sharpness and tissue contrast (not evidence of realism on their own);
 - reconstruction inside the brain of the validation subjects (PSNR, SSIM);
@@ -98,8 +99,13 @@ def main(argv=None) -> int:
             recon.append((psnr(x, y, m), ssim(x, y, m)))
         c = R.c2st(real, imgs, steps=args.c2st_steps)
         c_rc = R.c2st_logistic(rc_real, R.random_conv_features(imgs), what="random-conv bank")
+        # the first stage's ceiling: its reconstructions of the held-out scans against the scans
+        held_recon = [zero_background(gen.decode(gen.encode(x))) for x in real]
+        c_fs = R.c2st(real, held_recon, steps=args.c2st_steps)
+        c_fs_rc = R.c2st_logistic(rc_real, R.random_conv_features(held_recon), what="random-conv bank")
         res = {
             "c2st_cnn": c.accuracy, "c2st_randconv": c_rc.accuracy,
+            "recon_c2st_cnn": c_fs.accuracy, "recon_c2st_randconv": c_fs_rc.accuracy,
             "fid": R.frechet_distance(features.predict(imgs)["features"], f_real), "fid_yardstick": yard,
             "sharpness_ratio": float(np.mean([sharpness(i, m) for i, m in zip(imgs, masks)])
                                      / np.mean([sharpness(x, m) for x, m in zip(real, masks)])),

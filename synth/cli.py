@@ -212,11 +212,18 @@ def _cmd_train_autoencoder(args: argparse.Namespace) -> int:
         arch["num_res_blocks"] = args.res_blocks
     if args.latent_noise > 0 and not args.decoder_only:
         raise UsageError(f"--latent-noise needs --decoder-only (the encoder must be frozen), got --latent-noise {args.latent_noise}")
+    if args.adv_latents and not (args.decoder_only and args.adv_weight > 0):
+        raise UsageError(f"--adv-latents needs --decoder-only and --adv-weight > 0, got --adv-latents {args.adv_latents}")
+    if args.adv_latents and not Path(args.adv_latents).is_file():
+        raise UsageError(f"--adv-latents expects a latent bank (.pt) written by scripts/sample_latents.py, got {args.adv_latents}")
+    if args.disc_crop is not None and args.disc_crop < 32:
+        raise UsageError(f"--disc-crop must be at least 32 voxels (the 3-layer discriminator's smallest input), got {args.disc_crop}")
     cfg = AETrainConfig(data_dir=args.data, run_dir=args.run, steps=args.steps, batch_size=args.batch_size,
                         lr=args.lr, bf16=not args.no_bf16, seed=args.seed, max_minutes=args.max_minutes,
                         init_from=args.init_from, decoder_only=args.decoder_only, autoencoder=arch,
                         adv_weight=args.adv_weight, adv_start=args.adv_start, kl_weight=args.kl_weight,
-                        latent_noise=args.latent_noise)
+                        latent_noise=args.latent_noise, disc_crop=args.disc_crop, adv_latents=args.adv_latents,
+                        snap_every=args.snap_every)
     state = train_autoencoder(cfg, progress=not args.quiet)
     print(f"autoencoder at step {state['step']} in {args.run}/last.pt")
     return 0
@@ -334,6 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
             t.add_argument("--latent-noise", type=_nonnegative_float, default=0.0,
                            help="with --decoder-only: Gaussian noise added to the latents, as a fraction of their std "
                                 "(a decoder robust to imperfect sampled latents)")
+            t.add_argument("--disc-crop", type=_positive_int, default=None,
+                           help="show the discriminator a random cube of this edge (voxels, at least 32) instead of the whole volume (faster)")
+            t.add_argument("--adv-latents", default=None,
+                           help="with --decoder-only and --adv-weight: a bank of sampled latents (scripts/sample_latents.py) "
+                                "the decoder also renders each step, judged only by the discriminator")
+            t.add_argument("--snap-every", type=_positive_int, default=None,
+                           help="keep the EMA weights every N steps in RUN/snaps/ (choose checkpoints by measuring samples)")
             t.add_argument("--kl-weight", type=_nonnegative_float, default=1e-6,
                            help="weight of the KL term (default 1e-6; larger makes a smoother latent, easier to model)")
         t.add_argument("--steps", type=_positive_int, default=steps)

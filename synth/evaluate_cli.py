@@ -82,7 +82,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     opts = EvalOptions(n_samples=args.n_samples, seed=args.seed, diversity_conditions=args.diversity_conditions,
                        diversity_seeds=args.diversity_seeds, c2st_folds=args.folds, c2st_steps=args.c2st_steps,
                        segmenter=None if args.segmenter == "none" else args.segmenter,
-                       splits=tuple(args.splits), cache_dir=args.cache, match_volumes=args.match_volumes)
+                       splits=tuple(args.splits), cache_dir=args.cache, match_volumes=args.match_volumes,
+                       first_stage=not args.no_first_stage)
     results, arrays = run_evaluation(gen, data, load_features(features), opts, log=log)
     path = write_report(results, arrays, out)
     c, d = results["c2st"]["cnn"], results["distances"]
@@ -117,6 +118,8 @@ def add_parser(sub) -> None:
     e.add_argument("--match-volumes", action="store_true",
                    help="warp the generated brains to their requested ventricle and hippocampus volumes before measuring "
                         "(synth.anatomy.match_volumes; the volume study then measures the warp)")
+    e.add_argument("--no-first-stage", action="store_true",
+                   help="skip the first-stage ceiling (the two-sample tests on reconstructions of the held-out scans)")
     e.add_argument("--force", action="store_true", help="overwrite an existing report")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_cmd_evaluate)

@@ -27,7 +27,7 @@ import numpy as np
 from . import provenance as _prov
 from . import realism as R
 from .runtime import native_bf16
-from .brain import brain_mask
+from .brain import brain_mask, zero_background
 from .condition import TRAINING_AGE_RANGE, Condition
 from .io import SYNTHETIC_NOTICE, write_json
 from .metrics import intensity_distance, sharpness
@@ -72,6 +72,9 @@ class EvalOptions:
         match_volumes: Warp every generated brain to its requested ventricle and hippocampus volumes
             (:func:`synth.anatomy.match_brain_volumes`, with ``segmenter``) before measuring it. The
             volume study then measures the warp with the segmenter it steered by.
+        first_stage: Also run the two-sample tests on the first stage's reconstructions of the held-out
+            scans (encoded, decoded and background-zeroed as a generated brain is): the realism the
+            generator could reach at best with this decoder, however good its prior.
     """
 
     splits: tuple[str, ...] = ("val", "test")
@@ -88,6 +91,7 @@ class EvalOptions:
     max_real_pairs_gap: float = 5.0
     cache_dir: str | None = None
     match_volumes: bool = False
+    first_stage: bool = True
 
 
 def _condition(row: dict) -> Condition:
@@ -195,6 +199,22 @@ def _volumes(samples, real_imgs, held_rows, segmenter_name: str, device: str, lo
     return out
 
 
+def _first_stage(gen, real, masks, bank_real, o: EvalOptions, log: Log) -> dict[str, Any]:
+    """Two-sample tests of the first stage's reconstructions against the real scans they encode."""
+    from .metrics import psnr, ssim
+
+    t0 = time.time()
+    recon = [zero_background(np.asarray(gen.decode(gen.encode(x)), np.float32)) for x in real]
+    cnn = R.c2st(real, recon, folds=o.c2st_folds, steps=o.c2st_steps, seed=o.seed, log=log)
+    tex = R.c2st_logistic(bank_real, R.random_conv_features(recon), o.c2st_folds, o.seed, "a fixed random-convolution bank")
+    out = {"cnn": cnn.to_dict(), "logistic_random_conv": tex.to_dict(),
+           "psnr_mean": float(np.mean([psnr(x, y, m) for x, y, m in zip(real, recon, masks)])),
+           "ssim_mean": float(np.mean([ssim(x, y, m) for x, y, m in zip(real, recon, masks)])),
+           "seconds": round(time.time() - t0, 1)}
+    log(f"  first stage: C2ST CNN {cnn.accuracy:.3f}, texture bank {tex.accuracy:.3f}, PSNR {out['psnr_mean']:.2f} dB")
+    return out
+
+
 def run_evaluation(gen, data, features: R.FeatureModel, options: EvalOptions | None = None,
                    log: Log = print) -> tuple[dict[str, Any], dict[str, Any]]:
     """Measure ``gen`` (any object with the generator API) against the held-out subjects of ``data``.
@@ -270,6 +290,11 @@ def run_evaluation(gen, data, features: R.FeatureModel, options: EvalOptions | N
     }
     log(f"  C2ST accuracy: CNN {cnn.accuracy:.3f}, logistic on features {res['c2st']['logistic_features']['accuracy']:.3f}, "
         f"on random-conv bank {res['c2st']['logistic_random_conv']['accuracy']:.3f}")
+
+    # 3b. the first stage's ceiling: its reconstructions of the held-out scans against the scans
+    if o.first_stage and hasattr(gen, "encode") and hasattr(gen, "decode"):
+        log("  first-stage ceiling: two-sample tests on reconstructions of the held-out scans")
+        res["first_stage"] = _first_stage(gen, real, [data.labels(r) > 0 for r in held_rows], bank["heldout"], o, log)
 
     # 4. diversity
     s_pairs = [(g[i].image, g[j].image) for g in div for i in range(len(g)) for j in range(i + 1, len(g))]
@@ -546,6 +571,49 @@ def _texture_note(c: dict) -> str:
     return ""
 
 
+def _collapse_note(cnn: dict) -> str:
+    """What the CNN test did about folds whose classifier collapsed in training."""
+    folds = cnn.get("retrained_folds") or []
+    if not folds:
+        return ""
+    again = [r["fold"] + 1 for r in folds if r["trainings"] > 1 and not r["collapsed"]]
+    stuck = [r["fold"] + 1 for r in folds if r["collapsed"]]
+    text = ""
+    if again:
+        text += (f" The classifier of fold{'s' if len(again) > 1 else ''} {', '.join(map(str, again))} collapsed in training "
+                 "(one output for every image, which scores 50 % held out) and was trained again at a lower learning rate.")
+    if stuck:
+        text += (f" **Fold{'s' if len(stuck) > 1 else ''} {', '.join(map(str, stuck))} still collapsed after every retry: "
+                 "the accuracy above is a lower bound.**")
+    return text
+
+
+def _first_stage_rows(res: dict) -> list[str]:
+    fs = res.get("first_stage")
+    if not fs:
+        return []
+    return [f"| first-stage ceiling: two-sample accuracy on its reconstructions of the held-out scans, CNN / texture bank | "
+            f"{_pct(fs['cnn']['accuracy'])} / {_pct(fs['logistic_random_conv']['accuracy'])} | 50 % | "
+            f"the best a sample can do with this decoder (PSNR {fs['psnr_mean']:.1f} dB, SSIM {fs['ssim_mean']:.3f}) |"]
+
+
+def _first_stage_text(res: dict) -> list[str]:
+    fs = res.get("first_stage")
+    if not fs:
+        return []
+    cnn, tex = fs["cnn"]["accuracy"], fs["logistic_random_conv"]["accuracy"]
+    text = (f"**First-stage ceiling.** The same tests on the first stage's reconstructions of the {fs['cnn']['n_per_class']} "
+            "held-out scans (each scan encoded, decoded and background-zeroed as a generated brain is) against the scans "
+            f"themselves: CNN {_pct(cnn)}, texture bank {_pct(tex)}; reconstruction inside the brain {fs['psnr_mean']:.2f} dB, "
+            f"SSIM {fs['ssim_mean']:.3f}. A sample is this decoder's rendering of a sampled latent; the reconstructions are its "
+            "rendering of the best latents there are (the real scans' own), so they mark what the samples can be expected "
+            "to reach at best, however good the prior.")
+    if cnn >= 0.9:
+        text += (" Here even the reconstructions are told apart: the realism of the samples is capped by the first stage "
+                 "(the decoder's texture), not only by the prior.")
+    return [text, ""]
+
+
 def _markdown(res: dict) -> str:
     g, d, c, a, dv, pv, tx = (res["generator"], res["distances"], res["c2st"], res["brain_age"], res["diversity"],
                               res["privacy"], res["texture"])
@@ -564,6 +632,7 @@ def _markdown(res: dict) -> str:
          "| measure | generated | real yardstick | reads |", "| --- | --- | --- | --- |",
          f"| classifier two-sample accuracy, 3D CNN ({cnn['folds']}-fold) | **{_pct(cnn['accuracy'])}** "
          f"(95 % CI {_pct(cnn['ci95'][0])}-{_pct(cnn['ci95'][1])}) | 50 % | 50 % = indistinguishable, 100 % = always told apart |",
+         *_first_stage_rows(res),
          f"| classifier two-sample accuracy, logistic on features | {_pct(c['logistic_features']['accuracy'])} | "
          f"{_pct(c['yardstick_logistic_features']['accuracy'])} (train vs held-out) | second opinion |",
          f"| classifier two-sample accuracy, logistic on random-conv bank | {_pct(c['logistic_random_conv']['accuracy'])} | "
@@ -617,7 +686,8 @@ def _markdown(res: dict) -> str:
           "Second opinions: an L2 logistic regression on the feature network's features and on a fixed random-convolution "
           "bank (texture statistics at 2 and 4 mm, nothing trained), with the same folds; the same regressions on real "
           "training vs held-out real subjects show what chance looks like."
-          + _texture_note(c), "",
+          + _texture_note(c) + _collapse_note(cnn), "",
+          *_first_stage_text(res),
           "## Condition fidelity", "", "![brain age](brain_age.png)", ""]
     if "volumes" in res:
         L += ["![volumes](volumes.png)", "",

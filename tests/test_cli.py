@@ -98,6 +98,11 @@ def test_bad_arguments_one_line_exit_2_nothing_written(tiny_model_dir, tmp_path,
         (["--kl-weight", "-0.001"], "argument --kl-weight: expected a number >= 0, got '-0.001'"),
         (["--channels", "16", "24"], "--channels must be multiples of 16 (the GroupNorm groups), got [16, 24]"),
         (["--latent-noise", "0.3"], "--latent-noise needs --decoder-only (the encoder must be frozen), got --latent-noise 0.3"),
+        (["--adv-latents", "bank.pt"], "--adv-latents needs --decoder-only and --adv-weight > 0, got --adv-latents bank.pt"),
+        (["--decoder-only", "--adv-weight", "0.1", "--adv-latents", "nope.pt"],
+         "--adv-latents expects a latent bank (.pt) written by scripts/sample_latents.py, got nope.pt"),
+        (["--disc-crop", "16"], "--disc-crop must be at least 32 voxels (the 3-layer discriminator's smallest input), got 16"),
+        (["--snap-every", "0"], "argument --snap-every: expected a positive integer, got '0'"),
         (["--init-from", "nope"], "--init-from expects a training run folder holding last.pt or a model folder "
                                   "(config.json + autoencoder.safetensors), got nope"),
         (["diffusion", "--ae-run", "nope"], "--ae-run expects a training run folder holding last.pt or a model folder "
@@ -121,12 +126,14 @@ def test_train_autoencoder_architecture_and_adversarial_flags_reach_the_run(tmp_
     run = tmp_path / "run"
     code = main(["train-autoencoder", "--run-dir", str(run), "--data", str(tmp_path / "data"), "--steps", "2", "--quiet",
                  "--no-bf16", "--channels", "16", "16", "--latent-channels", "2", "--adv-weight", "0.1",
-                 "--kl-weight", "1e-4"])
+                 "--kl-weight", "1e-4", "--disc-crop", "32", "--snap-every", "1"])
     assert code == 0
     state = torch.load(run / "last.pt", weights_only=False)
     assert state["step"] == 2 and "discriminator" in state
     assert state["config"]["autoencoder"]["channels"] == [16, 16] and state["config"]["autoencoder"]["latent_channels"] == 2
     assert state["config"]["adv_weight"] == 0.1 and state["config"]["kl_weight"] == 1e-4
+    assert state["config"]["disc_crop"] == 32 and state["config"]["snap_every"] == 1
+    assert sorted(p.name for p in (run / "snaps").iterdir()) == ["step_000001.pt", "step_000002.pt"]
     # --init-from takes the architecture of the run it starts from.
     assert main(["train-autoencoder", "--run-dir", str(tmp_path / "ft"), "--data", str(tmp_path / "data"), "--steps", "1",
                  "--quiet", "--no-bf16", "--init-from", str(run), "--decoder-only", "--latent-noise", "0.3"]) == 0

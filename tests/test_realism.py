@@ -139,6 +139,20 @@ def test_c2st_cnn_tells_blurred_from_sharp_and_not_one_distribution_from_itself(
     assert same.ci95[0] < 0.5 < same.ci95[1] or same.accuracy < 0.5
 
 
+def test_c2st_trains_a_collapsed_fold_again_instead_of_reading_it_as_chance():
+    a, b = _sets(16, blur_b=1.2, seed=0)
+    # Far too high a learning rate: every fold's net collapses to one output, which scores 50 % held out.
+    broken = R.c2st(a, b, folds=4, steps=40, batch_size=8, pool=1, seed=0, lr=1.0, retries=0)
+    assert broken.accuracy == 0.5 and [r["fold"] for r in broken.retrained_folds] == [0, 1, 2, 3]
+    assert all(r["collapsed"] and r["trainings"] == 1 for r in broken.retrained_folds)
+    # With retries (each at half the learning rate) the collapsed folds are trained again and tell the sets apart.
+    fixed = R.c2st(a, b, folds=4, steps=40, batch_size=8, pool=1, seed=0, lr=1.0, retries=3)
+    assert fixed.accuracy >= 0.8, fixed
+    assert fixed.retrained_folds and all(r["trainings"] > 1 and not r["collapsed"] for r in fixed.retrained_folds)
+    assert R._degenerate(np.array([0.2, 0.5, 0.1])) and R._degenerate(np.array([-1.0, -2.0]))
+    assert R._degenerate(np.array([0.0, 1e-5, -1e-5])) and not R._degenerate(np.array([-1.0, 2.0, 0.5]))
+
+
 def test_c2st_logistic_on_random_conv_bank():
     a, b = _sets(16, blur_b=1.2, seed=2)
     fa, fb = R.random_conv_features(a), R.random_conv_features(b)
@@ -254,6 +268,12 @@ def test_evaluate_cli_end_to_end(prepared, features_dir, tiny_model_dir, tiny_se
     assert all(math.isfinite(x) for x in nums), nums
     # random-weight samples against phantoms: clearly apart on the texture bank and the distances
     assert res["c2st"]["logistic_random_conv"]["accuracy"] >= 0.8
+    # the first stage's ceiling: its reconstructions of the held-out scans against the scans (a random-weight
+    # autoencoder reconstructs nothing like a phantom, so even its reconstructions are told apart)
+    fs = res["first_stage"]
+    assert fs["cnn"]["n_per_class"] == 10 and fs["logistic_random_conv"]["accuracy"] >= 0.8
+    assert math.isfinite(fs["psnr_mean"]) and fs["psnr_mean"] < 20
+    assert "**First-stage ceiling.**" in md and "first-stage ceiling: two-sample accuracy on its reconstructions" in md
     assert res["distances"]["samples"]["fid"] > res["distances"]["yardstick"]["fid"]
     assert set(res["volumes"]["samples"]) == {"lateral_ventricles", "hippocampus", "brain"}
     assert len(res["figures"]["volumes"]["data"]["requested"]["brain"]) == 10
@@ -271,6 +291,11 @@ def test_evaluate_cli_end_to_end(prepared, features_dir, tiny_model_dir, tiny_se
     assert main([*argv, "--match-volumes", "--out-dir", str(tmp_path / "matched")]) == 0
     matched = json.loads((tmp_path / "matched" / "report.json").read_text())
     assert matched["generator"]["volume_matching"] is True and res["generator"]["volume_matching"] is False
+    assert "first_stage" in matched
+    assert main([*argv, "--no-first-stage", "--out-dir", str(tmp_path / "nofs")]) == 0
+    nofs = json.loads((tmp_path / "nofs" / "report.json").read_text())
+    assert "first_stage" not in nofs and nofs["options"]["first_stage"] is False
+    assert "First-stage ceiling" not in (tmp_path / "nofs" / "report.md").read_text()
     assert "warped to the requested ventricle and hippocampus volumes" in (tmp_path / "matched" / "report.md").read_text()
     assert main([*argv, "--match-volumes", "--segmenter", "none", "--out-dir", str(tmp_path / "no")]) == 2
     assert not (tmp_path / "no").exists()

@@ -223,6 +223,57 @@ def test_adversarial_patch_loss_starts_late_trains_the_discriminator_and_resumes
     assert any(not torch.equal(base["state_dict"][k], saved["state_dict"][k]) for k in base["state_dict"] if k.startswith("decoder."))
 
 
+def test_decoder_adversarial_fine_tune_on_crops_and_sampled_latents(tmp_path):
+    from synth.train.autoencoder import crop, load_latent_bank, random_crop_corner
+
+    vols, _ = phantoms()
+    train_autoencoder(AETrainConfig(data_dir="", run_dir=str(tmp_path / "ae"), steps=5, bf16=False,
+                                    autoencoder=dict(TINY_AE)), volumes=vols, progress=False)
+    g = torch.Generator().manual_seed(0)
+    bank = {"latents": torch.randn(3, 2, 8, 8, 8, generator=g), "seeds": [0, 1, 2]}  # latent grid of the 16^3 phantoms
+    torch.save(bank, tmp_path / "bank.pt")
+
+    def run(name, **kw):
+        cfg = AETrainConfig(data_dir="", run_dir=str(tmp_path / name), steps=6, lr=3e-3, bf16=False, autoencoder=dict(TINY_AE),
+                            init_from=str(tmp_path / "ae"), decoder_only=True, adv_weight=0.5, discriminator=dict(TINY_DISC),
+                            **kw)
+        state = train_autoencoder(cfg, volumes=vols, progress=False)
+        with open(tmp_path / name / "losses.csv") as f:
+            return state, [(float(r["adv"]), float(r["disc"])) for r in csv.DictReader(f)]
+
+    whole, whole_losses = run("whole")
+    cropped, crop_losses = run("crop", disc_crop=16)  # the whole 16^3 phantom: the same run as no crop
+    assert crop_losses == whole_losses
+    sampled, sampled_losses = run("bank", disc_crop=16, adv_latents=str(tmp_path / "bank.pt"), snap_every=3)
+    assert all(a > 0 and d > 0 for a, d in sampled_losses)
+    assert sampled_losses[0] != whole_losses[0]  # the discriminator also judged a rendered sampled latent
+    decoder = [k for k in whole["state_dict"] if k.startswith("decoder.")]
+    assert any(not torch.equal(whole["state_dict"][k], sampled["state_dict"][k]) for k in decoder)
+    encoder = [k for k in whole["state_dict"] if k.startswith("encoder.")]
+    assert all(torch.equal(whole["state_dict"][k], sampled["state_dict"][k]) for k in encoder)  # still frozen
+    snaps = sorted(p.name for p in (tmp_path / "bank" / "snaps").iterdir())
+    assert snaps == ["step_000003.pt", "step_000006.pt"]
+    snap = torch.load(tmp_path / "bank" / "snaps" / "step_000006.pt", weights_only=False)
+    assert snap["step"] == 6 and all(torch.equal(snap["ema_state_dict"][k], v) for k, v in sampled["ema_state_dict"].items())
+    # Crops: a cube inside the volume, the same place for every channel.
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        corner = random_crop_corner((20, 24, 20), 16, rng)
+        assert all(0 <= c <= n - 16 for c, n in zip(corner, (20, 24, 20)))
+        assert crop(torch.zeros(1, 1, 20, 24, 20), corner, 16).shape == (1, 1, 16, 16, 16)
+    # A bank of another latent grid, or no bank, is refused with what was expected.
+    torch.save(torch.zeros(2, 2, 4, 4, 4), tmp_path / "small.pt")
+    with pytest.raises(ValueError, match=r"must hold \(N, 2, 8, 8, 8\) latents"):
+        load_latent_bank(tmp_path / "small.pt", (2, 8, 8, 8))
+    with pytest.raises(FileNotFoundError, match="no latent bank"):
+        load_latent_bank(tmp_path / "none.pt", (2, 8, 8, 8))
+    with pytest.raises(ValueError, match="needs `decoder_only` and `adv_weight`"):
+        AETrainConfig(data_dir="", run_dir="", adv_latents=str(tmp_path / "bank.pt"))
+    with pytest.raises(ValueError, match="at least 32 voxels for a 3-layer discriminator"):
+        AETrainConfig(data_dir="", run_dir="", disc_crop=24)
+    AETrainConfig(data_dir="", run_dir="", disc_crop=16, discriminator=dict(TINY_DISC))  # 2 layers: 16 is enough
+
+
 def test_adversarial_settings_are_checked():
     with pytest.raises(ValueError, match="`adv_weight` and `adv_start` must be >= 0"):
         AETrainConfig(data_dir="", run_dir="", adv_weight=-0.1)

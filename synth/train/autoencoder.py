@@ -10,6 +10,16 @@ the whole volume the decoder sees at generation time. A ``decoder_only`` run enc
 (and its mirror) once with the frozen encoder and trains on those latents (``cache_latents``);
 ``latent_noise`` adds Gaussian noise (that fraction of the latents' std) to them, so the decoder
 learns to render imperfect, sampled latents smoothly rather than as texture.
+
+Two options make the adversarial fine-tune of a decoder cheaper and aimed at samples:
+``disc_crop`` shows the discriminator a random cube of that edge (the same place in the fake and
+the real volume) instead of the whole volume; the decoder still decodes whole volumes, so its
+GroupNorm statistics are those of generation. ``adv_latents`` (decoder-only) is a bank of latents
+sampled from the diffusion model (``scripts/sample_latents.py``): each step the decoder also renders
+one of them, and only the adversarial loss judges that rendering (a sampled latent has no target
+image), so the decoder learns to draw the prior's latents the way real scans look, while the L1
+and gradient terms on real latents keep it faithful. ``snap_every`` keeps the EMA weights every so
+many steps (``snaps/step_NNNNNN.pt``), so checkpoints can be chosen by measuring samples.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.prepare import PreparedData
+from ..io import atomic_path
 from ..models.networks import build_autoencoder, count_parameters, latent_mean
 from .common import (EMA, Checkpointer, LossLog, StepClock, autocast, is_model_folder, model_folder_weights,
                      restore_rng, rng_state, setup_distributed, training_bf16)
@@ -77,12 +88,24 @@ class AETrainConfig:
     adv_start: int = 0
     disc_lr: float | None = None
     discriminator: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_DISCRIMINATOR))
+    disc_crop: int | None = None
+    adv_latents: str | None = None
+    snap_every: int | None = None
 
     def __post_init__(self):
         if self.adv_weight < 0 or self.adv_start < 0:
             raise ValueError(f"`adv_weight` and `adv_start` must be >= 0, got {self.adv_weight} and {self.adv_start}")
         if self.latent_noise < 0 or (self.latent_noise > 0 and not self.decoder_only):
             raise ValueError(f"`latent_noise` must be >= 0 and needs `decoder_only`, got {self.latent_noise}")
+        smallest = 2 ** (int(self.discriminator.get("num_layers_d", 3)) + 2)  # the last normalised layer keeps > 1 voxel
+        if self.disc_crop is not None and self.disc_crop < smallest:
+            raise ValueError(f"`disc_crop` must be at least {smallest} voxels for a {self.discriminator.get('num_layers_d', 3)}-layer "
+                             f"discriminator, got {self.disc_crop}")
+        if self.adv_latents and not (self.decoder_only and self.adv_weight > 0):
+            raise ValueError("`adv_latents` needs `decoder_only` and `adv_weight` > 0 (the sampled latents are judged "
+                             "only by the discriminator, in the frozen encoder's latent space)")
+        if self.snap_every is not None and self.snap_every < 1:
+            raise ValueError(f"`snap_every` must be at least 1, got {self.snap_every}")
 
 
 class _DecoderOnly(torch.nn.Module):
@@ -136,6 +159,31 @@ def kl_loss(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, sigma^2) || N(0, 1)) summed over latent elements, averaged over the batch."""
     kl = 0.5 * (mu.pow(2) + sigma.pow(2) - torch.log(sigma.pow(2) + 1e-12) - 1)
     return kl.flatten(1).sum(1).mean()
+
+
+def load_latent_bank(path: str | Path, latent_shape: tuple[int, ...]) -> torch.Tensor:
+    """The (N, C, x, y, z) float32 latents of a bank written by ``scripts/sample_latents.py`` (or a bare tensor)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no latent bank at {p}: expected a .pt file written by scripts/sample_latents.py")
+    bank = torch.load(p, map_location="cpu", weights_only=False)
+    z = bank["latents"] if isinstance(bank, dict) else bank
+    if not isinstance(z, torch.Tensor) or z.ndim != 5 or tuple(z.shape[1:]) != tuple(latent_shape):
+        got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+        raise ValueError(f"the latent bank {p} must hold (N, {', '.join(map(str, latent_shape))}) latents "
+                         f"of this autoencoder, got {got}")
+    return z.float()
+
+
+def random_crop_corner(shape: tuple[int, ...], size: int, rng: np.random.Generator) -> tuple[int, ...]:
+    """A uniformly random corner of a ``size`` cube inside a volume of ``shape`` (clipped to the volume)."""
+    return tuple(int(rng.integers(0, max(n - size, 0) + 1)) for n in shape)
+
+
+def crop(x: torch.Tensor, corner: tuple[int, ...], size: int) -> torch.Tensor:
+    """The ``size`` cube at ``corner`` of the spatial dimensions of (B, C, X, Y, Z) ``x``."""
+    (a, b, c) = corner
+    return x[..., a:a + size, b:b + size, c:c + size]
 
 
 def load_volumes(data: PreparedData, splits: tuple[str, ...]) -> np.ndarray:
@@ -197,6 +245,11 @@ def train_autoencoder(cfg: AETrainConfig, *, volumes: np.ndarray | None = None, 
         if not restore_rng(state.get("rng"), rng, ctx.world_size):  # older checkpoints, or several ranks
             rng = np.random.default_rng(cfg.seed + ctx.rank + start)
     cached = wrapped.encode_all(volumes, ctx.device, cfg.bf16) if cfg.decoder_only and cfg.cache_latents else None
+    bank = None
+    if cfg.adv_latents:
+        with torch.no_grad():
+            shape = tuple(latent_mean(model, torch.from_numpy(volumes[:1]).to(ctx.device)).shape[1:])
+        bank = load_latent_bank(cfg.adv_latents, shape).to(ctx.device)
     net = torch.nn.parallel.DistributedDataParallel(wrapped) if ctx.world_size > 1 else wrapped
     d_net = torch.nn.parallel.DistributedDataParallel(disc) if disc is not None and ctx.world_size > 1 else disc
     log = (LossLog(Path(cfg.run_dir) / "losses.csv", ["loss", "l1", "grad", "kl", "adv", "disc", "lr"], resume_step=start)
@@ -229,10 +282,19 @@ def train_autoencoder(cfg: AETrainConfig, *, volumes: np.ndarray | None = None, 
         adversarial = disc is not None and step >= cfg.adv_start
         g_adv = d_loss = torch.zeros(())
         if adversarial:
+            size = cfg.disc_crop or max(x.shape[2:])  # no crop: the whole volume
+            corner = random_crop_corner(tuple(x.shape[2:]), size, rng) if cfg.disc_crop else (0, 0, 0)
+            fakes = [crop(recon, corner, size)]
+            if bank is not None:  # one sampled latent, judged only by the discriminator
+                z = bank[torch.from_numpy(rng.integers(0, len(bank), size=len(x)))]
+                with autocast(ctx.device, cfg.bf16):
+                    sampled = net(x, mu=z)[0].float()
+                fakes.append(crop(sampled, random_crop_corner(tuple(x.shape[2:]), size, rng), size))
+            fakes = torch.cat(fakes)
             # The discriminator's gradients from this pass are cleared before its own step. (Not
             # toggling requires_grad keeps DDP's reducer happy: every parameter gets a gradient.)
             with autocast(ctx.device, cfg.bf16):
-                g_adv = adv(d_net(recon)[-1].float(), target_is_real=True, for_discriminator=False)
+                g_adv = adv(d_net(fakes)[-1].float(), target_is_real=True, for_discriminator=False)
             loss = loss + cfg.adv_weight * g_adv
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -240,9 +302,12 @@ def train_autoencoder(cfg: AETrainConfig, *, volumes: np.ndarray | None = None, 
         opt.step()
         ema.update(model, step)
         if adversarial:
+            reals = [crop(x, corner, size)]
+            for _ in range(len(fakes) // len(x) - 1):  # as many real crops as fake ones, from other places
+                reals.append(crop(x, random_crop_corner(tuple(x.shape[2:]), size, rng), size))
             with autocast(ctx.device, cfg.bf16):  # one forward over fakes and reals (instance norm: no mixing)
-                logits = d_net(torch.cat([recon.detach(), x]))[-1].float()
-            fake, real = logits.split(len(x))
+                logits = d_net(torch.cat([fakes.detach(), *reals]))[-1].float()
+            fake, real = logits.split(len(fakes))
             d_loss = 0.5 * (adv(fake, target_is_real=False, for_discriminator=True)
                             + adv(real, target_is_real=True, for_discriminator=True))
             d_opt.zero_grad(set_to_none=True)
@@ -255,6 +320,9 @@ def train_autoencoder(cfg: AETrainConfig, *, volumes: np.ndarray | None = None, 
         save, out_of_time = clock.after(step)
         if ctx.is_main and save:
             ckpt.save({**_state(model, ema, opt, step + 1, cfg, disc, d_opt, init_step), "rng": rng_state(rng)})
+        if ctx.is_main and cfg.snap_every and (step + 1) % cfg.snap_every == 0:
+            with atomic_path(Path(cfg.run_dir) / "snaps" / f"step_{step + 1:06d}.pt") as tmp:
+                torch.save({"ema_state_dict": ema.model.state_dict(), "step": step + 1, "config": asdict(cfg)}, tmp)
         if out_of_time:
             break
     if log:
