@@ -5,7 +5,8 @@ can be drawn once and decoded by every candidate. For each decoder this prints a
 
 - the classifier two-sample tests of ``synthbrain evaluate`` (3D CNN trained per fold; logistic
   regression on a fixed random-convolution texture bank; 50 % = indistinguishable), on the decoded
-  samples and on the decoder's reconstructions of the held-out scans (``recon_c2st_*``: its ceiling);
+  samples and on the decoder's reconstructions of the held-out scans (``recon_c2st_*``: its ceiling),
+  with the classifier's confidence (``*_confidence``), which still ranks decoders when every accuracy is 100 %;
 - FID on the feature network's features (samples vs held-out; beside real train vs held-out);
 - sharpness and tissue contrast (not evidence of realism on their own);
 - reconstruction inside the brain of the validation subjects (PSNR, SSIM);
@@ -106,6 +107,8 @@ def main(argv=None) -> int:
         res = {
             "c2st_cnn": c.accuracy, "c2st_randconv": c_rc.accuracy,
             "recon_c2st_cnn": c_fs.accuracy, "recon_c2st_randconv": c_fs_rc.accuracy,
+            # graded when every accuracy is 100 %: the out-of-fold probability given to the right answer
+            "c2st_cnn_confidence": _confidence(c), "recon_c2st_cnn_confidence": _confidence(c_fs),
             "fid": R.frechet_distance(features.predict(imgs)["features"], f_real), "fid_yardstick": yard,
             "sharpness_ratio": float(np.mean([sharpness(i, m) for i, m in zip(imgs, masks)])
                                      / np.mean([sharpness(x, m) for x, m in zip(real, masks)])),
@@ -118,6 +121,13 @@ def main(argv=None) -> int:
         (out / f"compare_{tag}.json").write_text(json.dumps(results, indent=1))
     _figure(real, images, held, out / f"compare_{tag}.png")
     return 0
+
+
+def _confidence(result) -> float:
+    """Mean out-of-fold probability the classifier gave to the right answer (0.5 = a coin; 1 = certain)."""
+    scores = np.asarray(result.scores, float)
+    n = result.n_per_class
+    return float(np.mean(np.r_[1 - scores[:n], scores[n:]]))
 
 
 def _figure(real, images, rows, path, n=4):
