@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     from synth.data.prepare import PreparedData
     from synth.metrics import psnr, sharpness, ssim
     from synth.brain import zero_background
-    from synth.report import _condition
+    from synth.report import _condition, first_stage_ceiling
     from synth.train.common import autoencoder_weights
 
     torch.set_num_threads(args.threads)
@@ -101,14 +101,12 @@ def main(argv=None) -> int:
         c = R.c2st(real, imgs, steps=args.c2st_steps)
         c_rc = R.c2st_logistic(rc_real, R.random_conv_features(imgs), what="random-conv bank")
         # the first stage's ceiling: its reconstructions of the held-out scans against the scans
-        held_recon = [zero_background(gen.decode(gen.encode(x))) for x in real]
-        c_fs = R.c2st(real, held_recon, steps=args.c2st_steps)
-        c_fs_rc = R.c2st_logistic(rc_real, R.random_conv_features(held_recon), what="random-conv bank")
+        fs = first_stage_ceiling(gen, real, masks, rc_real, steps=args.c2st_steps)
         res = {
             "c2st_cnn": c.accuracy, "c2st_randconv": c_rc.accuracy,
-            "recon_c2st_cnn": c_fs.accuracy, "recon_c2st_randconv": c_fs_rc.accuracy,
+            "recon_c2st_cnn": fs["cnn"]["accuracy"], "recon_c2st_randconv": fs["logistic_random_conv"]["accuracy"],
             # graded when every accuracy is 100 %: the out-of-fold probability given to the right answer
-            "c2st_cnn_confidence": _confidence(c), "recon_c2st_cnn_confidence": _confidence(c_fs),
+            "c2st_cnn_confidence": _confidence(c.to_dict()), "recon_c2st_cnn_confidence": _confidence(fs["cnn"]),
             "fid": R.frechet_distance(features.predict(imgs)["features"], f_real), "fid_yardstick": yard,
             "sharpness_ratio": float(np.mean([sharpness(i, m) for i, m in zip(imgs, masks)])
                                      / np.mean([sharpness(x, m) for x, m in zip(real, masks)])),
@@ -123,10 +121,10 @@ def main(argv=None) -> int:
     return 0
 
 
-def _confidence(result) -> float:
+def _confidence(result: dict) -> float:
     """Mean out-of-fold probability the classifier gave to the right answer (0.5 = a coin; 1 = certain)."""
-    scores = np.asarray(result.scores, float)
-    n = result.n_per_class
+    scores = np.asarray(result["scores"], float)
+    n = result["n_per_class"]
     return float(np.mean(np.r_[1 - scores[:n], scores[n:]]))
 
 

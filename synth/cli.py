@@ -186,7 +186,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 def _cmd_train_autoencoder(args: argparse.Namespace) -> int:
     import torch
 
-    from .train.autoencoder import DEFAULT_AE, AETrainConfig, train_autoencoder
+    from .train.autoencoder import DEFAULT_AE, DEFAULT_DISCRIMINATOR, AETrainConfig, smallest_disc_crop, train_autoencoder
 
     arch = dict(DEFAULT_AE)
     if args.init_from:  # the architecture of the run or packaged model it starts from
@@ -216,8 +216,9 @@ def _cmd_train_autoencoder(args: argparse.Namespace) -> int:
         raise UsageError(f"--adv-latents needs --decoder-only and --adv-weight > 0, got --adv-latents {args.adv_latents}")
     if args.adv_latents and not Path(args.adv_latents).is_file():
         raise UsageError(f"--adv-latents expects a latent bank (.pt) written by scripts/sample_latents.py, got {args.adv_latents}")
-    if args.disc_crop is not None and args.disc_crop < 32:
-        raise UsageError(f"--disc-crop must be at least 32 voxels (the 3-layer discriminator's smallest input), got {args.disc_crop}")
+    smallest = smallest_disc_crop(DEFAULT_DISCRIMINATOR)
+    if args.disc_crop is not None and args.disc_crop < smallest:
+        raise UsageError(f"--disc-crop must be at least {smallest} voxels (the discriminator's smallest input), got {args.disc_crop}")
     cfg = AETrainConfig(data_dir=args.data, run_dir=args.run, steps=args.steps, batch_size=args.batch_size,
                         lr=args.lr, bf16=not args.no_bf16, seed=args.seed, max_minutes=args.max_minutes,
                         init_from=args.init_from, decoder_only=args.decoder_only, autoencoder=arch,

@@ -575,13 +575,14 @@ def c2st(real: Sequence[np.ndarray], samples: Sequence[np.ndarray], folds: int =
             net.eval()
             with torch.no_grad():
                 fit = torch.cat([net(x[torch.from_numpy(c)]) for c in np.array_split(train, max(len(train) // 16, 1))]).numpy()
-            if not _degenerate(fit):
+            collapsed = _degenerate(fit)
+            if not collapsed:
                 break
             if log:
                 log(f"  C2ST fold {f + 1}/{folds}: the classifier collapsed (one output for every training image); "
                     f"{'training again' if attempt < retries else 'no retries left'}")
-        if attempt or _degenerate(fit):
-            retrained.append({"fold": f, "trainings": attempt + 1, "collapsed": _degenerate(fit)})
+        if attempt or collapsed:
+            retrained.append({"fold": f, "trainings": attempt + 1, "collapsed": collapsed})
         with torch.no_grad():
             scores[test] = torch.sigmoid(net(x[torch.from_numpy(test)])).numpy()
         if log:

@@ -199,19 +199,27 @@ def _volumes(samples, real_imgs, held_rows, segmenter_name: str, device: str, lo
     return out
 
 
-def _first_stage(gen, real, masks, bank_real, o: EvalOptions, log: Log) -> dict[str, Any]:
-    """Two-sample tests of the first stage's reconstructions against the real scans they encode."""
+def first_stage_ceiling(gen, real, masks, bank_real: np.ndarray | None = None, *, folds: int = 5, steps: int = 150,
+                        seed: int = 0, log: Log | None = None) -> dict[str, Any]:
+    """Two-sample tests of the first stage's reconstructions against the real scans they encode.
+
+    Each scan is encoded, decoded and background-zeroed as a generated brain is; ``masks`` are the
+    scans' brain masks (PSNR, SSIM); ``bank_real`` is :func:`synth.realism.random_conv_features`
+    of ``real`` when the caller has it already.
+    """
     from .metrics import psnr, ssim
 
     t0 = time.time()
     recon = [zero_background(np.asarray(gen.decode(gen.encode(x)), np.float32)) for x in real]
-    cnn = R.c2st(real, recon, folds=o.c2st_folds, steps=o.c2st_steps, seed=o.seed, log=log)
-    tex = R.c2st_logistic(bank_real, R.random_conv_features(recon), o.c2st_folds, o.seed, "a fixed random-convolution bank")
+    cnn = R.c2st(real, recon, folds=folds, steps=steps, seed=seed, log=log)
+    bank_real = R.random_conv_features(real) if bank_real is None else bank_real
+    tex = R.c2st_logistic(bank_real, R.random_conv_features(recon), folds, seed, "a fixed random-convolution bank")
     out = {"cnn": cnn.to_dict(), "logistic_random_conv": tex.to_dict(),
            "psnr_mean": float(np.mean([psnr(x, y, m) for x, y, m in zip(real, recon, masks)])),
            "ssim_mean": float(np.mean([ssim(x, y, m) for x, y, m in zip(real, recon, masks)])),
            "seconds": round(time.time() - t0, 1)}
-    log(f"  first stage: C2ST CNN {cnn.accuracy:.3f}, texture bank {tex.accuracy:.3f}, PSNR {out['psnr_mean']:.2f} dB")
+    if log:
+        log(f"  first stage: C2ST CNN {cnn.accuracy:.3f}, texture bank {tex.accuracy:.3f}, PSNR {out['psnr_mean']:.2f} dB")
     return out
 
 
@@ -294,7 +302,8 @@ def run_evaluation(gen, data, features: R.FeatureModel, options: EvalOptions | N
     # 3b. the first stage's ceiling: its reconstructions of the held-out scans against the scans
     if o.first_stage and hasattr(gen, "encode") and hasattr(gen, "decode"):
         log("  first-stage ceiling: two-sample tests on reconstructions of the held-out scans")
-        res["first_stage"] = _first_stage(gen, real, [data.labels(r) > 0 for r in held_rows], bank["heldout"], o, log)
+        res["first_stage"] = first_stage_ceiling(gen, real, [data.labels(r) > 0 for r in held_rows], bank["heldout"],
+                                                 folds=o.c2st_folds, steps=o.c2st_steps, seed=o.seed, log=log)
 
     # 4. diversity
     s_pairs = [(g[i].image, g[j].image) for g in div for i in range(len(g)) for j in range(i + 1, len(g))]

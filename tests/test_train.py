@@ -272,6 +272,8 @@ def test_decoder_adversarial_fine_tune_on_crops_and_sampled_latents(tmp_path):
     with pytest.raises(ValueError, match="at least 32 voxels for a 3-layer discriminator"):
         AETrainConfig(data_dir="", run_dir="", disc_crop=24)
     AETrainConfig(data_dir="", run_dir="", disc_crop=16, discriminator=dict(TINY_DISC))  # 2 layers: 16 is enough
+    with pytest.raises(ValueError, match="`snap_every` must be at least 1"):
+        AETrainConfig(data_dir="", run_dir="", snap_every=0)
 
 
 def test_adversarial_settings_are_checked():

@@ -39,6 +39,7 @@ from .common import (EMA, Checkpointer, LossLog, StepClock, autocast, is_model_f
                      restore_rng, rng_state, setup_distributed, training_bf16)
 
 __all__ = ["AETrainConfig", "train_autoencoder", "DEFAULT_AE", "DEFAULT_DISCRIMINATOR", "gradient_l1", "kl_loss",
+           "smallest_disc_crop", "load_latent_bank",
            "load_volumes"]
 
 DEFAULT_AE: dict[str, Any] = {
@@ -97,7 +98,7 @@ class AETrainConfig:
             raise ValueError(f"`adv_weight` and `adv_start` must be >= 0, got {self.adv_weight} and {self.adv_start}")
         if self.latent_noise < 0 or (self.latent_noise > 0 and not self.decoder_only):
             raise ValueError(f"`latent_noise` must be >= 0 and needs `decoder_only`, got {self.latent_noise}")
-        smallest = 2 ** (int(self.discriminator.get("num_layers_d", 3)) + 2)  # the last normalised layer keeps > 1 voxel
+        smallest = smallest_disc_crop(self.discriminator)
         if self.disc_crop is not None and self.disc_crop < smallest:
             raise ValueError(f"`disc_crop` must be at least {smallest} voxels for a {self.discriminator.get('num_layers_d', 3)}-layer "
                              f"discriminator, got {self.disc_crop}")
@@ -159,6 +160,11 @@ def kl_loss(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, sigma^2) || N(0, 1)) summed over latent elements, averaged over the batch."""
     kl = 0.5 * (mu.pow(2) + sigma.pow(2) - torch.log(sigma.pow(2) + 1e-12) - 1)
     return kl.flatten(1).sum(1).mean()
+
+
+def smallest_disc_crop(discriminator: dict[str, Any]) -> int:
+    """The smallest cube a ``PatchDiscriminator`` of this config takes: its last normalised layer keeps > 1 voxel."""
+    return 2 ** (int(discriminator.get("num_layers_d", 3)) + 2)
 
 
 def load_latent_bank(path: str | Path, latent_shape: tuple[int, ...]) -> torch.Tensor:
@@ -247,8 +253,11 @@ def train_autoencoder(cfg: AETrainConfig, *, volumes: np.ndarray | None = None, 
     cached = wrapped.encode_all(volumes, ctx.device, cfg.bf16) if cfg.decoder_only and cfg.cache_latents else None
     bank = None
     if cfg.adv_latents:
-        with torch.no_grad():
-            shape = tuple(latent_mean(model, torch.from_numpy(volumes[:1]).to(ctx.device)).shape[1:])
+        if cached is not None:
+            shape = tuple(cached.shape[2:])
+        else:
+            with torch.no_grad():
+                shape = tuple(latent_mean(model, torch.from_numpy(volumes[:1]).to(ctx.device)).shape[1:])
         bank = load_latent_bank(cfg.adv_latents, shape).to(ctx.device)
     net = torch.nn.parallel.DistributedDataParallel(wrapped) if ctx.world_size > 1 else wrapped
     d_net = torch.nn.parallel.DistributedDataParallel(disc) if disc is not None and ctx.world_size > 1 else disc
