@@ -187,16 +187,55 @@ def test_nearest_training_finds_a_copied_subject():
     nn = R.nearest_training([copy, new], train, R.brain_region(train))
     assert nn["index"][0] == 3 and nn["r"][0] > 0.99
     assert nn["r"][1] < nn["r"][0]
-    summary = R.privacy_summary([0.99, 0.5], [0.6, 0.7])
-    assert summary["samples_above_heldout_max"] == 1 and not summary["pass"]
-    assert R.privacy_summary([0.5, 0.55], [0.6, 0.7])["pass"]
-    # a smooth sample correlates more with every training subject: not a copy (margin as new people's)
-    train_r = np.array([[0.80, 0.78, 0.79], [0.82, 0.80, 0.81]])
-    new_r = np.array([[0.75, 0.72, 0.73], [0.70, 0.68, 0.69]])
-    smooth = R.privacy_summary(train_r.max(1), new_r.max(1), train_r, new_r)
-    assert smooth["samples_above_heldout_max"] == 2 and smooth["pass"]
-    copied = np.array([[0.99, 0.78, 0.79], [0.82, 0.80, 0.81]])
-    assert not R.privacy_summary(copied.max(1), new_r.max(1), copied, new_r)["pass"]
+
+
+def test_exceedance_p_is_exact():
+    assert R.exceedance_p(36, 36, 0) == 1.0 and R.exceedance_p(36, 36, 1) == pytest.approx(0.5)
+    assert R.exceedance_p(36, 36, 2) == pytest.approx(36 * 35 / (72 * 71))
+    assert R.exceedance_p(3, 5, 4) == 0.0
+    # by simulation: exchangeable draws put k samples above the held-out maximum that often
+    rng = np.random.default_rng(0)
+    draws = rng.normal(size=(20000, 12))
+    k = (draws[:, :6] > draws[:, 6:].max(1, keepdims=True)).sum(1)
+    for j in (1, 2, 3):
+        assert np.mean(k >= j) == pytest.approx(R.exceedance_p(6, 6, j), abs=0.015)
+
+
+def _privacy_set(rng, n=36, t=40, shift=0.0, copy_rows=()):
+    """(nearest r, all r) of n images against t training subjects: correlations like the reports' (~0.75)."""
+    r = 0.75 + 0.02 * rng.normal(size=(n, t)) + shift
+    for i in copy_rows:
+        r[i, rng.integers(t)] = 0.99
+    return r.max(1), r
+
+
+def test_privacy_rule_rarely_fails_new_people_and_catches_copies_and_shifts():
+    rng = np.random.default_rng(0)
+    fails = old_rule_fails = 0
+    for _ in range(200):  # samples drawn exactly like new people
+        (s, sa), (h, ha) = _privacy_set(rng), _privacy_set(rng)
+        out = R.privacy_summary(s, h, sa, ha)
+        fails += not out["pass"]
+        old_rule_fails += out["samples_margin_above_heldout_max"] > 0
+    assert fails / 200 <= 0.10  # at most alpha (0.05) plus noise
+    assert 0.35 <= old_rule_fails / 200 <= 0.65  # the former rule: a coin toss
+    # one copied training subject among 36 samples fails it, and is named
+    (s, sa), (h, ha) = _privacy_set(rng, copy_rows=(7,)), _privacy_set(rng)
+    out = R.privacy_summary(s, h, sa, ha)
+    assert not out["pass"] and out["rule"]["near_copies"] == [7]
+    # so does a sample set that sits closer to training as a whole, without any single copy
+    (s, sa), (h, ha) = _privacy_set(rng), _privacy_set(rng)
+    sa = sa.copy()
+    sa[np.arange(len(sa)), sa.argmax(1)] += 0.03
+    out = R.privacy_summary(sa.max(1), h, sa, ha)
+    assert not out["pass"] and out["rule"]["shift_p"] < 0.025 and not out["rule"]["near_copies"]
+    # a smooth sample correlates more with every training subject: not a leak (the margin is judged)
+    (s, sa), (h, ha) = _privacy_set(rng, shift=0.05), _privacy_set(rng)
+    smooth = R.privacy_summary(s, h, sa, ha)
+    assert smooth["samples_above_heldout_max"] > 20 and smooth["pass"]
+    assert not R.privacy_summary(s, h)["pass"]  # raw r without the matrices cannot tell the two apart
+    with pytest.raises(ValueError, match="at least 2"):
+        R.privacy_summary([0.5], [0.6, 0.7])
 
 
 def test_brain_age_summary():
@@ -276,6 +315,16 @@ def test_evaluate_cli_end_to_end(prepared, features_dir, tiny_model_dir, tiny_se
     assert "**First-stage ceiling.**" in md and "first-stage ceiling: two-sample accuracy on its reconstructions" in md
     assert res["distances"]["samples"]["fid"] > res["distances"]["yardstick"]["fid"]
     assert set(res["volumes"]["samples"]) == {"lateral_ventricles", "hippocampus", "brain"}
+    # the segmenter on the reconstructions of the held-out scans: the volumes' first-stage ceiling
+    fsv = res["volumes"]["segmenter_on_first_stage"]
+    assert set(fsv) == {"lateral_ventricles", "hippocampus", "brain"}
+    assert len(res["volumes"]["data"]["first_stage_measured"]["brain"]) == 10
+    assert fsv["brain"] != res["volumes"]["segmenter_on_heldout_real"]["brain"]  # measured on other images
+    assert "on first-stage reconstructions:" in md
+    # the privacy verdict is the calibrated rule, with its three findings and the margins it judged
+    rule = res["privacy"]["rule"]
+    assert res["privacy"]["pass"] == (not rule["near_copies"] and min(rule["exceedance_p"], rule["shift_p"]) >= 0.025)
+    assert len(res["privacy"]["data"]["samples_margin"]) == 10 and "near-copies" in md and "shift p =" in md
     assert len(res["figures"]["volumes"]["data"]["requested"]["brain"]) == 10
     assert not list(out.glob("*.nii*"))  # no volumes written
     # a second run reuses the cached brains (10 samples + 2 x 2 for diversity) and measures the same
@@ -295,6 +344,7 @@ def test_evaluate_cli_end_to_end(prepared, features_dir, tiny_model_dir, tiny_se
     assert main([*argv, "--no-first-stage", "--out-dir", str(tmp_path / "nofs")]) == 0
     nofs = json.loads((tmp_path / "nofs" / "report.json").read_text())
     assert "first_stage" not in nofs and nofs["options"]["first_stage"] is False
+    assert "segmenter_on_first_stage" not in nofs["volumes"]
     assert "First-stage ceiling" not in (tmp_path / "nofs" / "report.md").read_text()
     assert "warped to the requested ventricle and hippocampus volumes" in (tmp_path / "matched" / "report.md").read_text()
     assert main([*argv, "--match-volumes", "--segmenter", "none", "--out-dir", str(tmp_path / "no")]) == 2
