@@ -59,6 +59,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     features = _model_folder(args.features, "feature network", "--features")
     if args.model and not Path(args.model).is_dir() and not (_models_root() / args.model).is_dir():
         raise UsageError(f"--model expects a model name or folder, got {args.model!r}")
+    if args.fast:
+        from .io import read_json
+
+        model_dir = _model_folder(args.model or "synthbrain-ldm-2mm", "generator", "--model")
+        if not isinstance(read_json(model_dir / "config.json").get("sampling", {}).get("fast"), dict):
+            raise UsageError(f"--fast expects a model with a fast sampling preset (config sampling.fast); "
+                             f"{model_dir.name} has none")
     if args.segmenter != "none":
         _model_folder(args.segmenter, "segmenter", "--segmenter")
     elif args.match_volumes:
@@ -83,7 +90,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                        diversity_seeds=args.diversity_seeds, c2st_folds=args.folds, c2st_steps=args.c2st_steps,
                        segmenter=None if args.segmenter == "none" else args.segmenter,
                        splits=tuple(args.splits), cache_dir=args.cache, match_volumes=args.match_volumes,
-                       first_stage=not args.no_first_stage)
+                       first_stage=not args.no_first_stage, generate_options={"fast": True} if args.fast else {})
     results, arrays = run_evaluation(gen, data, load_features(features), opts, log=log)
     path = write_report(results, arrays, out)
     c, d = results["c2st"]["cnn"], results["distances"]
@@ -115,6 +122,8 @@ def add_parser(sub) -> None:
                    help="CPU threads of the measuring networks (default: $SYNTHBRAIN_THREADS or the idle cores)")
     e.add_argument("--cache", default=None,
                    help="keep the generated brains in this folder (outside the repository) and reuse them in later runs")
+    e.add_argument("--fast", action="store_true",
+                   help="generate with the model's fast sampling preset (the viewer's 'fast' speed) instead of its default")
     e.add_argument("--match-volumes", action="store_true",
                    help="warp the generated brains to their requested ventricle and hippocampus volumes before measuring "
                         "(synth.anatomy.match_volumes; the volume study then measures the warp)")

@@ -364,6 +364,11 @@ def test_the_brain_cache_is_keyed_by_the_models_sampling_settings(tiny_generator
     monkeypatch.setitem(tiny_generator.config.sampling, "guidance_scale", 7.0)
     other = _cached(tiny_generator, c, 1, {}, tmp_path)
     assert len(list(tmp_path.glob("*.nii.gz"))) == 2 and other.provenance["guidance_scale"] == 7.0
+    # evaluate --fast: the fast preset's brains are kept apart from the default's
+    monkeypatch.setitem(tiny_generator.config.sampling, "fast", {"sampler": "dpm++2m", "steps": 2})
+    fast = _cached(tiny_generator, c, 1, {"fast": True}, tmp_path)
+    assert len(list(tmp_path.glob("*fast-True*.nii.gz"))) == 1 and fast.provenance["steps"] == 2
+    assert _cached(tiny_generator, c, 1, {"fast": True}, tmp_path).provenance["steps"] == 2
 
 
 @pytest.mark.parametrize("args, message", [
@@ -372,15 +377,18 @@ def test_the_brain_cache_is_keyed_by_the_models_sampling_settings(tiny_generator
     (["--n-samples", "2"], "expected an integer >= 4"),
     (["--folds", "1"], "expected an integer >= 2"),
     (["--segmenter", "/nonexistent"], "segmenter"),
+    (["--fast"], "fast sampling preset"),
 ])
 def test_evaluate_cli_bad_input(prepared, features_dir, tiny_model_dir, tmp_path, capsys, args, message):
     from synth.cli import main
 
     base = {"--model": str(tiny_model_dir), "--data": str(prepared.root), "--out-dir": str(tmp_path / "r"),
             "--features": str(features_dir)}
+    flags = [a for a in args if a == "--fast"]  # flags without a value
+    args = [a for a in args if a not in flags]
     for k, v in zip(args[::2], args[1::2]):
         base[k] = v
-    argv = ["evaluate", *[x for kv in base.items() for x in kv]]
+    argv = ["evaluate", *[x for kv in base.items() for x in kv], *flags]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "r").exists()

@@ -552,6 +552,33 @@ def test_the_brain_comes_first_and_its_labels_follow(app):
     assert labelled.seconds["segment"] == result.seconds["segment"]  # the cached segmentation, not a new one
 
 
+def test_downloads_wait_until_the_brain_is_labelled(app):
+    """While the labels (and a volume match) are computed, the Downloads tab offers nothing: a file
+    made then would hold the unwarped brain, or break when the labelled brain replaces it."""
+    import viewer.resources
+
+    def interrupted(result, match_volumes=False):  # the page as drawn before the labels arrive
+        raise RuntimeError("labelling interrupted")
+
+    _open_tab(app, "Downloads")
+    original = viewer.resources.with_labels
+    viewer.resources.with_labels = interrupted  # the app imports it afresh on every run
+    try:
+        _widget(app, "match_volumes").set_value(True)
+        _widget(app, "seed").set_value(12)
+        app.sidebar.button(key="generate").click()
+        app.run()
+    finally:
+        viewer.resources.with_labels = original
+    assert app.session_state["labels_pending"] is True and "labelling interrupted" in str(app.exception[0].value)
+    assert not app.get("download_button")
+    assert any("downloads appear in a moment" in i.value and "warped" in i.value for i in app.info)
+    app.run()  # the labels arrive: every download is offered, for the warped brain
+    assert not app.exception and app.session_state["labels_pending"] is False
+    assert "volume_matching" in app.session_state["result"].brain.provenance
+    assert {"dl_nifti", "dl_labels", "dl_usdz"} <= {b.key for b in app.get("download_button")}
+
+
 def test_match_volumes_warps_the_brain_and_says_so(app):
     _generate(app, age=75.0, diagnosis="AD", seed=6)
     plain = app.session_state["result"]

@@ -588,6 +588,13 @@ def slices_png_maker(result: service.Generated, view: dict, cursor, lut):
 
 
 def downloads_ui() -> None:
+    if st.session_state.get("labels_pending"):
+        # The brain on screen is about to be replaced by its labelled (with volume matching: warped)
+        # version; a file made now would be the wrong brain, or fail when the labels land mid-download.
+        st.info("The downloads appear in a moment, once the structures are labelled"
+                + (" and the brain is warped to the requested volumes" if st.session_state.request.match_volumes else "")
+                + ": the files then hold the brain you see.", icon="⏳")
+        return
     result: service.Generated = st.session_state.result
     brain = result.brain
     stem = service._stem(brain)
