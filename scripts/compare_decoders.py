@@ -50,16 +50,14 @@ def main(argv=None) -> int:
     from synth.data.prepare import PreparedData
     from synth.metrics import psnr, sharpness, ssim
     from synth.brain import zero_background
-    from synth.report import _condition, first_stage_ceiling
+    from synth.report import _condition, c2st_confidence, first_stage_ceiling, heldout_scans
     from synth.train.common import autoencoder_weights
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = PreparedData.load(args.data)
-    held = [r for s in ("val", "test") for r in data.subset(s, labelled=True)]
-    real = [data.t1(r) for r in held]
-    masks = [data.labels(r) > 0 for r in held]
+    held, real, masks = heldout_scans(data)
     train = [data.t1(r) for r in data.subset("train", labelled=True)]
     gen = synth.load_generator(args.model, device="cpu")
     opts = gen.sampling_options(args.steps, None, None)
@@ -106,7 +104,7 @@ def main(argv=None) -> int:
             "c2st_cnn": c.accuracy, "c2st_randconv": c_rc.accuracy,
             "recon_c2st_cnn": fs["cnn"]["accuracy"], "recon_c2st_randconv": fs["logistic_random_conv"]["accuracy"],
             # graded when every accuracy is 100 %: the out-of-fold probability given to the right answer
-            "c2st_cnn_confidence": _confidence(c.to_dict()), "recon_c2st_cnn_confidence": _confidence(fs["cnn"]),
+            "c2st_cnn_confidence": c2st_confidence(c.to_dict()), "recon_c2st_cnn_confidence": c2st_confidence(fs["cnn"]),
             "fid": R.frechet_distance(features.predict(imgs)["features"], f_real), "fid_yardstick": yard,
             "sharpness_ratio": float(np.mean([sharpness(i, m) for i, m in zip(imgs, masks)])
                                      / np.mean([sharpness(x, m) for x, m in zip(real, masks)])),
@@ -119,13 +117,6 @@ def main(argv=None) -> int:
         (out / f"compare_{tag}.json").write_text(json.dumps(results, indent=1))
     _figure(real, images, held, out / f"compare_{tag}.png")
     return 0
-
-
-def _confidence(result: dict) -> float:
-    """Mean out-of-fold probability the classifier gave to the right answer (0.5 = a coin; 1 = certain)."""
-    scores = np.asarray(result["scores"], float)
-    n = result["n_per_class"]
-    return float(np.mean(np.r_[1 - scores[:n], scores[n:]]))
 
 
 def _figure(real, images, rows, path, n=4):

@@ -169,30 +169,41 @@ def _distances(feats: dict[str, np.ndarray], n: int, opts: EvalOptions) -> dict[
     return out
 
 
+VOLUME_KEYS = ("lateral_ventricles", "hippocampus", "brain")
+
+
+def measured_against_table(seg, rows: Sequence[dict], images: Sequence[np.ndarray],
+                           keys: Sequence[str] = VOLUME_KEYS) -> tuple[dict[str, list], dict[str, list]]:
+    """``(table, measured)``: each structure's volume (fraction of ICV) from the prepared table and as
+    ``seg`` measures it on ``images`` (one per row), over the rows whose table has every structure and ICV."""
+    from .anatomy import measure_volumes
+
+    table, meas = {k: [] for k in keys}, {k: [] for k in keys}
+    for r, x in zip(rows, images):
+        if any(r.get(k) is None for k in (*keys, "icv")):
+            continue
+        v = measure_volumes(seg.segment(x))
+        for k in keys:
+            table[k].append(r[k] / r["icv"])
+            meas[k].append(v[k] / v["icv"])
+    return table, meas
+
+
 def _volumes(samples, real_imgs, held_rows, segmenter_name: str, device: str, log: Log,
              recon: list[np.ndarray] | None = None) -> dict[str, Any]:
     from .anatomy import load_segmenter, measure_volumes
     from .evaluate import volume_agreement
 
     seg = load_segmenter(segmenter_name, device=device)
-    keys = ("lateral_ventricles", "hippocampus", "brain")
+    keys = VOLUME_KEYS
     req, got = {k: [] for k in keys}, {k: [] for k in keys}
     for b in samples:
         v = measure_volumes(seg.segment(b.image))
         for k in keys:
             req[k].append(b.targets[k])
             got[k].append(v[k] / v["icv"])
-    table, meas, meas_rec = {k: [] for k in keys}, {k: [] for k in keys}, {k: [] for k in keys}
-    for i, (r, x) in enumerate(zip(held_rows, real_imgs)):
-        if any(r.get(k) is None for k in (*keys, "icv")):
-            continue
-        v = measure_volumes(seg.segment(x))
-        vr = measure_volumes(seg.segment(recon[i])) if recon is not None else None
-        for k in keys:
-            table[k].append(r[k] / r["icv"])
-            meas[k].append(v[k] / v["icv"])
-            if vr is not None:
-                meas_rec[k].append(vr[k] / vr["icv"])
+    table, meas = measured_against_table(seg, held_rows, real_imgs, keys)
+    meas_rec = measured_against_table(seg, held_rows, recon, keys)[1] if recon is not None else None
     log(f"  volumes: {len(samples)} samples and {len(table['brain'])} real subjects segmented"
         + (" (and their reconstructions)" if recon is not None else ""))
     out = {"segmenter": segmenter_name, "structures": list(keys), "samples": {}, "segmenter_on_heldout_real": {},
@@ -207,6 +218,20 @@ def _volumes(samples, real_imgs, held_rows, segmenter_name: str, device: str, lo
             if recon is not None:
                 out["segmenter_on_first_stage"][k] = volume_agreement(table[k], meas_rec[k])
     return out
+
+
+def heldout_scans(data, splits: Sequence[str] = ("val", "test")) -> tuple[list[dict], list[np.ndarray], list[np.ndarray]]:
+    """``(rows, scans, brain masks)`` of the labelled subjects of ``splits`` of a prepared data folder."""
+    rows = [r for s in splits for r in data.subset(s, labelled=True)]
+    return rows, [data.t1(r) for r in rows], [data.labels(r) > 0 for r in rows]
+
+
+def c2st_confidence(result: dict) -> float:
+    """Mean out-of-fold probability a two-sample classifier (:meth:`C2STResult.to_dict`) gave to the right
+    answer: 0.5 = a coin, 1 = certain. Still ranks candidates when every accuracy is 100 %."""
+    scores = np.asarray(result["scores"], float)
+    n = result["n_per_class"]
+    return float(np.mean(np.r_[1 - scores[:n], scores[n:]]))
 
 
 def reconstruct(gen, real) -> list[np.ndarray]:

@@ -392,3 +392,39 @@ def test_evaluate_cli_bad_input(prepared, features_dir, tiny_model_dir, tmp_path
     assert main(argv) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_compare_first_stages_script(prepared, tiny_model_dir, tiny_segmenter_dir, tmp_path, capsys):
+    """scripts/compare_first_stages.py measures a packaged first stage, a run and a snapshot of another
+    latent space on the held-out scans: reconstruction, the two-sample tests and the volumes' ceiling."""
+    import importlib.util
+
+    from synth.train.autoencoder import AETrainConfig, train_autoencoder
+
+    spec = importlib.util.spec_from_file_location("compare_first_stages", Path(__file__).resolve().parents[1] / "scripts" / "compare_first_stages.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    run = tmp_path / "ae"
+    ae = {"spatial_dims": 3, "in_channels": 1, "out_channels": 1, "latent_channels": 3, "channels": [8, 8],
+          "num_res_blocks": 1, "norm_num_groups": 4, "attention_levels": [False, False],
+          "with_encoder_nonlocal_attn": False, "with_decoder_nonlocal_attn": False}
+    train_autoencoder(AETrainConfig(data_dir=str(prepared.root), run_dir=str(run), steps=4, lr=3e-3, bf16=False, snap_every=2,
+                                    autoencoder=ae), progress=False)
+    out = tmp_path / "cmp"
+    argv = ["--data", str(prepared.root), "--out", str(out), "--segmenter", str(tiny_segmenter_dir), "--folds", "2",
+            "--c2st-steps", "5", "--threads", "1", "--first-stage", f"model={tiny_model_dir}", "--first-stage", f"run={run}",
+            "--first-stage", f"snap={run / 'snaps' / 'step_000002.pt'}"]
+    assert script.main(argv) == 0
+    res = json.loads((out / "first_stages.json").read_text())
+    fs = res["first_stages"]
+    assert list(fs) == ["model", "run", "snap"] and res["data"]["subjects"] == 10
+    assert fs["run"]["latent_shape"][0] == 3 and fs["model"]["latent_shape"][0] != 3  # each with its own architecture
+    assert fs["run"]["psnr"] != fs["snap"]["psnr"]  # step 4's EMA weights against step 2's
+    for row in fs.values():
+        assert 0.0 <= row["c2st_cnn"] <= 1.0 and 0.0 <= row["c2st_cnn_confidence"] <= 1.0
+        assert math.isfinite(row["psnr"]) and set(row["volumes"]) == {"lateral_ventricles", "hippocampus", "brain"}
+    assert set(res["segmenter_on_scans"]) == {"lateral_ventricles", "hippocampus", "brain"}
+    assert (out / "first_stages.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit) as bad:
+        script.main([*argv[:4], "--first-stage", "no-name"])
+    assert bad.value.code == 2 and "NAME=PATH" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from ..io import atomic_path
 from ..models.networks import autocast
 
 __all__ = ["DistContext", "setup_distributed", "autocast", "Checkpointer", "LossLog", "EMA", "cosine_lr", "StepClock",
-           "is_model_folder", "model_folder_weights", "autoencoder_weights"]
+           "is_model_folder", "model_folder_weights", "autoencoder_weights", "autoencoder_config"]
 
 
 @dataclass
@@ -213,6 +213,23 @@ def model_folder_weights(folder: str | Path, part: str) -> tuple[dict[str, torch
     if not path.is_file():
         raise FileNotFoundError(f"{folder} has no {part}.safetensors")
     return {k: v.float() for k, v in load_file(str(path)).items()}, config
+
+
+def autoencoder_config(path: str | Path) -> dict[str, Any]:
+    """The ``AutoencoderKL`` architecture of a packaged model folder, a training run folder or a ``.pt``
+    checkpoint (run folders and snapshots record their training config), for :func:`autoencoder_weights`."""
+    p = Path(path)
+    if is_model_folder(p):
+        from ..models.config import ModelConfig
+
+        return dict(ModelConfig.load(p).autoencoder)
+    ckpt = p if p.suffix == ".pt" and p.is_file() else p / "last.pt"
+    if ckpt.is_file():
+        cfg = torch.load(ckpt, map_location="cpu", weights_only=False).get("config") or {}
+        if isinstance(cfg.get("autoencoder"), dict):
+            return dict(cfg["autoencoder"])
+    raise FileNotFoundError(f"no autoencoder config at {path}: expected a model folder with config.json, "
+                            "or a training run folder or .pt checkpoint written by train-autoencoder")
 
 
 def autoencoder_weights(path: str | Path) -> dict[str, torch.Tensor]:
