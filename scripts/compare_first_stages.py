@@ -153,7 +153,7 @@ def _figure(real, images: dict, rows, path: Path, n: int = 3) -> None:
             ax.set_axis_off()
             if i == 0:
                 ax.set_title(title, fontsize=8)
-        axes[i, 0].text(0, -4, f"{rows[i]['age']:.0f} y {rows[i]['sex']}", fontsize=7)
+        axes[i, 0].text(2, 4, f"{rows[i]['age']:.0f} y {rows[i]['sex']}", fontsize=7, color="w", va="top")
     fig.suptitle("First stages: reconstructions of held-out scans (not for clinical use)", fontsize=9)
     fig.tight_layout()
     with atomic_path(path) as tmp:
