@@ -79,6 +79,13 @@ def main(argv=None) -> int:
     specs = [s.split("=", 1) for s in args.first_stage]
     if any(len(s) != 2 or not s[0] for s in specs):
         p.error("--first-stage expects NAME=PATH")
+    from synth.train.common import autoencoder_config
+
+    for name, path in specs:  # every candidate readable before minutes of measuring
+        try:
+            autoencoder_config(path)
+        except FileNotFoundError as exc:
+            p.error(f"--first-stage {name}: {exc}")
 
     from synth.data.prepare import PreparedData
     from synth.evaluate import highpass_energy, volume_agreement

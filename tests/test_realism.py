@@ -428,3 +428,6 @@ def test_compare_first_stages_script(prepared, tiny_model_dir, tiny_segmenter_di
     with pytest.raises(SystemExit) as bad:
         script.main([*argv[:4], "--first-stage", "no-name"])
     assert bad.value.code == 2 and "NAME=PATH" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as bad:
+        script.main([*argv[:4], "--first-stage", f"model={tiny_model_dir}", "--first-stage", f"gone={tmp_path / 'nope'}"])
+    assert bad.value.code == 2 and "--first-stage gone: no autoencoder config" in capsys.readouterr().err
