@@ -42,11 +42,11 @@ class FirstStage:
 
     def __init__(self, path: str, bf16: bool):
         from synth.models.networks import build_autoencoder
-        from synth.train.common import autoencoder_config, autoencoder_weights
+        from synth.train.common import load_autoencoder_parts
 
-        self.config = autoencoder_config(path)
+        self.config, weights = load_autoencoder_parts(path)
         self.model = build_autoencoder(self.config)
-        self.model.load_state_dict(autoencoder_weights(path))
+        self.model.load_state_dict(weights)
         self.model.eval()
         self.bf16 = bf16
 

@@ -60,9 +60,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.model and not Path(args.model).is_dir() and not (_models_root() / args.model).is_dir():
         raise UsageError(f"--model expects a model name or folder, got {args.model!r}")
     if args.fast:
+        from .cohort import DEFAULT_MODEL  # light: torch is not imported yet
         from .io import read_json
 
-        model_dir = _model_folder(args.model or "synthbrain-ldm-2mm", "generator", "--model")
+        model_dir = _model_folder(args.model or DEFAULT_MODEL, "generator", "--model")
         if not isinstance(read_json(model_dir / "config.json").get("sampling", {}).get("fast"), dict):
             raise UsageError(f"--fast expects a model with a fast sampling preset (config sampling.fast); "
                              f"{model_dir.name} has none")

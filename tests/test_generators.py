@@ -53,6 +53,8 @@ def test_both_backends_load_by_name_and_generate_the_same_way(models, monkeypatc
         gen.generate(cond, seed=-1)
     with pytest.raises(TypeError, match="Condition"):
         gen.generate({"age": 70}, seed=0)
+    with pytest.raises(ValueError, match="no fast sampling preset"):  # tiny models have none: refused, never ignored
+        gen.generate(cond, seed=2, fast=True)
 
 
 def test_load_from_a_folder_and_unknown_names(models, monkeypatch):

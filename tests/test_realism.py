@@ -431,3 +431,34 @@ def test_compare_first_stages_script(prepared, tiny_model_dir, tiny_segmenter_di
     with pytest.raises(SystemExit) as bad:
         script.main([*argv[:4], "--first-stage", f"model={tiny_model_dir}", "--first-stage", f"gone={tmp_path / 'nope'}"])
     assert bad.value.code == 2 and "--first-stage gone: no autoencoder config" in capsys.readouterr().err
+
+
+def test_sample_latents_script_writes_a_bank_the_decoder_fine_tune_reads(prepared, tiny_model_dir, tmp_path, capsys):
+    """scripts/sample_latents.py: latents of the model for *training* subjects' conditions (never the held-out
+    ones the evaluation uses), seeded, in the shape ``train-autoencoder --adv-latents`` accepts."""
+    import importlib.util
+
+    import torch
+
+    import synth
+    from synth.train.autoencoder import load_latent_bank
+
+    spec = importlib.util.spec_from_file_location("sample_latents", Path(__file__).resolve().parents[1] / "scripts" / "sample_latents.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    argv = ["--model", str(tiny_model_dir), "--data", str(prepared.root), "--n", "3", "--threads", "1", "--seed0", "7"]
+    assert script.main([*argv, "--out", str(tmp_path / "a.pt")]) == 0
+    assert script.main([*argv, "--out", str(tmp_path / "b.pt")]) == 0
+    a, b = (torch.load(tmp_path / f"{n}.pt", weights_only=False) for n in "ab")
+    gen = synth.load_generator(tiny_model_dir, device="cpu")
+    shape = tuple(gen.sample_latent(synth.Condition(age=50, sex="F"), 0, 2, 1.0, False, None).shape[1:])
+    assert tuple(a["latents"].shape) == (3, *shape) and torch.equal(a["latents"], b["latents"])  # seeded
+    assert a["seeds"] == [7, 8, 9] and a["model"] == gen.config.name and "latent 3/3" in capsys.readouterr().out
+    assert len({tuple(x.flatten()[:8].tolist()) for x in a["latents"]}) == 3  # a different brain per seed
+    train = prepared.subset("train", labelled=True)  # the training subjects' ages and sexes, in order
+    assert [c["age"] for c in a["conditions"]] == pytest.approx([float(train[i % len(train)]["age"]) for i in range(3)])
+    assert [c["sex"] for c in a["conditions"]] == [synth.Condition(age=50, sex=train[i % len(train)]["sex"]).sex for i in range(3)]
+    assert torch.equal(load_latent_bank(tmp_path / "a.pt", shape), a["latents"])
+    with pytest.raises(SystemExit) as bad:
+        script.main([*argv[:-2], "--n", "0", "--out", str(tmp_path / "c.pt")])
+    assert bad.value.code == 2 and not (tmp_path / "c.pt").exists()

@@ -392,3 +392,12 @@ def test_autoencoder_weights_from_a_model_folder_a_run_folder_or_a_checkpoint(tm
     assert all(v.dtype == torch.float32 for v in packaged.values())
     with pytest.raises(FileNotFoundError, match="no autoencoder at"):
         autoencoder_weights(tmp_path / "nowhere")
+    from synth.train.common import autoencoder_config, load_autoencoder_parts
+
+    for where in (tmp_path / "ae", tmp_path / "ae" / "last.pt", folder):  # one read, the same parts
+        cfg, weights = load_autoencoder_parts(where)
+        assert cfg == autoencoder_config(where)
+        ref = autoencoder_weights(where)
+        assert weights.keys() == ref.keys() and all(torch.equal(weights[k], ref[k]) for k in ref)
+    with pytest.raises(FileNotFoundError, match="no autoencoder"):
+        load_autoencoder_parts(tmp_path / "nowhere")

@@ -17,7 +17,8 @@ from ..io import atomic_path
 from ..models.networks import autocast
 
 __all__ = ["DistContext", "setup_distributed", "autocast", "Checkpointer", "LossLog", "EMA", "cosine_lr", "StepClock",
-           "is_model_folder", "model_folder_weights", "autoencoder_weights", "autoencoder_config"]
+           "is_model_folder", "model_folder_weights", "autoencoder_weights", "autoencoder_config",
+           "load_autoencoder_parts"]
 
 
 @dataclass
@@ -215,6 +216,19 @@ def model_folder_weights(folder: str | Path, part: str) -> tuple[dict[str, torch
     return {k: v.float() for k, v in load_file(str(path)).items()}, config
 
 
+def _checkpoint_file(p: Path) -> Path | None:
+    ckpt = p if p.suffix == ".pt" and p.is_file() else p / "last.pt"
+    return ckpt if ckpt.is_file() else None
+
+
+def _checkpoint_config(ckpt: dict, path) -> dict[str, Any]:
+    cfg = ckpt.get("config") or {}
+    if isinstance(cfg.get("autoencoder"), dict):
+        return dict(cfg["autoencoder"])
+    raise FileNotFoundError(f"no autoencoder config at {path}: expected a model folder with config.json, "
+                            "or a training run folder or .pt checkpoint written by train-autoencoder")
+
+
 def autoencoder_config(path: str | Path) -> dict[str, Any]:
     """The ``AutoencoderKL`` architecture of a packaged model folder, a training run folder or a ``.pt``
     checkpoint (run folders and snapshots record their training config), for :func:`autoencoder_weights`."""
@@ -223,13 +237,8 @@ def autoencoder_config(path: str | Path) -> dict[str, Any]:
         from ..models.config import ModelConfig
 
         return dict(ModelConfig.load(p).autoencoder)
-    ckpt = p if p.suffix == ".pt" and p.is_file() else p / "last.pt"
-    if ckpt.is_file():
-        cfg = torch.load(ckpt, map_location="cpu", weights_only=False).get("config") or {}
-        if isinstance(cfg.get("autoencoder"), dict):
-            return dict(cfg["autoencoder"])
-    raise FileNotFoundError(f"no autoencoder config at {path}: expected a model folder with config.json, "
-                            "or a training run folder or .pt checkpoint written by train-autoencoder")
+    ckpt = _checkpoint_file(p)
+    return _checkpoint_config(torch.load(ckpt, map_location="cpu", weights_only=False) if ckpt else {}, path)
 
 
 def autoencoder_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -242,8 +251,23 @@ def autoencoder_weights(path: str | Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return {k: v.float() for k, v in load_file(str(p)).items()}
-    ckpt = p if p.suffix == ".pt" and p.is_file() else p / "last.pt"
-    if ckpt.is_file():
-        return {k: v.float() for k, v in torch.load(ckpt, map_location="cpu", weights_only=False)["ema_state_dict"].items()}
+    ckpt = _checkpoint_file(p)
+    if ckpt:
+        return _ema_weights(torch.load(ckpt, map_location="cpu", weights_only=False))
     raise FileNotFoundError(f"no autoencoder at {path}: expected a model folder with autoencoder.safetensors, "
                             "a training run folder with last.pt, a .pt checkpoint or a .safetensors file")
+
+
+def _ema_weights(ckpt: dict) -> dict[str, torch.Tensor]:
+    return {k: v.float() for k, v in ckpt["ema_state_dict"].items()}
+
+
+def load_autoencoder_parts(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(autoencoder_config(path), autoencoder_weights(path))``, reading a checkpoint file once (a run's
+    ``last.pt`` also holds optimiser and discriminator states, tens of MB)."""
+    p = Path(path)
+    ckpt = None if is_model_folder(p) else _checkpoint_file(p)
+    if ckpt is None:
+        return autoencoder_config(p), autoencoder_weights(p)
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    return _checkpoint_config(state, path), _ema_weights(state)

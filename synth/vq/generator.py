@@ -181,8 +181,15 @@ class VQBrainGenerator:
                 share; two threads were measured ten times slower on 2 cores).
             progress: ``True`` for a progress bar, or a callback ``f(done, total)``.
             unused: Options of other backends (``steps``, ``bf16``) are accepted and ignored, so
-                callers can pass the same options to any generator.
+                callers can pass the same options to any generator. ``fast=True`` is refused: this
+                backend has no fast preset, and ignoring it would sample at the full cost unasked.
+
+        Raises:
+            ValueError: a value out of range, or ``fast=True`` (no fast preset).
         """
+        if unused.get("fast"):
+            raise ValueError(f"model {self.config.name!r} (VQ-VAE + transformer) has no fast sampling preset: "
+                             "its code grid is sampled token by token; generate without `fast`")
         if not isinstance(condition, Condition):
             raise TypeError(f"`condition` must be a synth.Condition, got {type(condition).__name__}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**63:
