@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model's fast sampling preset (shipped model: DPM-Solver++ 8 steps, ~2.3x faster; "
                         "its trade-offs are in the model card)")
     g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
-                   help="numeric path: auto = bf16 only where the CPU/GPU computes it natively (default: "
+                   help="numeric path: auto = bf16 only where it is faster (CUDA with bf16, CPUs with AMX), else fp32 (default: "
                         "$SYNTHBRAIN_PRECISION or auto)")
     g.add_argument("--threads", type=_positive_int, default=None,
                    help="CPU threads (default: $SYNTHBRAIN_THREADS or the idle cores)")

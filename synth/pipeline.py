@@ -250,8 +250,9 @@ class BrainGenerator:
                 same brain.
             steps: Sampling steps (default from the model config).
             guidance_scale: Classifier-free guidance weight (1 = plain conditional).
-            precision: ``auto`` (bf16 only where the hardware computes it natively and the model
-                config allows it), ``fp32`` or ``bf16``; default ``$SYNTHBRAIN_PRECISION`` or ``auto``.
+            precision: ``auto`` (bf16 only where it is faster than float32, a GPU with bf16 or a CPU
+                with AMX, and the model config allows it), ``fp32`` or ``bf16``; default
+                ``$SYNTHBRAIN_PRECISION`` or ``auto``.
             threads: CPU threads (default ``$SYNTHBRAIN_THREADS`` or the idle cores,
                 :func:`synth.runtime.pick_threads`), re-checked between steps
                 (:class:`synth.runtime.AdaptiveThreads`) unless given.

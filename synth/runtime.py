@@ -1,10 +1,15 @@
 """The numeric path and thread count for this machine: one place decides them for every model.
 
-bfloat16 halves the cost of the convolutions only where the hardware computes it natively: CUDA GPUs
+bfloat16 can cut the cost of the convolutions only where the hardware computes it natively: CUDA GPUs
 with bf16 (Ampere and later) and CPUs with AVX512-BF16 or AMX (Intel Cooper Lake / Sapphire Rapids
 and later, AMD Zen 4 and later). Elsewhere PyTorch *emulates* bf16 and a brain takes a hundred times
 longer (measured on an AVX2 AMD EPYC: 441 s for two sampling steps and the decoding, against 3.4 s in
-float32). So ``auto`` picks bf16 only where it is native, and float32 otherwise.
+float32). Native is not enough either: on an Intel Xeon with AVX512-BF16 but no AMX, bf16 autocast was
+*slower* than float32 (one brain, DDIM 20: 4.55 s against 3.09 s; a UNet training step 2.43 s against
+1.80 s; ``benchmarks/bench_generate.py``, ``benchmarks/bench_training_precision.py``): the casts cost more
+than the bf16 dot products save on these small 3D convolutions. So ``auto`` picks bf16 only where it is
+expected to be faster (:func:`bf16_faster`: CUDA GPUs with bf16, CPUs with AMX tiles), and float32
+otherwise.
 
 The choice can be forced: the ``precision`` argument of the API, ``--precision`` in the command line,
 or the ``SYNTHBRAIN_PRECISION`` environment variable (``auto``, ``fp32`` or ``bf16``). The same goes
@@ -28,6 +33,7 @@ __all__ = [
     "AdaptiveThreads",
     "cpu_description",
     "idle_cpus",
+    "bf16_faster",
     "native_bf16",
     "pick_threads",
     "resolve_precision",
@@ -51,8 +57,21 @@ def native_bf16(device: torch.device | str = "cpu") -> bool:
     capability = torch.backends.cpu.get_cpu_capability()
     if not capability.startswith("AVX512"):
         return False
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    return bool(torch.cpu._is_avx512_bf16_supported() or amx())
+    return bool(torch.cpu._is_avx512_bf16_supported() or _amx())
+
+
+def _amx() -> bool:
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def bf16_faster(device: torch.device | str = "cpu") -> bool:
+    """Whether bf16 autocast is expected to run faster than float32 on ``device``: a CUDA GPU with bf16,
+    or a CPU whose kernels use AMX tiles. AVX512-BF16 alone is native but was measured slower than
+    float32 on this project's models (see the module docstring); force ``bf16`` to use it anyway."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return native_bf16(device)
+    return device.type == "cpu" and native_bf16(device) and _amx()
 
 
 def resolve_precision(precision: str | None, device: torch.device | str, *, model_allows: bool = True) -> str:
@@ -62,7 +81,7 @@ def resolve_precision(precision: str | None, device: torch.device | str, *, mode
         precision: ``auto``, ``fp32``, ``bf16`` or ``None`` (then ``$SYNTHBRAIN_PRECISION``, else ``auto``).
         device: Where the model runs.
         model_allows: Whether the model was checked to work in bf16 (its config); ``auto`` stays on
-            fp32 when it was not.
+            fp32 when it was not. ``auto`` is bf16 only where :func:`bf16_faster`.
 
     Raises:
         ValueError: ``precision`` (or the environment variable) is not one of ``auto``, ``fp32``, ``bf16``.
@@ -74,7 +93,7 @@ def resolve_precision(precision: str | None, device: torch.device | str, *, mode
     if value not in PRECISIONS:
         raise ValueError(f"{source} must be auto, fp32 or bf16, got {precision!r}")
     if value == "auto":
-        return "bf16" if model_allows and native_bf16(device) else "fp32"
+        return "bf16" if model_allows and bf16_faster(device) else "fp32"
     return value
 
 
@@ -213,7 +232,8 @@ class AdaptiveThreads:
 
 
 def cpu_description() -> dict[str, object]:
-    """The CPU as benchmarks and provenance name it: model, cores, capability, native bf16."""
+    """The CPU as benchmarks and provenance name it: model, cores, capability, native bf16, AMX, and the
+    numeric path ``auto`` takes on it."""
     model = ""
     try:
         with open("/proc/cpuinfo") as f:
@@ -230,5 +250,7 @@ def cpu_description() -> dict[str, object]:
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "capability": torch.backends.cpu.get_cpu_capability(),
         "native_bf16": native_bf16("cpu"),
+        "amx": _amx(),
+        "auto_precision": resolve_precision("auto", "cpu"),
         "torch": torch.__version__,
     }

@@ -127,6 +127,23 @@ def _sets(n: int, blur_b: float, seed: int):
     return a, b
 
 
+def test_texture_distance_sees_blur_and_ignores_the_scale_of_a_filter():
+    """Fréchet distance on the standardised texture bank: blurred phantoms sit far from sharp ones, a second
+    draw of sharp ones does not; rescaling one statistic in every set changes nothing (standardised)."""
+    from synth.report import texture_scaled
+
+    sharp, blurred = _sets(16, 1.5, seed=3)
+    other, _ = _sets(16, 1.5, seed=4)
+    bank = {k: R.random_conv_features(v) for k, v in (("ref", sharp), ("blurred", blurred), ("other", other))}
+    z = texture_scaled(bank, bank["ref"])
+    assert np.allclose(z["ref"].mean(0), 0, atol=1e-9) and np.allclose(z["ref"].std(0), 1, atol=1e-6)
+    near, far = R.frechet_distance(z["other"], z["ref"]), R.frechet_distance(z["blurred"], z["ref"])
+    assert far > 5 * near
+    scaled = {k: v * np.r_[1000.0, np.ones(v.shape[1] - 1)] for k, v in bank.items()}
+    z2 = texture_scaled(scaled, scaled["ref"])
+    assert R.frechet_distance(z2["blurred"], z2["ref"]) == pytest.approx(far, rel=1e-6)
+
+
 def test_c2st_cnn_tells_blurred_from_sharp_and_not_one_distribution_from_itself():
     a, b = _sets(16, blur_b=1.2, seed=0)
     diff = R.c2st(a, b, folds=4, steps=40, batch_size=8, pool=1, seed=0)
@@ -314,6 +331,12 @@ def test_evaluate_cli_end_to_end(prepared, features_dir, tiny_model_dir, tiny_se
     assert math.isfinite(fs["psnr_mean"]) and fs["psnr_mean"] < 20
     assert "**First-stage ceiling.**" in md and "first-stage ceiling: two-sample accuracy on its reconstructions" in md
     assert res["distances"]["samples"]["fid"] > res["distances"]["yardstick"]["fid"]
+    # the texture distances: random-weight samples are far from phantoms on the bank, and so are the reconstructions
+    tex = res["distances_texture"]
+    assert tex["samples"]["fid"] > tex["yardstick"]["fid_range"][1] and tex["yardstick"]["draws"] >= 1
+    assert math.isfinite(fs["texture_fd"]) and fs["texture_fd"] > tex["yardstick"]["fid"]
+    assert "texture FD (Fréchet distance on the random-conv bank" in md and "**Texture distances.**" in md
+    assert res["figures"]["realism"]["data"]["texture_fd"]["samples"] == pytest.approx(tex["samples"]["fid"])
     assert set(res["volumes"]["samples"]) == {"lateral_ventricles", "hippocampus", "brain"}
     # the segmenter on the reconstructions of the held-out scans: the volumes' first-stage ceiling
     fsv = res["volumes"]["segmenter_on_first_stage"]
@@ -369,6 +392,13 @@ def test_the_brain_cache_is_keyed_by_the_models_sampling_settings(tiny_generator
     fast = _cached(tiny_generator, c, 1, {"fast": True}, tmp_path)
     assert len(list(tmp_path.glob("*fast-True*.nii.gz"))) == 1 and fast.provenance["steps"] == 2
     assert _cached(tiny_generator, c, 1, {"fast": True}, tmp_path).provenance["steps"] == 2
+    # the numeric path is part of the key: brains made in bf16 are not reused for a float32 run
+    from synth.report import _cache_key
+
+    monkeypatch.setenv("SYNTHBRAIN_PRECISION", "fp32")
+    fp32 = _cache_key(tiny_generator, {})
+    monkeypatch.setenv("SYNTHBRAIN_PRECISION", "bf16")
+    assert _cache_key(tiny_generator, {}) != fp32 and _cache_key(tiny_generator, {"precision": "fp32"}) == fp32
 
 
 @pytest.mark.parametrize("args, message", [

@@ -8,27 +8,33 @@ import pytest
 import torch
 
 import synth
-from synth.runtime import cpu_description, native_bf16, pick_threads, resolve_precision
+from synth.runtime import bf16_faster, cpu_description, native_bf16, pick_threads, resolve_precision
 
 
 def test_auto_precision_follows_the_capability_the_machine_reports(monkeypatch):
     monkeypatch.delenv("SYNTHBRAIN_PRECISION", raising=False)
-    native = torch.backends.cpu.get_cpu_capability().startswith("AVX512") and torch.cpu._is_avx512_bf16_supported()
+    amx = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    native = torch.backends.cpu.get_cpu_capability().startswith("AVX512") and (torch.cpu._is_avx512_bf16_supported() or amx)
     assert native_bf16("cpu") == native
-    assert resolve_precision("auto", "cpu") == ("bf16" if native else "fp32")
-    assert resolve_precision(None, "cpu") == ("bf16" if native else "fp32")
+    assert bf16_faster("cpu") == (native and amx)
+    assert resolve_precision("auto", "cpu") == ("bf16" if native and amx else "fp32")
+    assert resolve_precision(None, "cpu") == ("bf16" if native and amx else "fp32")
     assert resolve_precision("auto", "cpu", model_allows=False) == "fp32"  # a model never checked in bf16
 
 
-@pytest.mark.parametrize("fake_capability,fake_bf16,expected", [("AVX2", True, "fp32"), ("AVX2", False, "fp32"),
-                                                                 ("AVX512", False, "fp32"), ("AVX512", True, "bf16"),
-                                                                 ("DEFAULT", False, "fp32")])
-def test_auto_never_chooses_emulated_bf16(monkeypatch, fake_capability, fake_bf16, expected):
+@pytest.mark.parametrize("fake_capability,fake_bf16,fake_amx,expected", [
+    ("AVX2", True, False, "fp32"), ("AVX2", False, False, "fp32"), ("AVX2", True, True, "fp32"),  # emulated: never
+    ("AVX512", False, False, "fp32"), ("DEFAULT", False, False, "fp32"),
+    ("AVX512", True, False, "fp32"),  # native but measured slower than float32 (no AMX)
+    ("AVX512", True, True, "bf16"), ("AVX512", False, True, "bf16")])  # AMX tiles
+def test_auto_chooses_bf16_only_where_it_is_native_and_faster(monkeypatch, fake_capability, fake_bf16, fake_amx, expected):
     monkeypatch.delenv("SYNTHBRAIN_PRECISION", raising=False)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: fake_capability)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: fake_bf16)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: fake_amx, raising=False)
     assert resolve_precision("auto", "cpu") == expected
+    assert native_bf16("cpu") == (fake_capability.startswith("AVX512") and (fake_bf16 or fake_amx))
+    assert resolve_precision("bf16", "cpu") == "bf16"  # forcing still works
 
 
 def test_an_avx2_process_on_this_machine_picks_fp32():

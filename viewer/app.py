@@ -179,8 +179,8 @@ def controls_ui(choices: dict[str, service.ModelChoice]) -> dict:
                         help="Classifier-free guidance weight; empty = the model's default")
         has_precision = "precision" in choice.options
         st.selectbox("Precision", service.PRECISIONS, key="precision", disabled=not has_precision,
-                     help="auto: bfloat16 only where the processor computes it natively (fast), else float32. "
-                          "bf16 elsewhere is emulated and far slower; fp32 is the reference." if has_precision else
+                     help="auto: bfloat16 only where it is faster (a GPU with bf16, a CPU with AMX), else float32. "
+                          "bf16 without AMX was slower here, and emulated bf16 far slower; fp32 is the reference." if has_precision else
                           "Not offered by this model's backend: it runs in float32.")
         no_anatomy = service.anatomy() is None
         st.toggle("Match the requested volumes (warp)", key="match_volumes", disabled=no_anatomy,

@@ -146,8 +146,8 @@ def parse_request(
         seed: Non-negative integer.
         steps: Positive integer or ``None`` (model default).
         guidance: 0-20 or ``None`` (model default).
-        precision: ``auto`` or ``None`` (the model's choice: bf16 only where the CPU or GPU computes it
-            natively), ``fp32`` or ``bf16``.
+        precision: ``auto`` or ``None`` (the model's choice: bf16 only where it is faster than float32, a
+            GPU with bf16 or a CPU with AMX; :func:`synth.runtime.bf16_faster`), ``fp32`` or ``bf16``.
         speed: ``standard`` or ``None`` (the model's default sampling, as the library's), or ``fast``
             (the model's fast preset; refused at generation by a model without one).
         match_volumes: ``True`` to warp the brain to its requested volumes after sampling.
