@@ -545,7 +545,7 @@ def _fig_realism(res, path: Path) -> dict:
                     color="k", capsize=4)
         for i, (_, v, _) in enumerate(bars):
             a4.annotate(f"{v:.3g}", (i, v), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7)
-        a4.set_title("Fréchet distance on the texture bank (2-4 mm)")
+        a4.set_title("Texture Fréchet distance (2-4 mm)")
         a4.set_ylabel("Fréchet distance (lower = closer)")
         a4.tick_params(axis="x", labelsize=7)
         out_t = {"texture_fd": {"samples": t["samples"]["fid"], "first_stage": fs, "yardstick": yt["fid"],
