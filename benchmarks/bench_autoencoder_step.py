@@ -4,8 +4,9 @@
     python benchmarks/bench_autoencoder_step.py [--threads 2] [--repeats 2]
 
 A step is what ``synthbrain train-autoencoder`` does per volume without the discriminator: forward
-and backward of one whole 80 x 96 x 80 volume (L1 loss) and an Adam update, under bf16 autocast where
-bf16 is native (as training runs), in fp32 otherwise. Baseline: the shipped ``synthbrain-ldm-2mm``
+and backward of one whole 80 x 96 x 80 volume (L1 loss) and an Adam update, in the precision training
+takes (``training_bf16``: bf16 on CUDA with bf16 and CPUs with AMX, float32 elsewhere; until 2026-11-30
+bf16 on every CPU with native bf16, which is how the LDM card's figures were measured). Baseline: the shipped ``synthbrain-ldm-2mm``
 architecture (channels 16 32 64, 1 residual block, 4 latent channels). Prints the CPU and whether
 bf16 is native; the median of ``--repeats`` steps after one warm-up step.
 """

@@ -40,11 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 class FirstStage:
     """``encode`` (numpy volume -> latent mean) and ``decode`` (latent -> numpy volume) of one ``AutoencoderKL``."""
 
-    def __init__(self, path: str, bf16: bool):
+    def __init__(self, parts: tuple[dict, dict], bf16: bool):
+        """``parts``: ``(config, weights)`` from :func:`synth.train.common.load_autoencoder_parts`."""
         from synth.models.networks import build_autoencoder
-        from synth.train.common import load_autoencoder_parts
 
-        self.config, weights = load_autoencoder_parts(path)
+        self.config, weights = parts
         self.model = build_autoencoder(self.config)
         self.model.load_state_dict(weights)
         self.model.eval()
@@ -79,11 +79,12 @@ def main(argv=None) -> int:
     specs = [s.split("=", 1) for s in args.first_stage]
     if any(len(s) != 2 or not s[0] for s in specs):
         p.error("--first-stage expects NAME=PATH")
-    from synth.train.common import autoencoder_config
+    from synth.train.common import load_autoencoder_parts
 
-    for name, path in specs:  # every candidate readable before minutes of measuring
+    parts = {}
+    for name, path in specs:  # every candidate read (once) before minutes of measuring
         try:
-            autoencoder_config(path)
+            parts[name] = load_autoencoder_parts(path)
         except FileNotFoundError as exc:
             p.error(f"--first-stage {name}: {exc}")
 
@@ -114,7 +115,7 @@ def main(argv=None) -> int:
     shown = {}
     for name, path in specs:
         t0 = time.time()
-        fs = FirstStage(path, bf16)
+        fs = FirstStage(parts.pop(name), bf16)
         latents = [fs.encode(x) for x in real[:8]]
         recon = reconstruct(fs, real)
         ceiling = first_stage_ceiling(fs, real, masks, bank_real, folds=args.folds, steps=args.c2st_steps, recon=recon)

@@ -5,8 +5,8 @@ with bf16 (Ampere and later) and CPUs with AVX512-BF16 or AMX (Intel Cooper Lake
 and later, AMD Zen 4 and later). Elsewhere PyTorch *emulates* bf16 and a brain takes a hundred times
 longer (measured on an AVX2 AMD EPYC: 441 s for two sampling steps and the decoding, against 3.4 s in
 float32). Native is not enough either: on an Intel Xeon with AVX512-BF16 but no AMX, bf16 autocast was
-*slower* than float32 (one brain, DDIM 20: 4.55 s against 3.09 s; a UNet training step 2.43 s against
-1.80 s; ``benchmarks/bench_generate.py``, ``benchmarks/bench_training_precision.py``): the casts cost more
+*slower* than float32 (one brain, DDIM 20: 4.54 s against 2.96 s; a UNet training step 2.52 s against
+2.07 s; ``benchmarks/bench_generate.py``, ``benchmarks/bench_training_precision.py``, 2026-11-30): the casts cost more
 than the bf16 dot products save on these small 3D convolutions. So ``auto`` picks bf16 only where it is
 expected to be faster (:func:`bf16_faster`: CUDA GPUs with bf16, CPUs with AMX tiles), and float32
 otherwise.
