@@ -10,6 +10,8 @@ model's classifier-free guidance scale:
   fast      the same with the model's fast preset (``--fast``: DPM-Solver++ 8 steps for the shipped model)
   bf16      the default under bfloat16 autocast: only where the CPU computes bf16 natively (emulated
             bf16 is ~100x slower, so it is skipped and said so)
+For a model that ships a refiner (a small network after the decoder), fp32 and fast run with it, as the
+model ships, and again without it (``unrefined``), so its cost is measured in the same run.
 With ``--busy``, the fast path also runs while another process spins on one core: with the automatic
 thread count (``synth.runtime.AdaptiveThreads``: re-checked between steps) and with two threads forced.
 
@@ -88,6 +90,8 @@ def _run_variant(args) -> None:
             img = _stock(gen, cond, args.seed)
         else:
             kw = dict(precision="bf16" if args.variant == "bf16" else "fp32", fast=args.variant == "fast")
+            if args.unrefined:
+                kw["refine"] = False
             brain = gen.generate(cond, seed=args.seed, threads=threads,
                                  progress=lambda i, n: stamps.append(time.perf_counter()) if i == n else None, **kw)
             img = brain.image
@@ -97,7 +101,7 @@ def _run_variant(args) -> None:
             sample_t.append((stamps[0] if stamps else t1) - t0)
     np.save(args.save, img)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    extra = {} if args.variant == "baseline" else {k: brain.provenance[k] for k in ("sampler", "steps", "precision")}
+    extra = {} if args.variant == "baseline" else {k: brain.provenance.get(k) for k in ("sampler", "steps", "precision", "refiner")}
     used = torch.get_num_threads() if args.variant == "baseline" else brain.provenance["threads"]
     print(json.dumps({"variant": args.variant, "total_s": min(times), "sample_s": min(sample_t),
                       "decode_s": min(times) - min(sample_t), "peak_rss_mb": peak_mb,
@@ -117,6 +121,7 @@ def main() -> int:
     p.add_argument("--busy", action="store_true", help="also time the fp32 path with another process on one core")
     p.add_argument("--variant", choices=["baseline", "fp32", "fast", "bf16"], help=argparse.SUPPRESS)
     p.add_argument("--save", help=argparse.SUPPRESS)
+    p.add_argument("--unrefined", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.variant:
         _run_variant(args)
@@ -136,15 +141,20 @@ def main() -> int:
     variants = ["baseline", "fp32", "fast"] + (["bf16"] if cpu["native_bf16"] else [])
     if not cpu["native_bf16"]:
         print("bf16: skipped (not native on this CPU: emulated bf16 is about 100x slower, and `auto` never picks it)")
-    runs: list[tuple[str, str, int, bool]] = [(v, v, args.threads, False) for v in variants]
+    runs: list[tuple[str, str, int, bool, bool]] = [(v, v, args.threads, False, False) for v in variants]
+    from synth.generators import models_dir
+    from synth.models.config import ModelConfig
+
+    if ModelConfig.load(Path(args.model) if Path(args.model).is_dir() else models_dir() / args.model).refiner:
+        runs += [("fp32 unrefined", "fp32", args.threads, False, True), ("fast unrefined", "fast", args.threads, False, True)]
     if args.busy:
-        runs += [("fast busy, auto threads", "fast", 0, True), ("fast busy, 2 threads", "fast", 2, True)]
+        runs += [("fast busy, auto threads", "fast", 0, True, False), ("fast busy, 2 threads", "fast", 2, True, False)]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for label, variant, threads, busy in runs:
+        for label, variant, threads, busy, unrefined in runs:
             save = os.path.join(tmp, f"{len(results)}.npy")
             cmd = [sys.executable, __file__, "--variant", variant, "--save", save, "--model", args.model,
-                   "--threads", str(threads), "--repeats", str(args.repeats), "--seed", str(args.seed)]
+                   "--threads", str(threads), "--repeats", str(args.repeats), "--seed", str(args.seed)] + (["--unrefined"] if unrefined else [])
             spinner = _spin() if busy else None
             try:
                 if busy:
@@ -161,7 +171,9 @@ def main() -> int:
     print(f"{'variant':<26}{'path':<30}{'threads':>8}{'total s':>9}{'sample s':>10}{'decode s':>10}{'peak MB':>9}"
           f"{'PSNR dB':>9}{'r':>8}{'sharp':>8}")
     for label, r in results.items():
-        path = "MONAI DDIM 50, fp32" if label == "baseline" else f"{r['sampler']} {r['steps']}, {r['precision']}"
+        refined = isinstance(r.get("refiner"), dict) and r["refiner"].get("applied")
+        path = ("MONAI DDIM 50, fp32" if label == "baseline"
+                else f"{r['sampler']} {r['steps']}, {r['precision']}{' + refiner' if refined else ''}")
         q = "" if label == "baseline" else (f"{psnr(base['image'], r['image'], mask):>9.1f}"
                                              f"{masked_correlation(base['image'], r['image'], mask):>8.4f}")
         q = q or f"{'-':>9}{'-':>8}"
@@ -171,6 +183,9 @@ def main() -> int:
     for name in ("fp32", "fast"):
         r = results[name]
         print(f"{name}: {r['total_s']:.2f} s per brain, {base['total_s'] / r['total_s']:.1f}x the stock sampler ({target})")
+        if f"{name} unrefined" in results:
+            u = results[f"{name} unrefined"]
+            print(f"  the refiner costs {r['total_s'] - u['total_s']:.2f} s of it ({u['total_s']:.2f} s without)")
     if "bf16" in results:
         print(f"bf16: {results['bf16']['total_s']:.2f} s per brain, {base['total_s'] / results['bf16']['total_s']:.1f}x "
               f"the stock sampler (target <= 1 s where bf16 is native)")

@@ -149,6 +149,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from .pipeline import DEFAULT_MODEL, load_generator  # heavy (torch): only after every check
 
     gen = load_generator(args.model or DEFAULT_MODEL, device=args.device)
+    has_refiner = getattr(gen, "refiner", None) is not None
+    if args.refiner and not has_refiner:
+        raise UsageError(f"--refiner: model {gen.config.name!r} has no refiner (see `synthbrain models`)")
+    # --no-refiner for a model without one changes nothing
+    refine = {"refine": args.refiner} if args.refiner is not None and has_refiner else {}
     segmenter = None
     if args.match_volumes:
         from .anatomy import load_segmenter
@@ -157,7 +162,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     for i, path in enumerate(paths):
         brain = gen.generate(cond, seed=args.seed + i, steps=args.steps, guidance_scale=args.guidance_scale,
                              precision=args.precision, threads=args.threads, sampler=args.sampler, fast=args.fast,
-                             progress=not args.quiet)
+                             progress=not args.quiet, **refine)
         if segmenter is not None:
             from .anatomy import match_brain_volumes
 
@@ -247,6 +252,42 @@ def _cmd_train_diffusion(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_refiner(args: argparse.Namespace) -> int:
+    from .train.autoencoder import DEFAULT_DISCRIMINATOR, smallest_disc_crop
+
+    smallest = smallest_disc_crop(DEFAULT_DISCRIMINATOR) + 2 * args.layers
+    if args.crop < smallest:
+        raise UsageError(f"--crop must be at least {smallest} voxels (the discriminator's {smallest - 2 * args.layers} "
+                         f"plus {args.layers} a side the losses leave out), got {args.crop}")
+    if args.init_from and not Path(args.init_from).exists():
+        raise UsageError(f"--init-from expects a train-refiner run folder, a snapshot .pt or a model folder with a "
+                         f"refiner, got {args.init_from}")
+    if not (Path(args.data) / "subjects.csv").is_file():
+        raise UsageError(f"--data expects a folder written by `synthbrain prepare` (subjects.csv), got {args.data}")
+    from .train.refiner import RefinerTrainConfig, train_refiner  # heavy (torch): after the checks
+
+    cfg = RefinerTrainConfig(data_dir=args.data, model=args.model, run_dir=args.run, steps=args.steps,
+                             batch_size=args.batch_size, crop=args.crop, lr=args.lr, adv_weight=args.adv_weight,
+                             grad_weight=args.grad_weight, samples=args.samples, lowpass_weight=args.lowpass_weight,
+                             speckle_weight=args.speckle_weight, speckle_margin=args.speckle_margin,
+                             refiner={"width": args.width, "layers": args.layers}, seed=args.seed,
+                             snap_every=args.snap_every, max_minutes=args.max_minutes, init_from=args.init_from)
+    state = train_refiner(cfg, progress=not args.quiet)
+    print(f"refiner at step {state['step']} in {args.run}/last.pt")
+    return 0
+
+
+def _cmd_package_refiner(args: argparse.Namespace) -> int:
+    run = Path(args.run)
+    if not ((run / "last.pt").is_file() or (run.suffix == ".pt" and run.is_file())):
+        raise UsageError(f"--run expects a train-refiner run folder (last.pt) or a snapshot .pt, got {args.run}")
+    from .train.refiner import package_refiner
+
+    folder = package_refiner(run, args.model, args.out, version=args.version, default=not args.off_by_default)
+    print(f"packaged {folder} with its refiner ({'applied by default' if not args.off_by_default else 'off by default'})")
+    return 0
+
+
 def _cmd_package(args: argparse.Namespace) -> int:
     from .train.package import package_model
 
@@ -258,9 +299,12 @@ def _cmd_package(args: argparse.Namespace) -> int:
 
 def _cmd_models(args: argparse.Namespace) -> int:
     from .generators import available_models, models_dir
+    from .io import read_json
 
     for m in available_models(details=True):
-        print(f"{m.name}\t{m.backend}\t{m.version}")
+        refiner = read_json(m.path / "config.json").get("refiner")
+        extra = f"\trefiner ({'on' if refiner.get('default', True) else 'off'} by default)" if refiner else ""
+        print(f"{m.name}\t{m.backend}\t{m.version}{extra}")
     if not available_models():
         print(f"no models in {models_dir()}", file=sys.stderr)
     return 0
@@ -301,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=_positive_int, default=None,
                    help="CPU threads (default: $SYNTHBRAIN_THREADS or the idle cores)")
     g.add_argument("--guidance-scale", type=_guidance, default=None, help="classifier-free guidance (default: the model's)")
+    g.add_argument("--refiner", action=argparse.BooleanOptionalAction, default=None,
+                   help="apply (--refiner) or leave out (--no-refiner) the model's refiner, the small network after the "
+                        "decoder that adds 2 mm texture (default: as the model ships it; the provenance says either way)")
     g.add_argument("--match-volumes", action="store_true",
                    help="warp each brain slightly so the segmenter measures the requested ventricle and hippocampus "
                         "volumes (an edit after sampling, recorded in the provenance; about 4 s per brain)")
@@ -343,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="with --decoder-only: Gaussian noise added to the latents, as a fraction of their std "
                                 "(a decoder robust to imperfect sampled latents)")
             t.add_argument("--disc-crop", type=_positive_int, default=None,
-                           help="show the discriminator a random cube of this edge (voxels, at least 32) instead of the whole volume (faster)")
+                           help="show the discriminator a random cube of this edge (voxels, at least 24) instead of the whole volume (faster)")
             t.add_argument("--adv-latents", default=None,
                            help="with --decoder-only and --adv-weight: a bank of sampled latents (scripts/sample_latents.py) "
                                 "the decoder also renders each step, judged only by the discriminator")
@@ -371,6 +418,43 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--guidance-scale", type=_guidance, default=None,
                    help="default guidance scale (default: a packaged --ldm-run's, else 1.0)")
     k.set_defaults(func=_cmd_package)
+
+    r = sub.add_parser("train-refiner", help="train a small refiner after a latent diffusion model's decoder "
+                                             "(adds 2 mm texture; resumes from RUN/last.pt)")
+    r.add_argument("--data", default=str(default_cache_dir() / "ixi-2mm"), help="prepared data folder")
+    r.add_argument("--model", default=DEFAULT_MODEL, help=f"the latent diffusion model to refine (default {DEFAULT_MODEL})")
+    r.add_argument("--run-dir", "--run", dest="run", required=True, help="run folder (outside any repository: it caches "
+                                                                          "volumes derived from the scans)")
+    r.add_argument("--steps", type=_positive_int, default=20000)
+    r.add_argument("--batch-size", type=_positive_int, default=4, help="cubes of each kind per step")
+    r.add_argument("--crop", type=_positive_int, default=40, help="cube edge in voxels")
+    r.add_argument("--lr", type=_bounded(float, 1e-12, 10.0, "a learning rate within 1e-12-10"), default=2e-4)
+    r.add_argument("--adv-weight", type=_nonnegative_float, default=0.05, help="weight of the adversarial loss")
+    r.add_argument("--grad-weight", type=_nonnegative_float, default=1.0, help="weight of the gradient L1 on reconstructions")
+    r.add_argument("--samples", type=_nonnegative_int, default=64,
+                   help="generated brains to train on as well (judged by the discriminator; 0: reconstructions only)")
+    r.add_argument("--lowpass-weight", type=_nonnegative_float, default=1.0,
+                   help="weight of the samples' coarse-content L1 (keeps their anatomy where it is)")
+    r.add_argument("--speckle-weight", type=_nonnegative_float, default=20.0,
+                   help="weight of the penalty on voxels standing out from their 3x3x3 median (isolated bright/dark dots)")
+    r.add_argument("--speckle-margin", type=_nonnegative_float, default=0.2,
+                   help="distance from the 3x3x3 median that is not penalised (real 2 mm scans: 0.16 %% of voxels beyond 0.2)")
+    r.add_argument("--width", type=_positive_int, default=32, help="channels of the refiner's hidden layers")
+    r.add_argument("--layers", type=_bounded(int, 2, 16, "a layer count within 2-16"), default=5, help="convolutions")
+    r.add_argument("--init-from", default=None, help="start from this refiner (run folder, snapshot .pt or model folder)")
+    r.add_argument("--snap-every", type=_positive_int, default=None, help="keep the averaged weights every N steps in RUN/snaps/")
+    r.add_argument("--seed", type=_seed, default=0)
+    r.add_argument("--max-minutes", type=_positive_float, default=None, help="stop (with a checkpoint) after this many minutes")
+    r.add_argument("--quiet", action="store_true")
+    r.set_defaults(func=_cmd_train_refiner)
+
+    q = sub.add_parser("package-refiner", help="write a model folder: a latent diffusion model plus a trained refiner")
+    q.add_argument("--run", required=True, help="train-refiner run folder or snapshot .pt")
+    q.add_argument("--model", default=DEFAULT_MODEL, help="the model it refines (name or folder)")
+    q.add_argument("--out", required=True, help="model folder to write (may be --model's own folder)")
+    q.add_argument("--version", default=None, help="version of the packaged model (default: --model's)")
+    q.add_argument("--off-by-default", action="store_true", help="ship the refiner switched off (generate --refiner opts in)")
+    q.set_defaults(func=_cmd_package_refiner)
 
     m = sub.add_parser("models", help="list the shipped models")
     m.set_defaults(func=_cmd_models)

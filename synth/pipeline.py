@@ -9,6 +9,10 @@ The numeric path (float32 or bfloat16) follows the hardware (:mod:`synth.runtime
 is native. Inference runs an exact, cheaper form of the decoder's upsampling
 (:mod:`synth.models.fast`) and PyTorch's fused attention in the UNet.
 
+A model may ship a small refiner (:mod:`synth.models.refiner`, ``refiner.safetensors``) that adds 2 mm
+texture to the decoded image; it is applied unless switched off (``refine=False``) and named in the
+provenance either way.
+
 This is the ``ldm`` backend of :class:`synth.generators.Generator`; loading by name or folder
 (:func:`load_generator`, re-exported here) dispatches on the model's config in :mod:`synth.generators`.
 """
@@ -32,6 +36,7 @@ from .io import SYNTHETIC_NOTICE
 from .models.config import ModelConfig
 from .models.fast import use_onednn_convs
 from .models.networks import autocast, build_autoencoder, build_unet, latent_mean
+from .models.refiner import build_refiner, refine_volume
 from .normative import NormativeModel, target_volumes
 from .runtime import AdaptiveThreads, resolve_precision
 from .sampling import SAMPLERS, dpm_solver_pp_2m, dpm_timesteps
@@ -58,6 +63,7 @@ class BrainGenerator:
         unet: MONAI ``DiffusionModelUNet`` with trained weights.
         device: Where to run (``auto``: CUDA, MPS, then CPU).
         source: Where the weights came from (for provenance).
+        refiner: The trained :class:`synth.models.refiner.Refiner` of ``config.refiner``, if it has one.
 
     Example:
         >>> gen = load_generator()                                  # doctest: +SKIP
@@ -67,7 +73,7 @@ class BrainGenerator:
 
     backend = "ldm"  # synth.generators.BACKENDS
 
-    def __init__(self, config: ModelConfig, autoencoder, unet, *, device="auto", source: str = ""):
+    def __init__(self, config: ModelConfig, autoencoder, unet, *, device="auto", source: str = "", refiner=None):
         self.config = config
         self.device = pick_device(device)
         self.autoencoder = autoencoder.to(self.device).eval().requires_grad_(False)
@@ -75,6 +81,9 @@ class BrainGenerator:
         _use_fused_attention(self.unet)
         use_onednn_convs(self.unet)  # batch-1 (unguided) steps otherwise take PyTorch's slow conv3d path
         self._decoder = None  # the fast inference form of the decoder, built on first use
+        if config.refiner and refiner is None:
+            raise ValueError(f"model {config.name!r} names a refiner in its config but none was given")
+        self.refiner = refiner.to(self.device).eval().requires_grad_(False) if refiner is not None else None
         self.source = source
         self.normative = NormativeModel.from_dict(config.normative) if config.normative else None
         g = config.grid
@@ -82,7 +91,8 @@ class BrainGenerator:
 
     @classmethod
     def from_folder(cls, folder: str | Path, device: str = "auto") -> "BrainGenerator":
-        """Load ``config.json``, ``autoencoder.safetensors`` and ``unet.safetensors`` from ``folder``."""
+        """Load ``config.json``, ``autoencoder.safetensors``, ``unet.safetensors`` (and ``refiner.safetensors``
+        when the config names a refiner) from ``folder``."""
         folder = Path(folder)
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"no model in {folder}: expected config.json, autoencoder.safetensors, unet.safetensors")
@@ -90,7 +100,13 @@ class BrainGenerator:
         ae, unet = build_autoencoder(config.autoencoder), build_unet(config.unet)
         _load_weights(ae, folder / "autoencoder.safetensors")
         _load_weights(unet, folder / "unet.safetensors")
-        return cls(config, ae, unet, device=device, source=str(folder))
+        refiner = None
+        if config.refiner:
+            if not (folder / "refiner.safetensors").is_file():
+                raise FileNotFoundError(f"model {config.name!r} in {folder} names a refiner but has no refiner.safetensors")
+            refiner = build_refiner(config.refiner)
+            _load_weights(refiner, folder / "refiner.safetensors")
+        return cls(config, ae, unet, device=device, source=str(folder), refiner=refiner)
 
     # -- conditioning -------------------------------------------------------------------------
     def targets(self, condition: Condition) -> dict[str, float]:
@@ -228,6 +244,30 @@ class BrainGenerator:
             img = self._decoder(latent)
         return img.float().clamp_(0, 1)[0, 0].cpu().numpy()
 
+    @property
+    def refines_by_default(self) -> bool:
+        """Whether :meth:`generate` applies the model's refiner unless told not to."""
+        return self.refiner is not None and bool((self.config.refiner or {}).get("default", True))
+
+    def refine(self, image: np.ndarray) -> np.ndarray:
+        """The model's refiner applied to a decoded (X, Y, Z) volume (background zero), in float32.
+
+        Raises:
+            ValueError: the model has no refiner.
+        """
+        if self.refiner is None:
+            raise ValueError(f"model {self.config.name!r} has no refiner")
+        return refine_volume(self.refiner, image, device=self.device)
+
+    def refiner_provenance(self, applied: bool) -> dict | str:
+        """What the provenance says of the refiner: ``none`` (the model has none), or whether it was
+        applied and how it was trained."""
+        if self.refiner is None:
+            return "none"
+        cfg = self.config.refiner or {}
+        return {"applied": bool(applied), "network": f"{cfg.get('layers')} conv3d layers, width {cfg.get('width')}",
+                "steps": cfg.get("steps"), "trained": cfg.get("trained", "")}
+
     def generate(
         self,
         condition: Condition,
@@ -240,6 +280,7 @@ class BrainGenerator:
         sampler: str | None = None,
         fast: bool = False,
         bf16: bool | None = None,
+        refine: bool | None = None,
         progress: ProgressFn | bool | None = None,
     ) -> SyntheticBrain:
         """Generate one brain.
@@ -261,6 +302,8 @@ class BrainGenerator:
                 in 8 steps, guidance on the 4 noisiest: about 2.3x faster, measured trade-offs in its card);
                 ``steps``, ``sampler`` and ``guidance_scale`` given explicitly still win.
             bf16: Older spelling of ``precision`` (``True`` = ``"bf16"``, ``False`` = ``"fp32"``).
+            refine: Apply the model's refiner after decoding (default: as its config says; ``True`` for
+                a model without one is an error). Always float32.
             progress: ``True`` for a progress bar, or a callback ``f(step, total)``.
         """
         if not isinstance(condition, Condition):
@@ -268,6 +311,9 @@ class BrainGenerator:
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**63:
             raise ValueError(f"`seed` must be a non-negative integer, got {seed!r}")
         opts = self.sampling_options(steps, guidance_scale, sampler, fast=fast)
+        if refine and self.refiner is None:
+            raise ValueError(f"model {self.config.name!r} has no refiner; generate without refine=True")
+        refine = self.refines_by_default if refine is None else bool(refine)
         if bf16 is not None and precision is None:
             precision = "bf16" if bf16 else "fp32"
         precision = resolve_precision(precision, self.device, model_allows=bool(self.config.sampling.get("bf16", False)))
@@ -291,6 +337,10 @@ class BrainGenerator:
             if governor is not None:
                 governor.check("decode")
             image = zero_background(self.decode(latent, bf16=use_bf16))
+            if refine:
+                if governor is not None:
+                    governor.check("refine")
+                image = self.refine(image)
         affine = self.grid.affine if self.grid else np.eye(4)
         provenance = {
             "generator": "SynthBrain",
@@ -304,6 +354,7 @@ class BrainGenerator:
             "steps": opts["steps"],
             "guidance_scale": opts["guidance_scale"],
             "guidance_interval": opts["guidance_interval"],
+            "refiner": self.refiner_provenance(refine),
             "precision": precision,
             "bf16": use_bf16,
             "threads": governor.used[0] if governor is not None else None,

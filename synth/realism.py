@@ -50,6 +50,7 @@ __all__ = [
     "c2st",
     "c2st_logistic",
     "random_conv_features",
+    "speckle_fraction",
     "brain_age",
     "ms_ssim_pairs",
     "nearest_training",
@@ -644,6 +645,22 @@ def random_conv_features(images: Sequence[np.ndarray], filters: int = 16, seed: 
             x = nn.functional.avg_pool3d(x, 2, ceil_mode=True)
         rows.append(torch.cat(feats).numpy())
     return np.stack(rows).astype(np.float64)
+
+
+def speckle_fraction(image: np.ndarray, threshold: float = 0.2) -> float:
+    """The share of brain voxels that stand more than ``threshold`` from the median of their 3x3x3
+    neighbourhood: isolated bright or dark dots, the artefact a young adversarial network draws.
+
+    The brain is the voxels above 0.05, eroded twice so its outline does not count. Held-out IXI 2 mm
+    scans: 0.16 % at 0.2 (first 12 subjects of val + test); the decoder's images have almost none.
+    """
+    from scipy import ndimage
+
+    x = np.asarray(image, np.float32)
+    inside = ndimage.binary_erosion(x > 0.05, iterations=2)
+    if not inside.any():
+        return 0.0
+    return float((np.abs(x - ndimage.median_filter(x, size=3))[inside] > threshold).mean())
 
 
 # ----------------------------------------------------------------------------- condition, diversity, privacy

@@ -102,11 +102,12 @@ def _condition(row: dict) -> Condition:
 
 def _cache_key(gen, opts: dict) -> str:
     """What besides name, version, options, condition and seed decides a cached brain: the model's own
-    sampling settings and weights (a config edited under the same name and version, another default
-    sampler say, must not pick up the old brains) and the numeric path generation takes here."""
+    sampling settings, refiner and weights (a config edited under the same name and version, another
+    default sampler say, must not pick up the old brains) and the numeric path generation takes here."""
     cfg = getattr(gen, "config", None)
     sampling = getattr(cfg, "sampling", None)
     what = {"sampling": sampling, "weights": getattr(cfg, "weights_sha256", None),
+            **({"refiner": cfg.refiner} if getattr(cfg, "refiner", None) else {}),  # keys of older caches unchanged
             "precision": resolve_precision(opts.get("precision"), getattr(gen, "device", "cpu"),
                                            model_allows=bool((sampling or {}).get("bf16", False)))}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:10]

@@ -101,7 +101,7 @@ def test_bad_arguments_one_line_exit_2_nothing_written(tiny_model_dir, tmp_path,
         (["--adv-latents", "bank.pt"], "--adv-latents needs --decoder-only and --adv-weight > 0, got --adv-latents bank.pt"),
         (["--decoder-only", "--adv-weight", "0.1", "--adv-latents", "nope.pt"],
          "--adv-latents expects a latent bank (.pt) written by scripts/sample_latents.py, got nope.pt"),
-        (["--disc-crop", "16"], "--disc-crop must be at least 32 voxels (the discriminator's smallest input), got 16"),
+        (["--disc-crop", "16"], "--disc-crop must be at least 24 voxels (the discriminator's smallest input), got 16"),
         (["--snap-every", "0"], "argument --snap-every: expected a positive integer, got '0'"),
         (["--init-from", "nope"], "--init-from expects a training run folder holding last.pt or a model folder "
                                   "(config.json + autoencoder.safetensors), got nope"),

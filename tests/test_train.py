@@ -269,8 +269,9 @@ def test_decoder_adversarial_fine_tune_on_crops_and_sampled_latents(tmp_path):
         load_latent_bank(tmp_path / "none.pt", (2, 8, 8, 8))
     with pytest.raises(ValueError, match="needs `decoder_only` and `adv_weight`"):
         AETrainConfig(data_dir="", run_dir="", adv_latents=str(tmp_path / "bank.pt"))
-    with pytest.raises(ValueError, match="at least 32 voxels for a 3-layer discriminator"):
-        AETrainConfig(data_dir="", run_dir="", disc_crop=24)
+    with pytest.raises(ValueError, match="at least 24 voxels for a 3-layer discriminator"):
+        AETrainConfig(data_dir="", run_dir="", disc_crop=20)
+    AETrainConfig(data_dir="", run_dir="", disc_crop=24)  # the smallest cube a 3-layer PatchDiscriminator takes
     AETrainConfig(data_dir="", run_dir="", disc_crop=16, discriminator=dict(TINY_DISC))  # 2 layers: 16 is enough
     with pytest.raises(ValueError, match="`snap_every` must be at least 1"):
         AETrainConfig(data_dir="", run_dir="", snap_every=0)

@@ -170,11 +170,12 @@ def _parse(**kw):
 
 def test_parse_request_is_a_hashable_cache_key():
     r = _parse(volumes={"hippocampus": 0.005}, steps=10, guidance=2)
-    # standard: the model's default sampling; False: no volume matching; None: precision auto
-    assert r.key() == ("m", 60.0, "F", "CN", (("hippocampus", 0.005),), 1, 10, 2.0, "standard", False, None)
+    # standard: the model's default sampling; False: no volume matching; None: the model's refiner default
+    # and precision auto
+    assert r.key() == ("m", 60.0, "F", "CN", (("hippocampus", 0.005),), 1, 10, 2.0, "standard", False, None, None)
     hash(r.key())
     matched = _parse(match_volumes=True)
-    assert matched.key()[-2] is True and matched.with_condition(age=70).match_volumes is True
+    assert matched.key()[-3] is True and matched.with_condition(age=70).match_volumes is True
     with pytest.raises(TypeError, match="`match_volumes` must be True or False"):
         _parse(match_volumes="yes")
 

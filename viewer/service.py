@@ -94,6 +94,8 @@ class Request:
             DPM-Solver++(2M) in 8 steps; only models that have one, see :attr:`ModelChoice.has_fast`).
         match_volumes: Warp the brain to its requested ventricle and hippocampus volumes after
             sampling (``synth.anatomy.match_brain_volumes``; needs the segmenter).
+        refine: Apply (``True``) or leave out (``False``) the model's refiner, or ``None`` for the
+            model's default (see :attr:`ModelChoice.has_refiner`).
     """
 
     model: str
@@ -105,12 +107,13 @@ class Request:
     precision: str | None = None
     speed: str = "standard"
     match_volumes: bool = False
+    refine: bool | None = None
 
     def key(self) -> tuple:
         """Plain, hashable values for ``st.cache_data`` and the out-of-date check (precision last)."""
         c = self.condition
         return (self.model, c.age, c.sex, c.diagnosis, tuple(sorted(c.volumes.items())), self.seed, self.steps, self.guidance,
-                self.speed, self.match_volumes, self.precision)
+                self.speed, self.match_volumes, self.refine, self.precision)
 
     def with_condition(self, **changes: Any) -> "Request":
         """The same request with some condition fields changed (validated again)."""
@@ -120,7 +123,7 @@ class Request:
             warnings.simplefilter("always")
             cond = synth.Condition.from_dict(d)
         return Request(self.model, cond, self.seed, self.steps, self.guidance, tuple(str(w.message) for w in caught),
-                       precision=self.precision, speed=self.speed, match_volumes=self.match_volumes)
+                       precision=self.precision, speed=self.speed, match_volumes=self.match_volumes, refine=self.refine)
 
 
 def parse_request(
@@ -137,6 +140,7 @@ def parse_request(
     precision: Any = None,
     speed: Any = None,
     match_volumes: Any = False,
+    refine: Any = None,
 ) -> Request:
     """Validate what the widgets hold; raise ``ValueError``/``TypeError`` whose message the user can act on.
 
@@ -151,6 +155,7 @@ def parse_request(
         speed: ``standard`` or ``None`` (the model's default sampling, as the library's), or ``fast``
             (the model's fast preset; refused at generation by a model without one).
         match_volumes: ``True`` to warp the brain to its requested volumes after sampling.
+        refine: ``True``/``False`` to apply/leave out the model's refiner, ``None`` for its default.
     """
     models = list(generator_models() if models is None else models)
     if not models:
@@ -189,8 +194,11 @@ def parse_request(
         raise ValueError(f"`speed` must be one of {', '.join(SPEEDS)}, got {speed!r}")
     if not isinstance(match_volumes, (bool, np.bool_)):
         raise TypeError(f"`match_volumes` must be True or False, got {match_volumes!r}")
+    if refine is not None and not isinstance(refine, (bool, np.bool_)):
+        raise TypeError(f"`refine` must be True, False or None, got {refine!r}")
     return Request(str(model), condition, int(seed), steps, guidance, tuple(str(w.message) for w in caught),
-                   precision=precision, speed=speed.strip().lower(), match_volumes=bool(match_volumes))
+                   precision=precision, speed=speed.strip().lower(), match_volumes=bool(match_volumes),
+                   refine=None if refine is None else bool(refine))
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -237,6 +245,7 @@ class ModelChoice:
         options: The request fields its ``generate`` takes: some of ``steps``, ``guidance``,
             ``precision``, ``speed`` (``speed`` only with a ``fast`` preset in its config).
         sampling: Its config's ``sampling`` section (defaults and the ``fast`` preset).
+        refiner: Its config's ``refiner`` section, or ``None`` when it has no refiner.
     """
 
     name: str
@@ -244,6 +253,17 @@ class ModelChoice:
     version: str = ""
     options: frozenset = frozenset()
     sampling: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    refiner: Mapping[str, Any] | None = field(default=None, compare=False, hash=False)
+
+    @property
+    def has_refiner(self) -> bool:
+        """Whether the Refiner switch applies (the model ships a refiner after its decoder)."""
+        return bool(self.refiner)
+
+    @property
+    def refiner_default(self) -> bool:
+        """Whether the model applies its refiner unless switched off."""
+        return self.has_refiner and bool(self.refiner.get("default", True))
 
     @property
     def label(self) -> str:
@@ -295,7 +315,8 @@ def model_choices() -> dict[str, ModelChoice]:
         options = {o for o, arg in _OPTION_ARGS.items() if takes(cls, arg)}
         if not isinstance(sampling.get("fast"), dict):
             options.discard("speed")
-        out[info.name] = ModelChoice(info.name, info.backend, info.version, frozenset(options), sampling)
+        refiner = cfg.get("refiner") if isinstance(cfg.get("refiner"), dict) else None
+        out[info.name] = ModelChoice(info.name, info.backend, info.version, frozenset(options), sampling, refiner)
     return out
 
 
@@ -384,6 +405,10 @@ def _generate_options(generator, request: Request) -> dict[str, Any]:
         if not has_fast_preset(generator):
             raise ValueError(f"{what} has no fast sampling preset: choose Standard speed")
         extra["fast"] = True
+    if request.refine is not None and getattr(generator, "refiner", None) is not None:
+        extra["refine"] = request.refine
+    elif request.refine:
+        raise ValueError(f"{what} has no refiner: switch Refiner off")
     return extra
 
 
@@ -397,6 +422,9 @@ def sampling_caption(provenance: Mapping[str, Any]) -> str:
     if sampler or steps:
         parts.append(", ".join(p for p in (sampler and str(sampler), steps and f"{steps} steps") if p))
     parts.append(f"{provenance.get('precision', 'default')} precision")
+    refiner = provenance.get("refiner")
+    if isinstance(refiner, dict):
+        parts.append("refined" if refiner.get("applied") else "refiner off")
     if "volume_matching" in provenance:
         parts.append("volumes matched by a warp")
     return " · ".join(parts)

@@ -36,6 +36,9 @@ class ModelConfig:
         reference: Free text on the model's origin (e.g. the MONAI zoo model it mirrors).
         weights_sha256: ``{weights file name: hex SHA-256}``, written at package time and checked
             by :meth:`load` before any weights are read (empty: not checked).
+        refiner: The image refiner applied after decoding (:mod:`synth.models.refiner`), or ``None``:
+            ``width``, ``layers``, ``default`` (applied unless switched off), ``steps``, ``trained``
+            (how it was trained); its weights are ``refiner.safetensors``.
     """
 
     name: str
@@ -53,6 +56,7 @@ class ModelConfig:
     normative: dict[str, Any] | None = None
     reference: str = ""
     weights_sha256: dict[str, str] = field(default_factory=dict)
+    refiner: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.conditioning not in ("crossattn+concat", "crossattn", "concat"):

@@ -163,8 +163,9 @@ def kl_loss(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
 
 def smallest_disc_crop(discriminator: dict[str, Any]) -> int:
-    """The smallest cube a ``PatchDiscriminator`` of this config takes: its last normalised layer keeps > 1 voxel."""
-    return 2 ** (int(discriminator.get("num_layers_d", 3)) + 2)
+    """The smallest cube a ``PatchDiscriminator`` of this config takes, ``3 x 2**num_layers_d`` voxels (its last
+    normalised layer must keep more than one voxel; found by trying every size for 1-4 layers)."""
+    return 3 * 2 ** int(discriminator.get("num_layers_d", 3))
 
 
 def load_latent_bank(path: str | Path, latent_shape: tuple[int, ...]) -> torch.Tensor:

@@ -1,0 +1,198 @@
+"""The refiner after the decoder: network, training (resumable), packaging, generation and the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import write_prepared
+
+TINY_DISC = {"spatial_dims": 3, "in_channels": 1, "out_channels": 1, "channels": 4, "num_layers_d": 2, "norm": "INSTANCE"}
+
+
+def test_refiner_starts_as_identity_and_crop_is_exact():
+    from synth.models.refiner import Refiner, refine_volume
+
+    net = Refiner(width=4, layers=3)
+    rng = np.random.default_rng(0)
+    img = np.zeros((24, 28, 20), np.float32)
+    img[5:18, 6:20, 4:15] = rng.uniform(0.2, 0.9, (13, 14, 11))
+    assert np.allclose(refine_volume(net, img), img)  # zero-initialised last layer: the identity
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.2)
+    out = refine_volume(net, img)
+    with torch.no_grad():
+        full = net(torch.from_numpy(img)[None, None])[0, 0].clamp(0, 1).numpy()
+    inside = img > 0
+    assert not np.allclose(out[inside], img[inside], atol=1e-3)  # it does change the brain
+    np.testing.assert_allclose(out[inside], full[inside], atol=1e-5)  # the bounding box gives the whole volume's values
+    assert (out[~inside] == 0).all() and out.min() >= 0 and out.max() <= 1
+
+
+def test_refiner_rejects_bad_shapes():
+    from synth.models.refiner import Refiner, refine_volume
+
+    with pytest.raises(ValueError, match="layers >= 2"):
+        Refiner(width=4, layers=1)
+    with pytest.raises(ValueError, match=r"expects an \(X, Y, Z\) volume"):
+        refine_volume(Refiner(4, 2), np.zeros((2, 8, 8, 8), np.float32))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir):
+    """A tiny refiner trained 6 steps, stopped after 3 and resumed (beside an uninterrupted 6-step run)."""
+    from synth.train.refiner import RefinerTrainConfig, train_refiner
+
+    root = tmp_path_factory.mktemp("refiner")
+    data = write_prepared(root / "data", ages=(25, 40, 60, 75), split="train")
+
+    def cfg(run, steps):
+        return RefinerTrainConfig(data_dir=str(data.root), model=str(tiny_model_dir), run_dir=str(root / run), steps=steps,
+                                  batch_size=2, crop=16, samples=2, refiner={"width": 4, "layers": 2},
+                                  discriminator=dict(TINY_DISC), ckpt_every=1, snap_every=3)
+
+    whole = train_refiner(cfg("whole", 6), progress=False)
+    train_refiner(cfg("split", 3), progress=False)
+    resumed = train_refiner(cfg("split", 6), progress=False)
+    return root, whole, resumed
+
+
+def test_train_refiner_learns_resumes_and_snapshots(trained):
+    root, whole, resumed = trained
+    assert whole["step"] == resumed["step"] == 6
+    for k, v in whole["ema_state_dict"].items():  # a resumed run draws what the uninterrupted one drew
+        torch.testing.assert_close(resumed["ema_state_dict"][k], v)
+    assert whole["state_dict"]["out.weight"].abs().sum() > 0  # it moved off the identity
+    rows = (root / "whole" / "losses.csv").read_text().splitlines()
+    assert rows[0].split(",") == ["step", "time_s", "l1", "grad", "lowpass", "speckle", "speckled", "adv", "disc"]
+    assert len(rows) == 7
+    assert [r.split(",")[0] for r in (root / "split" / "losses.csv").read_text().splitlines()[1:]] == [str(i) for i in range(1, 7)]
+    assert sorted(p.name for p in (root / "whole" / "snaps").iterdir()) == ["step_000003.pt", "step_000006.pt"]
+    samples = np.load(root / "whole" / "samples.npy")
+    assert samples.shape == (2, 32, 32, 32) and samples.max() > 0  # generated, unrefined brains
+
+
+def test_package_generate_and_provenance(trained, tiny_model_dir, tmp_path):
+    import synth
+    from synth.condition import Condition
+    from synth.train.refiner import package_refiner
+
+    root, whole, _ = trained
+    out = package_refiner(root / "whole", tiny_model_dir, tmp_path / "with-refiner", version="0.0.1-test")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["version"] == "0.0.1-test" and cfg["refiner"]["steps"] == 6 and cfg["refiner"]["default"] is True
+    assert set(cfg["weights_sha256"]) == {"autoencoder.safetensors", "unet.safetensors", "refiner.safetensors"}
+    assert "6 steps of train-refiner" in cfg["refiner"]["trained"]
+
+    gen = synth.load_generator(out, device="cpu")
+    base = synth.load_generator(tiny_model_dir, device="cpu")
+    c = Condition(age=60, sex="F")
+    refined, plain, again = gen.generate(c, seed=2), gen.generate(c, seed=2, refine=False), gen.generate(c, seed=2)
+    np.testing.assert_array_equal(refined.image, again.image)  # same seed, same brain
+    np.testing.assert_allclose(plain.image, base.generate(c, seed=2).image, atol=1e-6)  # switched off: the model as it was
+    assert not np.allclose(refined.image, plain.image)
+    np.testing.assert_allclose(refined.image, gen.refine(plain.image), atol=1e-6)
+    assert refined.provenance["refiner"]["applied"] is True and refined.provenance["refiner"]["steps"] == 6
+    assert plain.provenance["refiner"]["applied"] is False
+    assert base.generate(c, seed=2).provenance["refiner"] == "none"
+    with pytest.raises(ValueError, match="has no refiner"):
+        base.generate(c, seed=2, refine=True)
+
+    # a tampered refiner is refused before it is read
+    (out / "refiner.safetensors").write_bytes((out / "refiner.safetensors").read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(ValueError, match="refiner.safetensors"):
+        synth.load_generator(out, device="cpu")
+
+
+def test_package_off_by_default_and_into_own_folder(trained, tiny_model_dir, tmp_path):
+    import synth
+    from synth.condition import Condition
+    from synth.train.refiner import package_refiner
+
+    root, _, _ = trained
+    own = shutil.copytree(tiny_model_dir, tmp_path / "own")
+    package_refiner(root / "whole" / "snaps" / "step_000003.pt", own, own, default=False)
+    gen = synth.load_generator(own, device="cpu")
+    assert gen.config.refiner["steps"] == 3 and gen.config.version == "0.0.0-test"
+    b = gen.generate(Condition(age=40, sex="M"), seed=0)
+    assert b.provenance["refiner"]["applied"] is False
+    assert gen.generate(Condition(age=40, sex="M"), seed=0, refine=True).provenance["refiner"]["applied"] is True
+
+
+def test_cli_train_package_generate(trained, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from synth.cli import main
+
+    root, _, _ = trained
+    assert main(["package-refiner", "--run", str(root / "whole"), "--model", str(tiny_model_dir),
+                 "--out", str(tmp_path / "m")]) == 0
+    monkeypatch.setenv("SYNTHBRAIN_MODELS", str(tmp_path))
+    assert main(["models"]) == 0
+    assert "m\tldm\t0.0.0-test\trefiner (on by default)" in capsys.readouterr().out
+    assert main(["generate", "--age", "50", "--sex", "F", "--model", str(tmp_path / "m"), "--device", "cpu",
+                 "--out", str(tmp_path / "a.nii.gz"), "--no-refiner", "--quiet"]) == 0
+    side = json.loads((tmp_path / "a.json").read_text())
+    assert side["refiner"]["applied"] is False
+    # bad input: one line, exit 2, nothing written
+    assert main(["generate", "--age", "50", "--sex", "F", "--model", str(tiny_model_dir), "--device", "cpu",
+                 "--out", str(tmp_path / "b.nii.gz"), "--refiner", "--quiet"]) == 2
+    assert "has no refiner" in capsys.readouterr().err and not (tmp_path / "b.nii.gz").exists()
+    assert main(["train-refiner", "--run", str(tmp_path / "r"), "--data", str(root / "data"), "--crop", "20"]) == 2
+    assert "--crop must be at least 34 voxels" in capsys.readouterr().err
+    assert main(["package-refiner", "--run", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
+    assert "--run expects a train-refiner run folder" in capsys.readouterr().err
+
+
+def test_speckle_penalty_sees_isolated_voxels_only():
+    from synth.train.refiner import median3, speckle_excess
+
+    g = torch.linspace(0, 1, 12)
+    smooth = (g[:, None, None] + g[None, :, None] + g[None, None, :])[None, None] / 3  # a ramp: no speckle
+    assert speckle_excess(smooth, 0.2).item() == 0
+    dotted = smooth.clone()
+    dotted[0, 0, 5, 6, 7] += 0.5  # one bright voxel
+    torch.testing.assert_close(median3(dotted), median3(smooth))  # the median ignores it
+    excess = speckle_excess(dotted, 0.2).item()
+    assert excess == pytest.approx((0.5 - 0.2) / 10**3, rel=1e-4)  # only that voxel, 0.3 beyond the margin
+    dotted.requires_grad_(True)
+    speckle_excess(dotted, 0.2).backward()
+    assert dotted.grad[0, 0, 5, 6, 7] > 0 and (dotted.grad != 0).sum() <= 27  # pulls the dot down, locally
+
+
+def test_viewer_refiner_switch(trained, tiny_model_dir, tmp_path, monkeypatch):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import synth
+    from synth.train.refiner import package_refiner
+    from viewer import service
+
+    root, _, _ = trained
+    models = tmp_path / "models"
+    package_refiner(root / "whole", tiny_model_dir, models / "with-refiner")
+    shutil.copytree(tiny_model_dir, models / "plain")
+    monkeypatch.setenv("SYNTHBRAIN_MODELS", str(models))
+    choices = service.model_choices()
+    assert choices["with-refiner"].has_refiner and choices["with-refiner"].refiner_default
+    assert not choices["plain"].has_refiner
+    names = list(choices)
+    gen = synth.load_generator(models / "with-refiner", device="cpu")
+    ask = dict(age=60, sex="F", diagnosis="CN", seed=1, models=names)
+    on = service.run_generation(gen, service.parse_request(model="with-refiner", refine=True, **ask)).brain
+    off = service.run_generation(gen, service.parse_request(model="with-refiner", refine=False, **ask)).brain
+    assert on.provenance["refiner"]["applied"] and not off.provenance["refiner"]["applied"]
+    assert service.sampling_caption(on.provenance).endswith("· refined")
+    assert service.sampling_caption(off.provenance).endswith("· refiner off")
+    assert service.parse_request(model="with-refiner", refine=True, **ask).key() != \
+        service.parse_request(model="with-refiner", refine=False, **ask).key()
+    plain = synth.load_generator(models / "plain", device="cpu")
+    with pytest.raises(ValueError, match="has no refiner: switch Refiner off"):
+        service.run_generation(plain, service.parse_request(model="plain", refine=True, **ask))
+    with pytest.raises(TypeError, match="`refine` must be True, False or None"):
+        service.parse_request(model="plain", refine="yes", **ask)
