@@ -249,9 +249,11 @@ def c2st_confidence(result: dict) -> float:
     return float(np.mean(np.r_[1 - scores[:n], scores[n:]]))
 
 
-def reconstruct(gen, real) -> list[np.ndarray]:
-    """The first stage's renderings of ``real``: each scan encoded, decoded and background-zeroed as a generated brain is."""
-    return [zero_background(np.asarray(gen.decode(gen.encode(x)), np.float32)) for x in real]
+def reconstruct(gen, real, refine: bool = False) -> list[np.ndarray]:
+    """The first stage's renderings of ``real``: each scan encoded, decoded and background-zeroed as a generated brain
+    is, and with ``refine`` passed through the model's refiner (:meth:`synth.pipeline.BrainGenerator.refine`)."""
+    out = [zero_background(np.asarray(gen.decode(gen.encode(x)), np.float32)) for x in real]
+    return [gen.refine(x) for x in out] if refine else out
 
 
 def first_stage_ceiling(gen, real, masks, bank_real: np.ndarray | None = None, *, folds: int = 5, steps: int = 150,
@@ -366,9 +368,12 @@ def run_evaluation(gen, data, features: R.FeatureModel, options: EvalOptions | N
     recon = None
     if o.first_stage and hasattr(gen, "encode") and hasattr(gen, "decode"):
         log("  first-stage ceiling: two-sample tests on reconstructions of the held-out scans")
-        recon = reconstruct(gen, real)
+        # the image path the samples take: through the refiner when generation applies it
+        refined = bool(o.generate_options.get("refine", getattr(gen, "refines_by_default", False)))
+        recon = reconstruct(gen, real, refine=refined)
         res["first_stage"] = first_stage_ceiling(gen, real, [data.labels(r) > 0 for r in held_rows], bank["heldout"],
                                                  folds=o.c2st_folds, steps=o.c2st_steps, seed=o.seed, log=log, recon=recon)
+        res["first_stage"]["refiner"] = refined
 
     # 4. diversity
     s_pairs = [(g[i].image, g[j].image) for g in div for i in range(len(g)) for j in range(i + 1, len(g))]
@@ -417,6 +422,9 @@ def run_evaluation(gen, data, features: R.FeatureModel, options: EvalOptions | N
                       "sharpness_ratio": float(np.mean(sh_s) / np.mean(sh_r)),
                       "intensity_distance_samples_to_matched_real": float(np.mean(d_s)),
                       "intensity_distance_real_to_real": float(np.mean(d_r)),
+                      # isolated bright/dark dots (an adversarial network's artefact): a check, not a realism score
+                      "speckle_samples": float(np.mean([R.speckle_fraction(b.image) for b in samples])),
+                      "speckle_real": float(np.mean([R.speckle_fraction(x) for x in real])),
                       "note": "texture statistics: a blotchy texture can match them; not evidence of realism on their own"}
 
     first = samples[0].provenance
@@ -710,7 +718,8 @@ def _first_stage_rows(res: dict) -> list[str]:
         return []
     return [f"| first-stage ceiling: two-sample accuracy on its reconstructions of the held-out scans, CNN / texture bank | "
             f"{_pct(fs['cnn']['accuracy'])} / {_pct(fs['logistic_random_conv']['accuracy'])} | 50 % | "
-            f"the best a sample can do with this decoder (PSNR {fs['psnr_mean']:.1f} dB, SSIM {fs['ssim_mean']:.3f}) |"]
+            f"the best a sample can do with this decoder{' and its refiner' if fs.get('refiner') else ''} "
+            f"(PSNR {fs['psnr_mean']:.1f} dB, SSIM {fs['ssim_mean']:.3f}) |"]
 
 
 def _texture_distance_rows(res: dict) -> list[str]:
@@ -800,7 +809,10 @@ def _markdown(res: dict) -> str:
                      f"{_pct(r.get('median_rel_error', float('nan')))}{_first_stage_volume(res['volumes'], k)} | requested vs measured |")
     L += [f"| sharpness samples / real (texture statistic) | {tx['sharpness_ratio']:.2f} | 1 | not evidence of realism on its own |",
           f"| tissue contrast: intensity distance to the matched real subject | {tx['intensity_distance_samples_to_matched_real']:.3f} | "
-          f"{tx['intensity_distance_real_to_real']:.3f} (real to real) | not evidence of realism on its own |", "",
+          f"{tx['intensity_distance_real_to_real']:.3f} (real to real) | not evidence of realism on its own |",
+          *([f"| isolated dots: share of brain voxels more than 0.2 from their 3x3x3 median | {100 * tx['speckle_samples']:.3f} % | "
+             f"{100 * tx['speckle_real']:.3f} % (held-out real) | an artefact check (adversarial networks draw such dots) |"]
+            if "speckle_samples" in tx else []), "",
           "## Real beside generated", "", "![side by side](side_by_side.png)", "",
           "Held-out real subjects (left, IXI dataset, CC BY-SA 3.0) beside generated brains of the same age and sex "
           "(right), at the same axial, coronal and sagittal slices.", "",

@@ -336,6 +336,9 @@ def test_evaluate_cli_end_to_end(prepared, features_dir, tiny_model_dir, tiny_se
     assert tex["samples"]["fid"] > tex["yardstick"]["fid_range"][1] and tex["yardstick"]["draws"] >= 1
     assert math.isfinite(fs["texture_fd"]) and fs["texture_fd"] > tex["yardstick"]["fid"]
     assert "texture FD (Fréchet distance on the random-conv bank" in md and "**Texture distances.**" in md
+    # the artefact check: phantoms with 5 % noise have isolated dots, the random-weight model's smooth samples fewer
+    assert res["texture"]["speckle_real"] > 0 and 0 <= res["texture"]["speckle_samples"] <= 1
+    assert "| isolated dots: share of brain voxels more than 0.2 from their 3x3x3 median |" in md
     assert res["figures"]["realism"]["data"]["texture_fd"]["samples"] == pytest.approx(tex["samples"]["fid"])
     assert set(res["volumes"]["samples"]) == {"lateral_ventricles", "hippocampus", "brain"}
     # the segmenter on the reconstructions of the held-out scans: the volumes' first-stage ceiling
@@ -492,3 +495,21 @@ def test_sample_latents_script_writes_a_bank_the_decoder_fine_tune_reads(prepare
     with pytest.raises(SystemExit) as bad:
         script.main([*argv[:-2], "--n", "0", "--out", str(tmp_path / "c.pt")])
     assert bad.value.code == 2 and not (tmp_path / "c.pt").exists()
+
+
+def test_speckle_fraction_counts_isolated_dots_not_edges():
+    from synth.realism import speckle_fraction
+
+    g = np.stack(np.meshgrid(*[np.linspace(-1, 1, 24)] * 3, indexing="ij"))
+    brain = ((g ** 2).sum(0) < 0.8).astype(np.float32)
+    img = brain * np.where(g[0] > 0, 0.7, 0.4)  # two tissues with a sharp boundary: no dots
+    assert speckle_fraction(img) == 0
+    dotted = img.copy()
+    inside = np.argwhere(brain > 0)
+    rng = np.random.default_rng(0)
+    for i in rng.choice(len(inside), 20, replace=False):
+        x, y, z = inside[i]
+        dotted[x, y, z] = 1.0 if dotted[x, y, z] < 0.5 else 0.3  # a bright dot in dark tissue or a dark one in bright
+    frac = speckle_fraction(dotted)
+    assert 0 < frac <= 20 / (brain > 0).sum() * 1.5
+    assert speckle_fraction(np.zeros((8, 8, 8), np.float32)) == 0
