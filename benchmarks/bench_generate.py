@@ -10,8 +10,9 @@ model's classifier-free guidance scale:
   fast      the same with the model's fast preset (``--fast``: DPM-Solver++ 8 steps for the shipped model)
   bf16      the default under bfloat16 autocast: only where the CPU computes bf16 natively (emulated
             bf16 is ~100x slower, so it is skipped and said so)
-For a model that ships a refiner (a small network after the decoder), fp32 and fast run with it, as the
-model ships, and again without it (``unrefined``), so its cost is measured in the same run.
+For a model that ships a refiner (a small network after the decoder), fp32 and fast run as the model ships
+them (the shipped model: fp32 with the refiner, fast without) and again the other way (``fp32 unrefined``,
+``fast + refiner``), so its cost is measured in the same run.
 With ``--busy``, the fast path also runs while another process spins on one core: with the automatic
 thread count (``synth.runtime.AdaptiveThreads``: re-checked between steps) and with two threads forced.
 
@@ -90,8 +91,8 @@ def _run_variant(args) -> None:
             img = _stock(gen, cond, args.seed)
         else:
             kw = dict(precision="bf16" if args.variant == "bf16" else "fp32", fast=args.variant == "fast")
-            if args.unrefined:
-                kw["refine"] = False
+            if args.refine != "default":
+                kw["refine"] = args.refine == "on"
             brain = gen.generate(cond, seed=args.seed, threads=threads,
                                  progress=lambda i, n: stamps.append(time.perf_counter()) if i == n else None, **kw)
             img = brain.image
@@ -121,7 +122,7 @@ def main() -> int:
     p.add_argument("--busy", action="store_true", help="also time the fp32 path with another process on one core")
     p.add_argument("--variant", choices=["baseline", "fp32", "fast", "bf16"], help=argparse.SUPPRESS)
     p.add_argument("--save", help=argparse.SUPPRESS)
-    p.add_argument("--unrefined", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--refine", choices=["default", "on", "off"], default="default", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.variant:
         _run_variant(args)
@@ -141,20 +142,20 @@ def main() -> int:
     variants = ["baseline", "fp32", "fast"] + (["bf16"] if cpu["native_bf16"] else [])
     if not cpu["native_bf16"]:
         print("bf16: skipped (not native on this CPU: emulated bf16 is about 100x slower, and `auto` never picks it)")
-    runs: list[tuple[str, str, int, bool, bool]] = [(v, v, args.threads, False, False) for v in variants]
+    runs: list[tuple[str, str, int, bool, str]] = [(v, v, args.threads, False, "default") for v in variants]
     from synth.generators import models_dir
     from synth.models.config import ModelConfig
 
     if ModelConfig.load(Path(args.model) if Path(args.model).is_dir() else models_dir() / args.model).refiner:
-        runs += [("fp32 unrefined", "fp32", args.threads, False, True), ("fast unrefined", "fast", args.threads, False, True)]
+        runs += [("fp32 unrefined", "fp32", args.threads, False, "off"), ("fast + refiner", "fast", args.threads, False, "on")]
     if args.busy:
-        runs += [("fast busy, auto threads", "fast", 0, True, False), ("fast busy, 2 threads", "fast", 2, True, False)]
+        runs += [("fast busy, auto threads", "fast", 0, True, "default"), ("fast busy, 2 threads", "fast", 2, True, "default")]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for label, variant, threads, busy, unrefined in runs:
+        for label, variant, threads, busy, refine in runs:
             save = os.path.join(tmp, f"{len(results)}.npy")
             cmd = [sys.executable, __file__, "--variant", variant, "--save", save, "--model", args.model,
-                   "--threads", str(threads), "--repeats", str(args.repeats), "--seed", str(args.seed)] + (["--unrefined"] if unrefined else [])
+                   "--threads", str(threads), "--repeats", str(args.repeats), "--seed", str(args.seed)] + ["--refine", refine]
             spinner = _spin() if busy else None
             try:
                 if busy:
@@ -183,9 +184,10 @@ def main() -> int:
     for name in ("fp32", "fast"):
         r = results[name]
         print(f"{name}: {r['total_s']:.2f} s per brain, {base['total_s'] / r['total_s']:.1f}x the stock sampler ({target})")
-        if f"{name} unrefined" in results:
-            u = results[f"{name} unrefined"]
-            print(f"  the refiner costs {r['total_s'] - u['total_s']:.2f} s of it ({u['total_s']:.2f} s without)")
+        pair = {"fp32": ("fp32", "fp32 unrefined"), "fast": ("fast + refiner", "fast")}[name]
+        if all(k in results for k in pair):
+            on, off = (results[k]["total_s"] for k in pair)
+            print(f"  {name} with the refiner {on:.2f} s, without {off:.2f} s: the refiner costs {on - off:.2f} s")
     if "bf16" in results:
         print(f"bf16: {results['bf16']['total_s']:.2f} s per brain, {base['total_s'] / results['bf16']['total_s']:.1f}x "
               f"the stock sampler (target <= 1 s where bf16 is native)")

@@ -369,7 +369,9 @@ def run_evaluation(gen, data, features: R.FeatureModel, options: EvalOptions | N
     if o.first_stage and hasattr(gen, "encode") and hasattr(gen, "decode"):
         log("  first-stage ceiling: two-sample tests on reconstructions of the held-out scans")
         # the image path the samples take: through the refiner when generation applies it
-        refined = bool(o.generate_options.get("refine", getattr(gen, "refines_by_default", False)))
+        fast = bool(o.generate_options.get("fast", False))
+        refined = bool(o.generate_options.get("refine", gen.refines_by_default_for(fast)
+                                              if hasattr(gen, "refines_by_default_for") else False))
         recon = reconstruct(gen, real, refine=refined)
         res["first_stage"] = first_stage_ceiling(gen, real, [data.labels(r) > 0 for r in held_rows], bank["heldout"],
                                                  folds=o.c2st_folds, steps=o.c2st_steps, seed=o.seed, log=log, recon=recon)

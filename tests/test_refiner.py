@@ -90,6 +90,8 @@ def test_package_generate_and_provenance(trained, tiny_model_dir, tmp_path):
     assert set(cfg["weights_sha256"]) == {"autoencoder.safetensors", "unet.safetensors", "refiner.safetensors"}
     assert "6 steps of train-refiner" in cfg["refiner"]["trained"]
 
+    cfg["sampling"]["fast"] = {"sampler": "dpm++2m", "steps": 2}  # a fast preset, as the shipped model has
+    (out / "config.json").write_text(json.dumps(cfg))
     gen = synth.load_generator(out, device="cpu")
     base = synth.load_generator(tiny_model_dir, device="cpu")
     c = Condition(age=60, sex="F")
@@ -101,6 +103,11 @@ def test_package_generate_and_provenance(trained, tiny_model_dir, tmp_path):
     assert refined.provenance["refiner"]["applied"] is True and refined.provenance["refiner"]["steps"] == 6
     assert plain.provenance["refiner"]["applied"] is False
     assert base.generate(c, seed=2).provenance["refiner"] == "none"
+    # the fast preset leaves the refiner out unless asked (it would cost about as much as the fast sampling)
+    assert gen.refines_by_default_for(fast=False) and not gen.refines_by_default_for(fast=True)
+    quick = gen.generate(c, seed=2, fast=True)
+    assert quick.provenance["refiner"]["applied"] is False
+    assert gen.generate(c, seed=2, fast=True, refine=True).provenance["refiner"]["applied"] is True
     with pytest.raises(ValueError, match="has no refiner"):
         base.generate(c, seed=2, refine=True)
 

@@ -202,6 +202,7 @@ def parse_request(
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
+REFINER_CHOICES = {"auto": None, "on": True, "off": False}  # the viewer's Refiner box -> Request.refine
 SPEEDS = ("fast", "standard")
 SPEED_LABELS = {"fast": "Fast preview", "standard": "Standard"}
 BACKEND_LABELS = {"ldm": "latent diffusion", "vq": "VQ-VAE + transformer"}

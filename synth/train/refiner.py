@@ -339,12 +339,13 @@ def _state(net, ema, disc, opt, d_opt, step: int, cfg: RefinerTrainConfig, init_
 
 
 def package_refiner(run: str | Path, model: str | Path, out: str | Path, *, version: str | None = None,
-                    default: bool = True) -> Path:
+                    default: bool = True, fast_default: bool = False) -> Path:
     """Write a model folder that is ``model`` plus the refiner of ``run`` (a run folder or a snapshot).
 
     ``out`` gets copies of ``model``'s files (unless it *is* that folder), ``refiner.safetensors`` (fp16)
     and a ``config.json`` whose ``refiner`` section names the network, its training steps and whether
-    :meth:`~synth.pipeline.BrainGenerator.generate` applies it by default; every weights file is
+    :meth:`~synth.pipeline.BrainGenerator.generate` applies it by default (``default``: standard sampling;
+    ``fast_default``: the fast preset, off unless asked, as it costs about as much as the fast sampling); every weights file is
     hashed into ``weights_sha256``. ``version`` defaults to the model's.
     """
     import shutil
@@ -376,6 +377,7 @@ def package_refiner(run: str | Path, model: str | Path, out: str | Path, *, vers
                + f", {cfg['adv_weight']:g} x least-squares "
                f"PatchGAN loss; EMA weights" + (f"; started from {init}" if init else ""))
     config.refiner = {"width": int(arch["width"]), "layers": int(arch["layers"]), "default": bool(default),
+                      "fast_default": bool(fast_default),
                       "steps": step, "trained": trained}
     if version:
         config.version = version
