@@ -303,7 +303,9 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
     for m in available_models(details=True):
         refiner = read_json(m.path / "config.json").get("refiner")
-        extra = f"\trefiner ({'on' if refiner.get('default', True) else 'off'} by default)" if refiner else ""
+        on, fast = (refiner.get("default", True), refiner.get("fast_default", False)) if refiner else (False, False)
+        extra = (f"\trefiner ({'on' if on else 'off'} by default" + (", off with --fast" if on and not fast else "") + ")"
+                 if refiner else "")
         print(f"{m.name}\t{m.backend}\t{m.version}{extra}")
     if not available_models():
         print(f"no models in {models_dir()}", file=sys.stderr)

@@ -140,7 +140,7 @@ def test_cli_train_package_generate(trained, tiny_model_dir, tmp_path, capsys, m
                  "--out", str(tmp_path / "m")]) == 0
     monkeypatch.setenv("SYNTHBRAIN_MODELS", str(tmp_path))
     assert main(["models"]) == 0
-    assert "m\tldm\t0.0.0-test\trefiner (on by default)" in capsys.readouterr().out
+    assert "m\tldm\t0.0.0-test\trefiner (on by default, off with --fast)" in capsys.readouterr().out
     assert main(["generate", "--age", "50", "--sex", "F", "--model", str(tmp_path / "m"), "--device", "cpu",
                  "--out", str(tmp_path / "a.nii.gz"), "--no-refiner", "--quiet"]) == 0
     side = json.loads((tmp_path / "a.json").read_text())
