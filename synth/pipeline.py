@@ -244,11 +244,6 @@ class BrainGenerator:
             img = self._decoder(latent)
         return img.float().clamp_(0, 1)[0, 0].cpu().numpy()
 
-    @property
-    def refines_by_default(self) -> bool:
-        """Whether :meth:`generate` applies the model's refiner to its standard sampling unless told not to."""
-        return self.refines_by_default_for(fast=False)
-
     def refines_by_default_for(self, fast: bool) -> bool:
         """Whether :meth:`generate` applies the refiner unless told not to: the config's ``default`` for the
         standard sampling, its ``fast_default`` (off unless set) for the fast preset, whose point is speed

@@ -203,3 +203,28 @@ def test_viewer_refiner_switch(trained, tiny_model_dir, tmp_path, monkeypatch):
         service.run_generation(plain, service.parse_request(model="plain", refine=True, **ask))
     with pytest.raises(TypeError, match="`refine` must be True, False or None"):
         service.parse_request(model="plain", refine="yes", **ask)
+
+
+def test_refiner_error_paths(trained, tiny_model_dir, tmp_path, capsys):
+    import synth
+    from synth.cli import main
+    from synth.train.refiner import RefinerTrainConfig, package_refiner
+
+    root, _, _ = trained
+    out = package_refiner(root / "whole", tiny_model_dir, tmp_path / "m")
+    (out / "refiner.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="weights file refiner.safetensors is missing"):  # checked with the hashes
+        synth.load_generator(out, device="cpu")
+    with pytest.raises(ValueError, match="is not a refiner checkpoint written by train-refiner"):
+        torch.save({"step": 1}, tmp_path / "other.pt")
+        package_refiner(tmp_path / "other.pt", tiny_model_dir, tmp_path / "n")
+    with pytest.raises(ValueError, match="`speckle_weight` must be >= 0"):
+        RefinerTrainConfig(data_dir="", model="", run_dir="", speckle_weight=-1)
+    with pytest.raises(ValueError, match="inner cube of at least 24 voxels"):
+        RefinerTrainConfig(data_dir="", model="", run_dir="", crop=30)
+    assert main(["train-refiner", "--run", str(tmp_path / "r"), "--data", str(root / "data"),
+                 "--init-from", str(tmp_path / "missing")]) == 2
+    assert "--init-from expects a train-refiner run folder" in capsys.readouterr().err
+    assert main(["train-refiner", "--run", str(tmp_path / "r"), "--data", str(tmp_path)]) == 2
+    assert "--data expects a folder written by `synthbrain prepare`" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # nothing written

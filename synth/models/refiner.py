@@ -87,8 +87,8 @@ def refine_volume(net: Refiner, image: np.ndarray, *, device: torch.device | str
     hi = np.minimum(idx.max(0) + 1 + r, image.shape)
     box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
     x = torch.from_numpy(np.ascontiguousarray(image[box]))[None, None].to(device)
-    if x.device.type == "cpu":  # oneDNN's 3D convolutions run faster channels-last: 0.79 -> 0.64 s a brain on
-        # 2 AVX-512 cores, 1.12 -> 0.95 s on AVX2 kernels (same values to float rounding)
+    if x.device.type == "cpu":  # oneDNN's 3D convolutions run faster channels-last, as for the decoder (same
+        # values to float rounding); the refiner's cost per brain: benchmarks/bench_generate.py
         net = net.to(memory_format=torch.channels_last_3d)
         x = x.contiguous(memory_format=torch.channels_last_3d)
     y = net(x).float().clamp_(0, 1).contiguous()[0, 0].cpu().numpy()

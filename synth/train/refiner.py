@@ -112,9 +112,15 @@ def median3(x: torch.Tensor) -> torch.Tensor:
     return x.unfold(2, 3, 1).unfold(3, 3, 1).unfold(4, 3, 1).flatten(-3).median(-1).values
 
 
-def speckle_excess(x: torch.Tensor, margin: float) -> torch.Tensor:
-    """Mean over voxels of how far each stands from its 3x3x3 median beyond ``margin`` (0 for smooth images)."""
-    return F.relu((x[..., 1:-1, 1:-1, 1:-1] - median3(x)).abs() - margin).mean()
+def median_distance(x: torch.Tensor) -> torch.Tensor:
+    """How far each voxel one in from the faces of ``x`` stands from its 3x3x3 median."""
+    return (x[..., 1:-1, 1:-1, 1:-1] - median3(x)).abs()
+
+
+def speckle_excess(x: torch.Tensor, margin: float, distance: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over voxels of how far each stands from its 3x3x3 median beyond ``margin`` (0 for smooth images);
+    ``distance``: :func:`median_distance` of ``x`` when the caller has it."""
+    return F.relu((median_distance(x) if distance is None else distance) - margin).mean()
 
 
 def _cached_array(path: Path, make: Callable[[], np.ndarray]) -> np.ndarray:
@@ -135,13 +141,14 @@ def _training_rows(data) -> list[dict]:
 
 
 def _reconstructions(gen, scans: np.ndarray, progress: bool) -> np.ndarray:
+    """Each scan as the generator renders it (:func:`synth.report.reconstruct`), with a progress bar."""
     from tqdm.auto import tqdm
 
-    from ..brain import zero_background
+    from ..report import reconstruct
 
     out = np.empty_like(scans)
     for i in tqdm(range(len(scans)), desc="reconstructions", disable=not progress, leave=False):
-        out[i] = zero_background(gen.decode(gen.encode(scans[i])))
+        out[i] = reconstruct(gen, [scans[i]])[0]
     return out
 
 
@@ -298,7 +305,8 @@ def train_refiner(cfg: RefinerTrainConfig, *, progress: bool = True, device: str
             lp = F.l1_loss(F.avg_pool3d(ys, 4), F.avg_pool3d(inner(s), 4))
             fakes.append(ys)
         fakes_t = torch.cat(fakes)
-        sp = speckle_excess(fakes_t, cfg.speckle_margin) if cfg.speckle_weight > 0 else torch.zeros((), device=dev)
+        dist = median_distance(fakes_t)  # once: the penalty and the logged share of dots
+        sp = speckle_excess(fakes_t, cfg.speckle_margin, dist) if cfg.speckle_weight > 0 else torch.zeros((), device=dev)
         g_adv = adv(disc(fakes_t)[-1], target_is_real=True, for_discriminator=False)
         loss = l1 + cfg.grad_weight * gl + cfg.lowpass_weight * lp + cfg.speckle_weight * sp + cfg.adv_weight * g_adv
         opt.zero_grad(set_to_none=True)
@@ -313,8 +321,7 @@ def train_refiner(cfg: RefinerTrainConfig, *, progress: bool = True, device: str
         d_opt.zero_grad(set_to_none=True)
         d_loss.backward()
         d_opt.step()
-        with torch.no_grad():  # the share of refined voxels beyond the margin, to watch
-            speckled = ((fakes_t[..., 1:-1, 1:-1, 1:-1] - median3(fakes_t)).abs() > cfg.speckle_margin).float().mean()
+        speckled = (dist.detach() > cfg.speckle_margin).float().mean()  # the share of refined voxels beyond it
         log.log(step + 1, l1=l1.item(), grad=gl.item(), lowpass=lp.item(), speckle=sp.item(), speckled=speckled.item(),
                 adv=g_adv.item(), disc=d_loss.item())
         bar.set_postfix(l1=f"{l1.item():.4f}", adv=f"{g_adv.item():.3f}", disc=f"{d_loss.item():.3f}")
