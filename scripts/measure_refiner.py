@@ -41,6 +41,7 @@ def main(argv=None) -> int:
     p.add_argument("--base", action="store_true", help="measure the unrefined decoder as well")
     p.add_argument("--out", required=True, help="JSON of the figures (a PNG of slices is written beside it)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--c2st-repeats", type=int, default=3, help="repeats of the CNN test's cross-validation (scores averaged)")
     args = p.parse_args(argv)
     for s in args.snapshots:
         if not Path(s).exists():
@@ -89,10 +90,11 @@ def main(argv=None) -> int:
                "speckle_recon": float(np.mean([R.speckle_fraction(x) for x in rec])),
                "speckle_samples": float(np.mean([R.speckle_fraction(x) for x in smp]))}
         for k, imgs in (("recon", rec), ("samples", smp)):
-            c = R.c2st(real, imgs).to_dict()
+            c = R.c2st(real, imgs, repeats=args.c2st_repeats).to_dict()
             res[f"c2st_{k}"], res[f"confidence_{k}"] = c["accuracy"], report.c2st_confidence(c)
+            res[f"c2st_{k}_repeats"] = c["repeat_accuracy"]
             res[f"bank_{k}"] = R.c2st_logistic(bank_real, R.random_conv_features(imgs), 5, 0, "bank").accuracy
-        print(name, " ".join(f"{k} {v:.4g}" for k, v in res.items()), flush=True)
+        print(name, " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()), flush=True)
         return res
 
     shown = {}

@@ -270,7 +270,8 @@ def _cmd_train_refiner(args: argparse.Namespace) -> int:
                              batch_size=args.batch_size, crop=args.crop, lr=args.lr, adv_weight=args.adv_weight,
                              grad_weight=args.grad_weight, samples=args.samples, lowpass_weight=args.lowpass_weight,
                              speckle_weight=args.speckle_weight, speckle_margin=args.speckle_margin,
-                             refiner={"width": args.width, "layers": args.layers}, seed=args.seed,
+                             refiner={"width": args.width, "layers": args.layers, "context": args.context},
+                             seed=args.seed,
                              snap_every=args.snap_every, max_minutes=args.max_minutes, init_from=args.init_from)
     state = train_refiner(cfg, progress=not args.quiet)
     print(f"refiner at step {state['step']} in {args.run}/last.pt")
@@ -443,7 +444,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="distance from the 3x3x3 median that is not penalised (real 2 mm scans: 0.16 %% of voxels beyond 0.2)")
     r.add_argument("--width", type=_positive_int, default=32, help="channels of the refiner's hidden layers")
     r.add_argument("--layers", type=_bounded(int, 2, 16, "a layer count within 2-16"), default=5, help="convolutions")
-    r.add_argument("--init-from", default=None, help="start from this refiner (run folder, snapshot .pt or model folder)")
+    r.add_argument("--context", type=_bounded(int, 0, 8, "a layer count within 0-8"), default=0,
+                   help="convolutions of a context branch at 8 mm (widens the field to ~60 voxels; 0: none)")
+    r.add_argument("--init-from", default=None, help="start from this refiner (run folder, snapshot .pt or model folder; "
+                                                     "one without a context branch can start one)")
     r.add_argument("--snap-every", type=_positive_int, default=None, help="keep the averaged weights every N steps in RUN/snaps/")
     r.add_argument("--seed", type=_seed, default=0)
     r.add_argument("--max-minutes", type=_positive_float, default=None, help="stop (with a checkpoint) after this many minutes")

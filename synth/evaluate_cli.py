@@ -89,6 +89,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     gen = synth.load_generator(args.model or synth.DEFAULT_MODEL, device=args.device)
     opts = EvalOptions(n_samples=args.n_samples, seed=args.seed, diversity_conditions=args.diversity_conditions,
                        diversity_seeds=args.diversity_seeds, c2st_folds=args.folds, c2st_steps=args.c2st_steps,
+                       c2st_repeats=args.c2st_repeats,
                        segmenter=None if args.segmenter == "none" else args.segmenter,
                        splits=tuple(args.splits), cache_dir=args.cache, match_volumes=args.match_volumes,
                        first_stage=not args.no_first_stage, generate_options={"fast": True} if args.fast else {})
@@ -118,6 +119,8 @@ def add_parser(sub) -> None:
     e.add_argument("--diversity-seeds", type=_int_at_least(2), default=4)
     e.add_argument("--folds", type=_int_at_least(2), default=5, help="cross-validation folds of the two-sample tests")
     e.add_argument("--c2st-steps", type=_int_at_least(1), default=150, help="training steps of the C2ST classifier per fold")
+    e.add_argument("--c2st-repeats", type=_int_at_least(1), default=3,
+                   help="repeats of the CNN two-sample test's cross-validation, scores averaged (steadier; 1: one run)")
     e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (default cpu)")
     e.add_argument("--threads", type=_int_at_least(1), default=None,
                    help="CPU threads of the measuring networks (default: $SYNTHBRAIN_THREADS or the idle cores)")

@@ -61,6 +61,8 @@ class EvalOptions:
         diversity_seeds: Brains per diversity condition.
         c2st_folds: Cross-validation folds of the classifier two-sample tests.
         c2st_steps: Training steps of the CNN classifier per fold.
+        c2st_repeats: Repeats of the CNN classifier's cross-validation, scores averaged (one run swings
+            by about 10 points on 36 + 36 brains; :func:`synth.realism.c2st`).
         kid_subsets: Random subsets for KID's mean and spread.
         yardstick_draws: Random draws of real-train subjects (as many as samples) for the yardstick.
         segmenter: Segmenter name or folder for the volume study; ``None`` skips it.
@@ -83,6 +85,7 @@ class EvalOptions:
     diversity_seeds: int = 4
     c2st_folds: int = 5
     c2st_steps: int = 150
+    c2st_repeats: int = 3
     kid_subsets: int = 100
     yardstick_draws: int = 10
     segmenter: str | None = "synthbrain-seg-2mm"
@@ -257,7 +260,8 @@ def reconstruct(gen, real, refine: bool = False) -> list[np.ndarray]:
 
 
 def first_stage_ceiling(gen, real, masks, bank_real: np.ndarray | None = None, *, folds: int = 5, steps: int = 150,
-                        seed: int = 0, log: Log | None = None, recon: list[np.ndarray] | None = None) -> dict[str, Any]:
+                        seed: int = 0, log: Log | None = None, recon: list[np.ndarray] | None = None,
+                        repeats: int = 1) -> dict[str, Any]:
     """Two-sample tests of the first stage's reconstructions against the real scans they encode.
 
     Each scan is encoded, decoded and background-zeroed as a generated brain is (:func:`reconstruct`,
@@ -268,7 +272,7 @@ def first_stage_ceiling(gen, real, masks, bank_real: np.ndarray | None = None, *
 
     t0 = time.time()
     recon = reconstruct(gen, real) if recon is None else recon
-    cnn = R.c2st(real, recon, folds=folds, steps=steps, seed=seed, log=log)
+    cnn = R.c2st(real, recon, folds=folds, steps=steps, seed=seed, repeats=repeats, log=log)
     bank_real = R.random_conv_features(real) if bank_real is None else bank_real
     bank_recon = R.random_conv_features(recon)
     tex = R.c2st_logistic(bank_real, bank_recon, folds, seed, "a fixed random-convolution bank")
@@ -343,7 +347,7 @@ def run_evaluation(gen, data, features: R.FeatureModel, options: EvalOptions | N
 
     # 3. classifier two-sample tests
     log("  classifier two-sample test (3D CNN, cross-validated)")
-    cnn = R.c2st(real, s_imgs, folds=o.c2st_folds, steps=o.c2st_steps, seed=o.seed, log=log)
+    cnn = R.c2st(real, s_imgs, folds=o.c2st_folds, steps=o.c2st_steps, seed=o.seed, repeats=o.c2st_repeats, log=log)
     bank = {k: R.random_conv_features(v) for k, v in (("heldout", real), ("samples", s_imgs), ("train", train))}
     # Fréchet and kernel distances on the texture bank as well: the feature network sees 4 mm voxels
     # and is nearly blind to the 2 mm detail the classifiers see; the bank is not.
@@ -374,7 +378,8 @@ def run_evaluation(gen, data, features: R.FeatureModel, options: EvalOptions | N
                                               if hasattr(gen, "refines_by_default_for") else False))
         recon = reconstruct(gen, real, refine=refined)
         res["first_stage"] = first_stage_ceiling(gen, real, [data.labels(r) > 0 for r in held_rows], bank["heldout"],
-                                                 folds=o.c2st_folds, steps=o.c2st_steps, seed=o.seed, log=log, recon=recon)
+                                                 folds=o.c2st_folds, steps=o.c2st_steps, seed=o.seed, log=log, recon=recon,
+                                                 repeats=o.c2st_repeats)
         res["first_stage"]["refiner"] = refined
 
     # 4. diversity
@@ -697,13 +702,30 @@ def _texture_note(c: dict) -> str:
     return ""
 
 
+def _repeats(cnn: dict) -> str:
+    n = len(cnn.get("repeat_accuracy") or [])
+    return f" x {n} repeats" if n > 1 else ""
+
+
+def _c2st_spread(cnn: dict) -> str:
+    """The CNN test's folds, or with repeated cross-validation each repeat's accuracy (how far one run swings)."""
+    reps = cnn.get("repeat_accuracy") or []
+    if len(reps) > 1:
+        return (f"the accuracy of the {len(reps)} repeats' averaged scores; the repeats alone "
+                f"{', '.join(_pct(a) for a in reps)} (one run of the test swings this much)")
+    return f"folds {', '.join(_pct(f) for f in cnn['fold_accuracy'])}"
+
+
 def _collapse_note(cnn: dict) -> str:
     """What the CNN test did about folds whose classifier collapsed in training."""
     folds = cnn.get("retrained_folds") or []
     if not folds:
         return ""
-    again = [r["fold"] + 1 for r in folds if r["trainings"] > 1 and not r["collapsed"]]
-    stuck = [r["fold"] + 1 for r in folds if r["collapsed"]]
+    def name(r: dict) -> str:
+        return f"{r['fold'] + 1}" + (f" (repeat {r['repeat'] + 1})" if "repeat" in r else "")
+
+    again = [name(r) for r in folds if r["trainings"] > 1 and not r["collapsed"]]
+    stuck = [name(r) for r in folds if r["collapsed"]]
     text = ""
     if again:
         text += (f" The classifier of fold{'s' if len(again) > 1 else ''} {', '.join(map(str, again))} collapsed in training "
@@ -779,7 +801,7 @@ def _markdown(res: dict) -> str:
          f"{res['seconds']['total'] / 60:.1f} minutes on {res['hardware'].get('cpu', '?')} ({res['hardware'].get('cores', '?')} cores).", "",
          "## Headline", "",
          "| measure | generated | real yardstick | reads |", "| --- | --- | --- | --- |",
-         f"| classifier two-sample accuracy, 3D CNN ({cnn['folds']}-fold) | **{_pct(cnn['accuracy'])}** "
+         f"| classifier two-sample accuracy, 3D CNN ({cnn['folds']}-fold{_repeats(cnn)}) | **{_pct(cnn['accuracy'])}** "
          f"(95 % CI {_pct(cnn['ci95'][0])}-{_pct(cnn['ci95'][1])}) | 50 % | 50 % = indistinguishable, 100 % = always told apart |",
          *_first_stage_rows(res),
          f"| classifier two-sample accuracy, logistic on features | {_pct(c['logistic_features']['accuracy'])} | "
@@ -835,7 +857,7 @@ def _markdown(res: dict) -> str:
           f"**Classifier two-sample test.** {cnn['method']}: a fresh tiny 3D CNN (input average-pooled x2) is trained in each "
           f"fold to tell {cnn['n_per_class']} held-out real scans from {cnn['n_per_class']} samples and classifies the held-out fold. "
           f"Accuracy {_pct(cnn['accuracy'])} (95 % Clopper-Pearson {_pct(cnn['ci95'][0])}-{_pct(cnn['ci95'][1])}, "
-          f"one-sided p = {cnn['p_value']:.2g}); folds {', '.join(_pct(f) for f in cnn['fold_accuracy'])}. "
+          f"one-sided p = {cnn['p_value']:.2g}); " + _c2st_spread(cnn) + ". "
           "Second opinions: an L2 logistic regression on the feature network's features and on a fixed random-convolution "
           "bank (texture statistics at 2 and 4 mm, nothing trained), with the same folds; the same regressions on real "
           "training vs held-out real subjects show what chance looks like."

@@ -170,6 +170,21 @@ def test_c2st_trains_a_collapsed_fold_again_instead_of_reading_it_as_chance():
     assert R._degenerate(np.array([0.0, 1e-5, -1e-5])) and not R._degenerate(np.array([-1.0, 2.0, 0.5]))
 
 
+def test_c2st_repeats_average_out_of_fold_scores():
+    a, b = _sets(12, blur_b=0.5, seed=4)
+    one = R.c2st(a, b, folds=3, steps=20, batch_size=8, pool=1, seed=7)
+    rep = R.c2st(a, b, folds=3, steps=20, batch_size=8, pool=1, seed=7, repeats=2)
+    second = R.c2st(a, b, folds=3, steps=20, batch_size=8, pool=1, seed=8)
+    # the first repeat is the single run, the second a run with the next seed; the scores are their mean
+    assert rep.repeat_accuracy == [one.accuracy, second.accuracy] and one.repeat_accuracy == [one.accuracy]
+    np.testing.assert_allclose(rep.scores, (np.array(one.scores) + np.array(second.scores)) / 2)
+    y = np.r_[np.zeros(12), np.ones(12)].astype(bool)
+    assert rep.accuracy == np.mean((np.array(rep.scores) > 0.5) == y)
+    assert len(rep.fold_accuracy) == 6 and "2 repeats" in rep.method
+    with pytest.raises(ValueError, match="repeats"):
+        R.c2st(a, b, folds=3, repeats=0)
+
+
 def test_c2st_logistic_on_random_conv_bank():
     a, b = _sets(16, blur_b=1.2, seed=2)
     fa, fb = R.random_conv_features(a), R.random_conv_features(b)
@@ -306,10 +321,13 @@ def test_evaluate_cli_end_to_end(prepared, features_dir, tiny_model_dir, tiny_se
     out, cache = tmp_path / "report", tmp_path / "cache"
     argv = ["evaluate", "--model", str(tiny_model_dir), "--data", str(prepared.root), "--features", str(features_dir),
             "--segmenter", str(tiny_segmenter_dir), "--diversity-conditions", "2", "--diversity-seeds", "2", "--folds", "2",
-            "--c2st-steps", "20", "--cache", str(cache), "--quiet"]
+            "--c2st-steps", "20", "--c2st-repeats", "2", "--cache", str(cache), "--quiet"]
     assert main([*argv, "--out-dir", str(out)]) == 0
     res = json.loads((out / "report.json").read_text())
     md = (out / "report.md").read_text()
+    for cnn in (res["c2st"]["cnn"], res["first_stage"]["cnn"]):  # repeated cross-validation, each repeat kept
+        assert len(cnn["repeat_accuracy"]) == 2 and "2 repeats (scores averaged)" in cnn["method"]
+    assert "3D CNN (2-fold x 2 repeats)" in md and "the repeats alone" in md
     assert set(res["figures"]) == set(FIGURES)
     for name, fig in res["figures"].items():
         png = out / fig["png"]

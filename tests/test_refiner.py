@@ -44,6 +44,72 @@ def test_refiner_rejects_bad_shapes():
         refine_volume(Refiner(4, 2), np.zeros((2, 8, 8, 8), np.float32))
 
 
+def _randomised(net, std=0.2, seed=1):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, std)
+    return net
+
+
+def test_context_branch_is_exact_on_the_brain_box_and_on_training_cubes():
+    from synth.models.refiner import Refiner, context_pad, receptive_radius, refine_volume
+
+    net = Refiner(width=4, layers=2, context=1)
+    assert context_pad(net) == 16 and receptive_radius(net) == 18
+    rng = np.random.default_rng(0)
+    img = np.zeros((58, 61, 54), np.float32)  # not multiples of 4; the brain box not on the 8 mm grid
+    img[21:39, 23:42, 19:36] = rng.uniform(0.2, 0.9, (18, 19, 17))
+    assert np.allclose(refine_volume(net, img), img)  # both output layers start at zero
+    _randomised(net)
+    with torch.no_grad():
+        whole = net(torch.from_numpy(img)[None, None])
+    out = refine_volume(net, img)
+    inside = img > 0
+    np.testing.assert_allclose(out[inside], whole[0, 0].clamp(0, 1).numpy()[inside], atol=1e-5)
+    # a training cube with its context cube gives the whole volume's values away from its faces, when the
+    # context cube starts on the whole volume's 8 mm grid (a multiple of 4)
+    pad, c, m = context_pad(net), 12, net.layers
+    big = np.pad(img, pad)
+    for corner in [(24, 28, 20), (20, 24, 24)]:
+        a, b, d = corner
+        cube = torch.from_numpy(img[a:a + c, b:b + c, d:d + c].copy())[None, None]
+        ctx = torch.from_numpy(big[a:a + c + 2 * pad, b:b + c + 2 * pad, d:d + c + 2 * pad].copy())[None, None]
+        with torch.no_grad():
+            y = net(cube, ctx)[0, 0, m:-m, m:-m, m:-m]
+        torch.testing.assert_close(y, whole[0, 0, a + m:a + c - m, b + m:b + c - m, d + m:d + c - m], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        net.context_features(torch.zeros(1, 1, 16, 16, 16), offset=2, size=(8, 8, 8))
+
+
+def test_context_branch_sees_farther_than_the_plain_refiner():
+    from synth.models.refiner import Refiner
+
+    img = torch.zeros(1, 1, 48, 48, 48)
+    img[..., 10, 24, 24] = 1.0  # one voxel 14 away from the probed one at x = 24
+    plain, wide = _randomised(Refiner(4, 3)), _randomised(Refiner(4, 3, context=2))
+    with torch.no_grad():
+        for net, sees in ((plain, False), (wide, True)):
+            moved = (net(img) - net(torch.zeros_like(img)))[0, 0, 24, 24, 24].abs().item()
+            assert (moved > 1e-6) == sees, (net.context, moved)
+
+
+def test_refiner_starts_a_context_branch_from_a_plain_one():
+    from synth.models.refiner import Refiner
+    from synth.train.refiner import _load_init
+
+    plain = _randomised(Refiner(4, 3))
+    wide = Refiner(4, 3, context=1)
+    _load_init(wide, plain.state_dict(), "plain")
+    x = torch.rand(1, 1, 20, 20, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(wide(x), plain(x))  # the branch's zero output layer: the same refiner
+    with pytest.raises(ValueError, match="does not fit"):
+        _load_init(Refiner(4, 3), wide.state_dict(), "wide")  # a branch cannot be dropped
+    with pytest.raises(ValueError, match="does not fit"):
+        _load_init(Refiner(4, 4, context=1), plain.state_dict(), "plain")
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_model_dir):
     """A tiny refiner trained 6 steps, stopped after 3 and resumed (beside an uninterrupted 6-step run)."""
@@ -115,6 +181,33 @@ def test_package_generate_and_provenance(trained, tiny_model_dir, tmp_path):
     (out / "refiner.safetensors").write_bytes((out / "refiner.safetensors").read_bytes()[:-8] + b"\0" * 8)
     with pytest.raises(ValueError, match="refiner.safetensors"):
         synth.load_generator(out, device="cpu")
+
+
+def test_context_refiner_trains_from_a_plain_run_and_ships(trained, tiny_model_dir, tmp_path):
+    import synth
+    from synth.condition import Condition
+    from synth.train.refiner import RefinerTrainConfig, package_refiner, train_refiner
+
+    root, whole, _ = trained
+    run = tmp_path / "ctx"
+    run.mkdir()
+    for f in ("pairs.npy", "samples.npy"):  # the plain run's cached volumes: the same model and data
+        shutil.copy(root / "whole" / f, run / f)
+    cfg = RefinerTrainConfig(data_dir=str(root / "data"), model=str(tiny_model_dir), run_dir=str(run), steps=2,
+                             batch_size=2, crop=16, samples=2, refiner={"width": 4, "layers": 2, "context": 1},
+                             discriminator=dict(TINY_DISC), init_from=str(root / "whole"))
+    state = train_refiner(cfg, progress=False)
+    assert state["step"] == 2 and "(step 6)" in state["init_from"]
+    torch.testing.assert_close(state["ema_state_dict"]["body.0.weight"], whole["ema_state_dict"]["body.0.weight"],
+                               atol=1e-2, rtol=0)  # it started from the plain refiner ...
+    assert state["state_dict"]["ctx_out.weight"].abs().sum() > 0  # ... and trained its new branch
+    out = package_refiner(run, tiny_model_dir, tmp_path / "model", version="0.0.2-test")
+    cfg_json = json.loads((out / "config.json").read_text())
+    assert cfg_json["refiner"]["context"] == 1 and cfg_json["refiner"]["layers"] == 2
+    gen = synth.load_generator(out, device="cpu")
+    assert gen.refiner.context == 1
+    b = gen.generate(Condition(age=50, sex="M"), seed=3)
+    assert b.provenance["refiner"]["applied"] is True and b.image.max() <= 1
 
 
 def test_package_off_by_default_and_into_own_folder(trained, tiny_model_dir, tmp_path):

@@ -16,7 +16,11 @@ samples refined by the first prototype 1.2 %). ``speckle_weight`` penalises, on 
 the part of each voxel's distance to its neighbourhood median beyond ``speckle_margin``.
 
 Losses are taken on the inner cube, ``layers`` voxels in from each face, where the refiner sees no
-padding; the discriminator sees the same inner cubes of real scans. The weights shipped are an
+padding; the discriminator sees the same inner cubes of real scans. A refiner with a context branch
+(``refiner={"context": N}``) is given, beside each cube, the larger cube around it that its branch
+sees (:func:`synth.models.refiner.context_pad` voxels more on each side, zeros beyond the volume).
+Started from a refiner without the branch (``init_from``), it starts as that refiner: the branch's
+output layer is zero. The weights shipped are an
 exponential moving average. Runs resume from ``RUN/last.pt``; the reconstructions and samples are
 computed once into the run folder (``pairs.npy``, ``samples.npy``: derived from the scans, so keep the
 run folder out of any repository). ``snap_every`` keeps the average every so many steps
@@ -35,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ..io import atomic_path
-from ..models.refiner import DEFAULT_REFINER, build_refiner, receptive_radius
+from ..models.refiner import DEFAULT_REFINER, build_refiner, context_pad
 from .autoencoder import DEFAULT_DISCRIMINATOR, gradient_l1, smallest_disc_crop
 from .common import EMA, Checkpointer, LossLog, restore_rng, rng_state
 
@@ -62,9 +66,10 @@ class RefinerTrainConfig:
         lowpass_weight: Weight of the samples' coarse-content L1 (4-voxel means).
         speckle_weight: Weight of :func:`speckle_excess` on every refined cube (0: off).
         speckle_margin: Distance from the neighbourhood median that is not penalised.
-        refiner: ``width`` and ``layers`` of the network.
+        refiner: ``width``, ``layers`` and ``context`` of the network.
         init_from: Start from this refiner (a run folder, a snapshot ``.pt`` or a model folder with a
-            refiner), when ``run_dir`` has no checkpoint.
+            refiner), when ``run_dir`` has no checkpoint; a refiner without a context branch may start
+            one with it.
         snap_every: Keep the averaged weights every N steps in ``snaps/``.
         max_minutes: Stop (with a checkpoint) after this long.
     """
@@ -169,6 +174,26 @@ def _samples(gen, rows: list[dict], n: int, progress: bool) -> np.ndarray:
     return np.stack(out)
 
 
+def _box(volume: np.ndarray, corner: tuple[int, ...], size: int) -> np.ndarray:
+    """The ``size``-voxel cube of (X, Y, Z) ``volume`` from ``corner`` (which may lie outside it), zeros
+    beyond the volume, as float32."""
+    out = np.zeros((size,) * 3, np.float32)
+    src = tuple(slice(max(a, 0), min(a + size, n)) for a, n in zip(corner, volume.shape))
+    dst = tuple(slice(q.start - a, q.stop - a) for q, a in zip(src, corner))
+    if all(q.stop > q.start for q in src):
+        out[dst] = volume[src]
+    return out
+
+
+def _load_init(net: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
+    """``weights`` into ``net``; a refiner without a context branch may start one (its weights stay as
+    built: the branch's output is zero, so ``net`` starts as the refiner it came from)."""
+    missing, unexpected = net.load_state_dict(weights, strict=False)
+    if unexpected or any(not k.startswith("ctx") for k in missing):
+        raise ValueError(f"--init-from {source}: its refiner does not fit this one (width, layers or context differ; "
+                         f"missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+
+
 def load_refiner_snapshot(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:
     """``(averaged weights, refiner config, step)`` of a run folder (``last.pt``) or a snapshot ``.pt``."""
     state = _read_checkpoint(path)
@@ -242,7 +267,7 @@ def train_refiner(cfg: RefinerTrainConfig, *, progress: bool = True, device: str
     lo, hi = idx.min(0), idx.max(0)
 
     net = build_refiner(cfg.refiner).to(dev)
-    m = receptive_radius(net)
+    m, pad = net.layers, context_pad(net)
     disc = PatchDiscriminator(**cfg.discriminator).to(dev)
     opt = torch.optim.Adam(net.parameters(), cfg.lr, betas=(0.5, 0.9))
     d_opt = torch.optim.Adam(disc.parameters(), cfg.lr, betas=(0.5, 0.9))
@@ -250,7 +275,7 @@ def train_refiner(cfg: RefinerTrainConfig, *, progress: bool = True, device: str
     init_note = None
     if cfg.init_from and not (run / "last.pt").is_file():
         weights, init_note = _init_weights(cfg.init_from)
-        net.load_state_dict(weights)
+        _load_init(net, weights, cfg.init_from)
     ema = EMA(net, decay=cfg.ema_decay)
     ckpt = Checkpointer(run)
     start = 0
@@ -272,16 +297,21 @@ def train_refiner(cfg: RefinerTrainConfig, *, progress: bool = True, device: str
         return tuple(int(rng.integers(max(int(lo[k]) - 8, 0), max(min(int(hi[k]) - c + 8, inside.shape[k] - c), 0) + 1))
                      for k in range(3))
 
-    def cubes(*volumes: np.ndarray) -> list[torch.Tensor]:
-        """``batch_size`` cubes at the same random places of each (N, X, Y, Z) array in ``volumes``."""
-        out: list[list[np.ndarray]] = [[] for _ in volumes]
+    def cubes(*volumes: np.ndarray, context: tuple[int, ...] = ()) -> list[torch.Tensor]:
+        """``batch_size`` cubes at the same random places of each (N, X, Y, Z) array in ``volumes``; when the
+        refiner has a context branch, the cubes of the arrays numbered in ``context`` are each followed by
+        their context cubes (``pad`` voxels more on each side)."""
+        parts = [(k, 0) for k in range(len(volumes))]
+        if pad:
+            parts = [q for k in range(len(volumes)) for q in ([(k, 0), (k, pad)] if k in context else [(k, 0)])]
+        out: list[list[np.ndarray]] = [[] for _ in parts]
         for _ in range(cfg.batch_size):
             i = int(rng.integers(len(volumes[0])))
             a, b, d = corner()
             flip = rng.random() < 0.5
-            for k, v in enumerate(volumes):
-                cube = np.asarray(v[i, a:a + c, b:b + c, d:d + c], np.float32)
-                out[k].append(cube[::-1] if flip else cube)
+            for j, (k, g) in enumerate(parts):
+                cube = _box(volumes[k][i], (a - g, b - g, d - g), c + 2 * g)
+                out[j].append(cube[::-1] if flip else cube)
         return [torch.from_numpy(np.ascontiguousarray(np.stack(o))[:, None]).to(dev) for o in out]
 
     def inner(x: torch.Tensor) -> torch.Tensor:
@@ -292,16 +322,16 @@ def train_refiner(cfg: RefinerTrainConfig, *, progress: bool = True, device: str
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="refiner", disable=not progress)
     step = start
     for step in bar:
-        x, r = cubes(scans, recon)
-        y = inner(net(r))
+        x, *r = cubes(scans, recon, context=(1,))
+        y = inner(net(*r))
         xi = inner(x)
         l1 = F.l1_loss(y, xi)
         gl = gradient_l1(y, xi)
         fakes = [y]
         lp = torch.zeros((), device=dev)
         if samples is not None:
-            (s,) = cubes(samples)
-            ys = inner(net(s))
+            s, *sc = cubes(samples, context=(0,))
+            ys = inner(net(s, *sc))
             lp = F.l1_loss(F.avg_pool3d(ys, 4), F.avg_pool3d(inner(s), 4))
             fakes.append(ys)
         fakes_t = torch.cat(fakes)
@@ -383,7 +413,8 @@ def package_refiner(run: str | Path, model: str | Path, out: str | Path, *, vers
                + (f", {cfg['speckle_weight']:g} x speckle penalty (margin {cfg['speckle_margin']:g})" if cfg.get("speckle_weight") else "")
                + f", {cfg['adv_weight']:g} x least-squares "
                f"PatchGAN loss; EMA weights" + (f"; started from {init}" if init else ""))
-    config.refiner = {"width": int(arch["width"]), "layers": int(arch["layers"]), "default": bool(default),
+    config.refiner = {"width": int(arch["width"]), "layers": int(arch["layers"]), "context": int(arch.get("context") or 0),
+                      "default": bool(default),
                       "fast_default": bool(fast_default),
                       "steps": step, "trained": trained}
     if version:
