@@ -189,13 +189,12 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_autoencoder(args: argparse.Namespace) -> int:
-    import torch
-
-    from .train.autoencoder import DEFAULT_AE, DEFAULT_DISCRIMINATOR, AETrainConfig, smallest_disc_crop, train_autoencoder
+    from .train.defaults import DEFAULT_DISCRIMINATOR, smallest_disc_crop  # light: no torch
+    from .train.defaults import DEFAULT_AE
 
     arch = dict(DEFAULT_AE)
     if args.init_from:  # the architecture of the run or packaged model it starts from
-        from .train.common import is_model_folder
+        from .train.defaults import is_model_folder  # light: no torch
 
         ckpt = Path(args.init_from) / "last.pt"
         if is_model_folder(args.init_from):
@@ -203,6 +202,8 @@ def _cmd_train_autoencoder(args: argparse.Namespace) -> int:
 
             arch = dict(read_json(Path(args.init_from) / "config.json")["autoencoder"])
         elif ckpt.is_file():
+            import torch
+
             arch = dict(torch.load(ckpt, map_location="cpu", weights_only=False)["config"]["autoencoder"])
         else:
             raise UsageError(f"--init-from expects a training run folder holding last.pt or a model folder "
@@ -224,6 +225,8 @@ def _cmd_train_autoencoder(args: argparse.Namespace) -> int:
     smallest = smallest_disc_crop(DEFAULT_DISCRIMINATOR)
     if args.disc_crop is not None and args.disc_crop < smallest:
         raise UsageError(f"--disc-crop must be at least {smallest} voxels (the discriminator's smallest input), got {args.disc_crop}")
+    from .train.autoencoder import AETrainConfig, train_autoencoder  # heavy (torch): after the checks
+
     cfg = AETrainConfig(data_dir=args.data, run_dir=args.run, steps=args.steps, batch_size=args.batch_size,
                         lr=args.lr, bf16=not args.no_bf16, seed=args.seed, max_minutes=args.max_minutes,
                         init_from=args.init_from, decoder_only=args.decoder_only, autoencoder=arch,
@@ -236,14 +239,14 @@ def _cmd_train_autoencoder(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_diffusion(args: argparse.Namespace) -> int:
-    from .train.diffusion import LDMTrainConfig, train_diffusion
-
-    from .train.common import is_model_folder
+    from .train.defaults import is_model_folder  # light: no torch
 
     for flag, path, needs in (("--ae-run", args.ae_run, "autoencoder.safetensors"), ("--init-from", args.init_from, "unet.safetensors")):
         if path and not (is_model_folder(path) and (Path(path) / needs).is_file()) and not (Path(path) / "last.pt").is_file():
             raise UsageError(f"{flag} expects a training run folder holding last.pt or a model folder "
                              f"(config.json + {needs}), got {path}")
+    from .train.diffusion import LDMTrainConfig, train_diffusion  # heavy (torch): after the checks
+
     cfg = LDMTrainConfig(data_dir=args.data, ae_run=args.ae_run, run_dir=args.run, steps=args.steps,
                          batch_size=args.batch_size, lr=args.lr, bf16=not args.no_bf16, seed=args.seed,
                          max_minutes=args.max_minutes, init_from=args.init_from)
@@ -253,7 +256,7 @@ def _cmd_train_diffusion(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_refiner(args: argparse.Namespace) -> int:
-    from .train.autoencoder import DEFAULT_DISCRIMINATOR, smallest_disc_crop
+    from .train.defaults import DEFAULT_DISCRIMINATOR, smallest_disc_crop  # light: no torch
 
     smallest = smallest_disc_crop(DEFAULT_DISCRIMINATOR) + 2 * args.layers
     if args.crop < smallest:

@@ -160,3 +160,17 @@ def test_unknown_model_and_device(tmp_path, capsys, tiny_model_dir):
     assert _gen(tiny_model_dir, tmp_path / "a.nii.gz", "--device", "tpu") == 2
     assert "expected auto, cpu, cuda, cuda:N or mps, got 'tpu'" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_training_commands_check_arguments_before_importing_torch(tmp_path):
+    """A wrong flag gets its one-line error (exit 2) at once, not after seconds of importing torch and MONAI."""
+    import subprocess
+    import sys
+
+    for argv, says in ((["train-refiner", "--run", str(tmp_path), "--crop", "10"], "--crop must be at least 34"),
+                       (["train-autoencoder", "--run", str(tmp_path), "--disc-crop", "4"], "--disc-crop must be at least 24"),
+                       (["train-diffusion", "--run", str(tmp_path), "--ae-run", str(tmp_path / "none")], "--ae-run expects")):
+        code = f"import sys; from synth.cli import main; rc = main({argv!r}); print(rc, 'torch' in sys.modules)"
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert r.stdout.split() == ["2", "False"], (argv[0], r.stdout, r.stderr[-300:])
+        assert says in r.stderr and len(r.stderr.strip().splitlines()) == 1

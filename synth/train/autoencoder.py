@@ -38,31 +38,13 @@ from ..models.networks import build_autoencoder, count_parameters, latent_mean
 from .common import (EMA, Checkpointer, LossLog, StepClock, autocast, is_model_folder, model_folder_weights,
                      restore_rng, rng_state, setup_distributed, training_bf16)
 
+from .defaults import DEFAULT_AE, DEFAULT_DISCRIMINATOR, smallest_disc_crop  # noqa: F401 (re-exported)
+
 __all__ = ["AETrainConfig", "train_autoencoder", "DEFAULT_AE", "DEFAULT_DISCRIMINATOR", "gradient_l1", "kl_loss",
            "smallest_disc_crop", "load_latent_bank",
            "load_volumes"]
 
-DEFAULT_AE: dict[str, Any] = {
-    "spatial_dims": 3,
-    "in_channels": 1,
-    "out_channels": 1,
-    "latent_channels": 4,
-    "channels": [16, 32, 64],
-    "num_res_blocks": 1,
-    "norm_num_groups": 16,
-    "attention_levels": [False, False, False],
-    "with_encoder_nonlocal_attn": False,
-    "with_decoder_nonlocal_attn": False,
-}
 
-DEFAULT_DISCRIMINATOR: dict[str, Any] = {
-    "spatial_dims": 3,
-    "in_channels": 1,
-    "out_channels": 1,
-    "channels": 32,
-    "num_layers_d": 3,
-    "norm": "INSTANCE",
-}
 
 
 @dataclass
@@ -160,12 +142,6 @@ def kl_loss(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, sigma^2) || N(0, 1)) summed over latent elements, averaged over the batch."""
     kl = 0.5 * (mu.pow(2) + sigma.pow(2) - torch.log(sigma.pow(2) + 1e-12) - 1)
     return kl.flatten(1).sum(1).mean()
-
-
-def smallest_disc_crop(discriminator: dict[str, Any]) -> int:
-    """The smallest cube a ``PatchDiscriminator`` of this config takes, ``3 x 2**num_layers_d`` voxels (its last
-    normalised layer must keep more than one voxel; found by trying every size for 1-4 layers)."""
-    return 3 * 2 ** int(discriminator.get("num_layers_d", 3))
 
 
 def load_latent_bank(path: str | Path, latent_shape: tuple[int, ...]) -> torch.Tensor:

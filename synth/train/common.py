@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..io import atomic_path
+from .defaults import is_model_folder  # noqa: F401 (re-exported)
 from ..models.networks import autocast
 
 __all__ = ["DistContext", "setup_distributed", "autocast", "Checkpointer", "LossLog", "EMA", "cosine_lr", "StepClock",
@@ -195,12 +196,6 @@ def training_bf16(requested: bool, device: torch.device) -> bool:
     from ..runtime import resolve_precision
 
     return bool(requested) and resolve_precision(None, device) == "bf16"
-
-
-def is_model_folder(path: str | Path) -> bool:
-    """A packaged LDM folder (``config.json`` + ``autoencoder.safetensors``), as opposed to a training run."""
-    p = Path(path)
-    return (p / "config.json").is_file() and (p / "autoencoder.safetensors").is_file()
 
 
 def model_folder_weights(folder: str | Path, part: str) -> tuple[dict[str, torch.Tensor], Any]:

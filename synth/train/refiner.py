@@ -40,7 +40,8 @@ import torch.nn.functional as F
 
 from ..io import atomic_path
 from ..models.refiner import DEFAULT_REFINER, build_refiner, context_pad
-from .autoencoder import DEFAULT_DISCRIMINATOR, gradient_l1, smallest_disc_crop
+from .autoencoder import gradient_l1
+from .defaults import DEFAULT_DISCRIMINATOR, smallest_disc_crop
 from .common import EMA, Checkpointer, LossLog, restore_rng, rng_state
 
 __all__ = ["RefinerTrainConfig", "train_refiner", "load_refiner_snapshot", "package_refiner", "SAMPLE_SEED0"]
