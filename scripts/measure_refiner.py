@@ -42,6 +42,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="JSON of the figures (a PNG of slices is written beside it)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--c2st-repeats", type=int, default=3, help="repeats of the CNN test's cross-validation (scores averaged)")
+    p.add_argument("--no-recon-tests", action="store_true",
+                   help="skip the two-sample tests on the reconstructions (PSNR, SSIM and texture FD are kept): half the time")
     args = p.parse_args(argv)
     for s in args.snapshots:
         if not Path(s).exists():
@@ -89,7 +91,7 @@ def main(argv=None) -> int:
                "fid_samples": R.frechet_distance(feats.predict(smp)["features"], f_real),
                "speckle_recon": float(np.mean([R.speckle_fraction(x) for x in rec])),
                "speckle_samples": float(np.mean([R.speckle_fraction(x) for x in smp]))}
-        for k, imgs in (("recon", rec), ("samples", smp)):
+        for k, imgs in ((("recon", rec),) if not args.no_recon_tests else ()) + (("samples", smp),):
             c = R.c2st(real, imgs, repeats=args.c2st_repeats).to_dict()
             res[f"c2st_{k}"], res[f"confidence_{k}"] = c["accuracy"], report.c2st_confidence(c)
             res[f"c2st_{k}_repeats"] = c["repeat_accuracy"]

@@ -36,7 +36,7 @@ from ..data.prepare import PreparedData
 from ..io import atomic_path
 from ..models.networks import build_autoencoder, count_parameters, latent_mean
 from .common import (EMA, Checkpointer, LossLog, StepClock, autocast, is_model_folder, model_folder_weights,
-                     restore_rng, rng_state, setup_distributed, training_bf16)
+                     resume_state, rng_state, setup_distributed, training_bf16)
 
 from .defaults import DEFAULT_AE, DEFAULT_DISCRIMINATOR, smallest_disc_crop  # noqa: F401 (re-exported)
 
@@ -218,15 +218,9 @@ def train_autoencoder(cfg: AETrainConfig, *, volumes: np.ndarray | None = None, 
     start = 0
     state = ckpt.resume()
     if state is not None:
-        model.load_state_dict(state["state_dict"])
-        ema.model.load_state_dict(state["ema_state_dict"])
-        opt.load_state_dict(state["optimizer"])
-        if disc is not None and "discriminator" in state:
-            disc.load_state_dict(state["discriminator"])
-            d_opt.load_state_dict(state["disc_optimizer"])
-        start = state["step"]
-        if not restore_rng(state.get("rng"), rng, ctx.world_size):  # older checkpoints, or several ranks
-            rng = np.random.default_rng(cfg.seed + ctx.rank + start)
+        start, rng = resume_state(state, {"state_dict": model, "ema_state_dict": ema.model, "optimizer": opt,
+                                          "discriminator": disc, "disc_optimizer": d_opt}, rng, cfg.seed + ctx.rank,
+                                  ctx.world_size, optional=("discriminator", "disc_optimizer"))
     cached = wrapped.encode_all(volumes, ctx.device, cfg.bf16) if cfg.decoder_only and cfg.cache_latents else None
     bank = None
     if cfg.adv_latents:

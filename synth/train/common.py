@@ -18,7 +18,7 @@ from .defaults import is_model_folder  # noqa: F401 (re-exported)
 from ..models.networks import autocast
 
 __all__ = ["DistContext", "setup_distributed", "autocast", "Checkpointer", "LossLog", "EMA", "cosine_lr", "StepClock",
-           "is_model_folder", "model_folder_weights", "autoencoder_weights", "autoencoder_config",
+           "is_model_folder", "model_folder_weights", "resume_state", "autoencoder_weights", "autoencoder_config",
            "load_autoencoder_parts"]
 
 
@@ -127,6 +127,23 @@ def restore_rng(state: dict[str, Any] | None, rng: np.random.Generator, world_si
     rng.bit_generator.state = state["numpy"]
     torch.set_rng_state(state["torch"])
     return True
+
+
+def resume_state(state: dict[str, Any], parts: dict[str, Any], rng: np.random.Generator, reseed: int,
+                 world_size: int = 1, optional: tuple[str, ...] = ()) -> tuple[int, np.random.Generator]:
+    """Put a checkpoint (:meth:`Checkpointer.resume`) back into a run: each of ``parts`` (the checkpoint's
+    key -> the module or optimiser it holds; ``None`` is skipped) gets its ``load_state_dict``; keys in
+    ``optional`` may be absent (older checkpoints). Returns ``(step, rng)``: the RNG as saved
+    (:func:`restore_rng`), or for checkpoints without one and for several ranks a new one seeded
+    ``reseed + step``."""
+    for key, obj in parts.items():
+        if obj is None or (key in optional and key not in state):
+            continue
+        obj.load_state_dict(state[key])
+    start = int(state["step"])
+    if not restore_rng(state.get("rng"), rng, world_size):
+        rng = np.random.default_rng(reseed + start)
+    return start, rng
 
 
 class LossLog:

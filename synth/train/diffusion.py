@@ -22,7 +22,7 @@ from ..data.prepare import PreparedData
 from ..models.networks import build_autoencoder, build_unet, count_parameters, latent_mean
 from ..normative import NormativeModel
 from .common import (EMA, Checkpointer, LossLog, StepClock, autocast, is_model_folder, model_folder_weights,
-                     restore_rng, rng_state, setup_distributed, training_bf16)
+                     resume_state, rng_state, setup_distributed, training_bf16)
 
 __all__ = ["LDMTrainConfig", "train_diffusion", "DEFAULT_UNET", "DEFAULT_COVARIATES", "encode_dataset", "covariate_matrix"]
 
@@ -220,12 +220,8 @@ def train_diffusion(cfg: LDMTrainConfig, *, progress: bool = True, rows: list[di
     start = 0
     state = ckpt.resume()
     if state is not None:
-        unet.load_state_dict(state["state_dict"])
-        ema.model.load_state_dict(state["ema_state_dict"])
-        opt.load_state_dict(state["optimizer"])
-        start = state["step"]
-        if not restore_rng(state.get("rng"), rng, ctx.world_size):  # older checkpoints, or several ranks
-            rng = np.random.default_rng(cfg.seed + ctx.rank + start)
+        start, rng = resume_state(state, {"state_dict": unet, "ema_state_dict": ema.model, "optimizer": opt}, rng,
+                                  cfg.seed + ctx.rank, ctx.world_size)
     net = torch.nn.parallel.DistributedDataParallel(unet) if ctx.world_size > 1 else unet
     model_config = {
         "autoencoder": ae_kwargs,

@@ -42,7 +42,7 @@ from ..io import atomic_path
 from ..models.refiner import DEFAULT_REFINER, build_refiner, context_pad
 from .autoencoder import gradient_l1
 from .defaults import DEFAULT_DISCRIMINATOR, smallest_disc_crop
-from .common import EMA, Checkpointer, LossLog, restore_rng, rng_state
+from .common import EMA, Checkpointer, LossLog, resume_state, rng_state
 
 __all__ = ["RefinerTrainConfig", "train_refiner", "load_refiner_snapshot", "package_refiner", "SAMPLE_SEED0"]
 
@@ -282,15 +282,9 @@ def train_refiner(cfg: RefinerTrainConfig, *, progress: bool = True, device: str
     start = 0
     state = ckpt.resume()
     if state is not None:
-        net.load_state_dict(state["state_dict"])
-        ema.model.load_state_dict(state["ema_state_dict"])
-        disc.load_state_dict(state["discriminator"])
-        opt.load_state_dict(state["optimizer"])
-        d_opt.load_state_dict(state["disc_optimizer"])
-        start = int(state["step"])
+        start, rng = resume_state(state, {"state_dict": net, "ema_state_dict": ema.model, "discriminator": disc,
+                                          "optimizer": opt, "disc_optimizer": d_opt}, rng, cfg.seed)
         init_note = state.get("init_from")
-        if not restore_rng(state.get("rng"), rng):
-            rng = np.random.default_rng(cfg.seed + start)
     c = cfg.crop
 
     def corner() -> tuple[int, ...]:

@@ -11,6 +11,7 @@ becomes 20 x 24 x 20 = 9,600 codes.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,23 +19,14 @@ import torch
 from torch import nn
 
 from ..models.networks import build_autoencoder
+from ..train.defaults import DEFAULT_AE
 from .quantizer import EMAQuantizer
 
 __all__ = ["VQVAE", "VQVAEOutput", "DEFAULT_VQVAE"]
 
 DEFAULT_VQVAE: dict[str, Any] = {
-    "autoencoder": {  # the LDM's first stage (synth.train.autoencoder.DEFAULT_AE), so it can initialise this
-        "spatial_dims": 3,
-        "in_channels": 1,
-        "out_channels": 1,
-        "latent_channels": 4,
-        "channels": [16, 32, 64],
-        "num_res_blocks": 1,
-        "norm_num_groups": 16,
-        "attention_levels": [False, False, False],
-        "with_encoder_nonlocal_attn": False,
-        "with_decoder_nonlocal_attn": False,
-    },
+    # the LDM's first stage, so that a trained one can initialise this (--init-autoencoder)
+    "autoencoder": copy.deepcopy(DEFAULT_AE),
     "num_embeddings": 512,
     "embedding_dim": 4,
     "commitment_cost": 0.25,
