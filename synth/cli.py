@@ -265,6 +265,8 @@ def _cmd_train_refiner(args: argparse.Namespace) -> int:
     if args.init_from and not Path(args.init_from).exists():
         raise UsageError(f"--init-from expects a train-refiner run folder, a snapshot .pt or a model folder with a "
                          f"refiner, got {args.init_from}")
+    if args.init_disc_from and not (Path(args.init_disc_from) / "last.pt").is_file():
+        raise UsageError(f"--init-disc-from expects a train-refiner run folder (last.pt), got {args.init_disc_from}")
     if not (Path(args.data) / "subjects.csv").is_file():
         raise UsageError(f"--data expects a folder written by `synthbrain prepare` (subjects.csv), got {args.data}")
     from .train.refiner import RefinerTrainConfig, train_refiner  # heavy (torch): after the checks
@@ -275,7 +277,8 @@ def _cmd_train_refiner(args: argparse.Namespace) -> int:
                              speckle_weight=args.speckle_weight, speckle_margin=args.speckle_margin,
                              refiner={"width": args.width, "layers": args.layers, "context": args.context},
                              seed=args.seed,
-                             snap_every=args.snap_every, max_minutes=args.max_minutes, init_from=args.init_from)
+                             snap_every=args.snap_every, max_minutes=args.max_minutes, init_from=args.init_from,
+                             init_discriminator_from=args.init_disc_from)
     state = train_refiner(cfg, progress=not args.quiet)
     print(f"refiner at step {state['step']} in {args.run}/last.pt")
     return 0
@@ -451,6 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="convolutions of a context branch at 8 mm (widens the field to ~60 voxels; 0: none)")
     r.add_argument("--init-from", default=None, help="start from this refiner (run folder, snapshot .pt or model folder; "
                                                      "one without a context branch can start one)")
+    r.add_argument("--init-disc-from", default=None,
+                   help="start the discriminator from this train-refiner run folder (keeps a trained refiner from sliding "
+                        "back to blur while a fresh discriminator learns)")
     r.add_argument("--snap-every", type=_positive_int, default=None, help="keep the averaged weights every N steps in RUN/snaps/")
     r.add_argument("--seed", type=_seed, default=0)
     r.add_argument("--max-minutes", type=_positive_float, default=None, help="stop (with a checkpoint) after this many minutes")

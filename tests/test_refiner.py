@@ -195,9 +195,13 @@ def test_context_refiner_trains_from_a_plain_run_and_ships(trained, tiny_model_d
         shutil.copy(root / "whole" / f, run / f)
     cfg = RefinerTrainConfig(data_dir=str(root / "data"), model=str(tiny_model_dir), run_dir=str(run), steps=2,
                              batch_size=2, crop=16, samples=2, refiner={"width": 4, "layers": 2, "context": 1},
-                             discriminator=dict(TINY_DISC), init_from=str(root / "whole"))
+                             discriminator=dict(TINY_DISC), init_from=str(root / "whole"),
+                             init_discriminator_from=str(root / "whole"))
     state = train_refiner(cfg, progress=False)
     assert state["step"] == 2 and "(step 6)" in state["init_from"]
+    assert f"discriminator from {root / 'whole'} (step 6)" in state["init_from"]
+    for k, v in whole["discriminator"].items():  # its discriminator went on from the plain run's
+        torch.testing.assert_close(state["discriminator"][k], v, atol=2e-3, rtol=0)
     torch.testing.assert_close(state["ema_state_dict"]["body.0.weight"], whole["ema_state_dict"]["body.0.weight"],
                                atol=1e-2, rtol=0)  # it started from the plain refiner ...
     assert state["state_dict"]["ctx_out.weight"].abs().sum() > 0  # ... and trained its new branch

@@ -71,6 +71,11 @@ class RefinerTrainConfig:
         init_from: Start from this refiner (a run folder, a snapshot ``.pt`` or a model folder with a
             refiner), when ``run_dir`` has no checkpoint; a refiner without a context branch may start
             one with it.
+        init_discriminator_from: Start the discriminator (and its optimiser) from this train-refiner run
+            folder's ``last.pt``, when ``run_dir`` has no checkpoint. A trained refiner facing a fresh
+            discriminator first slides back towards the blurred decoder (the L1 on reconstructions wins
+            until the discriminator has learnt; seen: 500 steps undid most of 0.4.0's sharpening); one that
+            has already learnt the task keeps it where it was.
         snap_every: Keep the averaged weights every N steps in ``snaps/``.
         max_minutes: Stop (with a checkpoint) after this long.
     """
@@ -96,6 +101,7 @@ class RefinerTrainConfig:
     snap_every: int | None = None
     max_minutes: float | None = None
     init_from: str | None = None
+    init_discriminator_from: str | None = None
 
     def __post_init__(self) -> None:
         inner = self.crop - 2 * int(self.refiner.get("layers", DEFAULT_REFINER["layers"]))
@@ -277,6 +283,13 @@ def train_refiner(cfg: RefinerTrainConfig, *, progress: bool = True, device: str
     if cfg.init_from and not (run / "last.pt").is_file():
         weights, init_note = _init_weights(cfg.init_from)
         _load_init(net, weights, cfg.init_from)
+    if cfg.init_discriminator_from and not (run / "last.pt").is_file():
+        other = _read_checkpoint(cfg.init_discriminator_from)
+        if "discriminator" not in other:
+            raise ValueError(f"{cfg.init_discriminator_from} holds no discriminator: expected a train-refiner run folder (last.pt)")
+        disc.load_state_dict(other["discriminator"])
+        d_opt.load_state_dict(other["disc_optimizer"])
+        init_note = f"{init_note or 'a new refiner'}; discriminator from {cfg.init_discriminator_from} (step {int(other['step'])})"
     ema = EMA(net, decay=cfg.ema_decay)
     ckpt = Checkpointer(run)
     start = 0
