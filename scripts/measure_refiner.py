@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     p.add_argument("--base", action="store_true", help="measure the unrefined decoder as well")
     p.add_argument("--out", required=True, help="JSON of the figures (a PNG of slices is written beside it)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--c2st-repeats", type=int, default=3, help="repeats of the CNN test's cross-validation (scores averaged)")
+    p.add_argument("--c2st-repeats", type=int, default=3, help="repeats of the CNN test's cross-validation (accuracy: their mean)")
     p.add_argument("--no-recon-tests", action="store_true",
                    help="skip the two-sample tests on the reconstructions (PSNR, SSIM and texture FD are kept): half the time")
     args = p.parse_args(argv)

@@ -120,7 +120,7 @@ def add_parser(sub) -> None:
     e.add_argument("--folds", type=_int_at_least(2), default=5, help="cross-validation folds of the two-sample tests")
     e.add_argument("--c2st-steps", type=_int_at_least(1), default=150, help="training steps of the C2ST classifier per fold")
     e.add_argument("--c2st-repeats", type=_int_at_least(1), default=3,
-                   help="repeats of the CNN two-sample test's cross-validation, scores averaged (steadier; 1: one run)")
+                   help="repeats of the CNN two-sample test's cross-validation; the accuracy is their mean (steadier; 1: one run)")
     e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (default cpu)")
     e.add_argument("--threads", type=_int_at_least(1), default=None,
                    help="CPU threads of the measuring networks (default: $SYNTHBRAIN_THREADS or the idle cores)")

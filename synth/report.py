@@ -61,7 +61,7 @@ class EvalOptions:
         diversity_seeds: Brains per diversity condition.
         c2st_folds: Cross-validation folds of the classifier two-sample tests.
         c2st_steps: Training steps of the CNN classifier per fold.
-        c2st_repeats: Repeats of the CNN classifier's cross-validation, scores averaged (one run swings
+        c2st_repeats: Repeats of the CNN classifier's cross-validation, accuracy their mean (one run swings
             by about 10 points on 36 + 36 brains; :func:`synth.realism.c2st`).
         kid_subsets: Random subsets for KID's mean and spread.
         yardstick_draws: Random draws of real-train subjects (as many as samples) for the yardstick.
@@ -711,8 +711,11 @@ def _c2st_spread(cnn: dict) -> str:
     """The CNN test's folds, or with repeated cross-validation each repeat's accuracy (how far one run swings)."""
     reps = cnn.get("repeat_accuracy") or []
     if len(reps) > 1:
-        return (f"the accuracy of the {len(reps)} repeats' averaged scores; the repeats alone "
-                f"{', '.join(_pct(a) for a in reps)} (one run of the test swings this much)")
+        committee = cnn.get("committee_accuracy")
+        return (f"the mean of {len(reps)} repeats of the cross-validation (new folds, initialisations and batches), "
+                f"which scored {', '.join(_pct(a) for a in reps)}: one run of the test swings this much; the interval is "
+                f"one run's" + (f"; a committee of the repeats' classifiers (scores averaged) scores {_pct(committee)}"
+                                if committee is not None else ""))
     return f"folds {', '.join(_pct(f) for f in cnn['fold_accuracy'])}"
 
 

@@ -179,8 +179,10 @@ def test_c2st_repeats_average_out_of_fold_scores():
     assert rep.repeat_accuracy == [one.accuracy, second.accuracy] and one.repeat_accuracy == [one.accuracy]
     np.testing.assert_allclose(rep.scores, (np.array(one.scores) + np.array(second.scores)) / 2)
     y = np.r_[np.zeros(12), np.ones(12)].astype(bool)
-    assert rep.accuracy == np.mean((np.array(rep.scores) > 0.5) == y)
-    assert len(rep.fold_accuracy) == 6 and "2 repeats" in rep.method
+    assert rep.accuracy == pytest.approx((one.accuracy + second.accuracy) / 2)  # the figure of one run, steadier
+    assert rep.committee_accuracy == np.mean((np.array(rep.scores) > 0.5) == y) and one.committee_accuracy is None
+    assert rep.ci95[0] <= rep.accuracy <= rep.ci95[1]
+    assert len(rep.fold_accuracy) == 6 and "mean of 2 repeats" in rep.method
     with pytest.raises(ValueError, match="repeats"):
         R.c2st(a, b, folds=3, repeats=0)
 
@@ -326,8 +328,9 @@ def test_evaluate_cli_end_to_end(prepared, features_dir, tiny_model_dir, tiny_se
     res = json.loads((out / "report.json").read_text())
     md = (out / "report.md").read_text()
     for cnn in (res["c2st"]["cnn"], res["first_stage"]["cnn"]):  # repeated cross-validation, each repeat kept
-        assert len(cnn["repeat_accuracy"]) == 2 and "2 repeats (scores averaged)" in cnn["method"]
-    assert "3D CNN (2-fold x 2 repeats)" in md and "the repeats alone" in md
+        assert len(cnn["repeat_accuracy"]) == 2 and "mean of 2 repeats" in cnn["method"]
+        assert cnn["accuracy"] == pytest.approx(sum(cnn["repeat_accuracy"]) / 2)
+    assert "3D CNN (2-fold x 2 repeats)" in md and "mean of 2 repeats of the cross-validation" in md
     assert set(res["figures"]) == set(FIGURES)
     for name, fig in res["figures"].items():
         png = out / fig["png"]
