@@ -451,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--width", type=_positive_int, default=32, help="channels of the refiner's hidden layers")
     r.add_argument("--layers", type=_bounded(int, 2, 16, "a layer count within 2-16"), default=5, help="convolutions")
     r.add_argument("--context", type=_bounded(int, 0, 8, "a layer count within 0-8"), default=0,
-                   help="convolutions of a context branch at 8 mm (widens the field to ~60 voxels; 0: none)")
+                   help="convolutions of a context branch at 8 mm (3: a field of up to 59 voxels instead of 11; 0: none)")
     r.add_argument("--init-from", default=None, help="start from this refiner (run folder, snapshot .pt or model folder; "
                                                      "one without a context branch can start one)")
     r.add_argument("--init-disc-from", default=None,

@@ -12,9 +12,9 @@ in every brain's provenance.
 A refiner may also have a **context branch** (``context`` > 0): the image average-pooled to 4 mm, one
 convolution, pooled again to 8 mm (the latent's grid, where the prior draws its blotches), ``context``
 convolutions there, upsampled back and added (through a 1x1 convolution that starts at zero) to the
-full-resolution features after their first layer. It widens the field from ``2 * layers + 1`` voxels to
-about 60 at little cost (its convolutions run on 1/64 of the voxels), so the refiner can see a
-structure, not only its edge. A refiner with ``context`` 0 is the first (0.4.0) design, weight for weight.
+full-resolution features after their first layer. It widens the field from ``2 * layers + 1`` voxels
+to up to 59 (context 3, 5 layers) at little cost (its convolutions run on 1/8 and 1/64 of the voxels),
+so the refiner can see a structure, not only its edge. A refiner with ``context`` 0 is the first (0.4.0) design, weight for weight.
 
 With no normalisation, a cube of an image gives exactly the refined cube of the whole image away from
 its edges (:func:`receptive_radius` voxels in; the context branch's pooling grid must start at a
