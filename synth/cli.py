@@ -189,13 +189,10 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_autoencoder(args: argparse.Namespace) -> int:
-    from .train.defaults import DEFAULT_DISCRIMINATOR, smallest_disc_crop  # light: no torch
-    from .train.defaults import DEFAULT_AE
+    from .train.defaults import DEFAULT_AE, DEFAULT_DISCRIMINATOR, is_model_folder, smallest_disc_crop  # light: no torch
 
     arch = dict(DEFAULT_AE)
     if args.init_from:  # the architecture of the run or packaged model it starts from
-        from .train.defaults import is_model_folder  # light: no torch
-
         ckpt = Path(args.init_from) / "last.pt"
         if is_model_folder(args.init_from):
             from .io import read_json

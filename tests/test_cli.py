@@ -169,7 +169,8 @@ def test_training_commands_check_arguments_before_importing_torch(tmp_path):
 
     for argv, says in ((["train-refiner", "--run", str(tmp_path), "--crop", "10"], "--crop must be at least 34"),
                        (["train-autoencoder", "--run", str(tmp_path), "--disc-crop", "4"], "--disc-crop must be at least 24"),
-                       (["train-diffusion", "--run", str(tmp_path), "--ae-run", str(tmp_path / "none")], "--ae-run expects")):
+                       (["train-diffusion", "--run", str(tmp_path), "--ae-run", str(tmp_path / "none")], "--ae-run expects"),
+                       (["train-refiner", "--run", str(tmp_path), "--init-disc-from", str(tmp_path)], "--init-disc-from expects")):
         code = f"import sys; from synth.cli import main; rc = main({argv!r}); print(rc, 'torch' in sys.modules)"
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
         assert r.stdout.split() == ["2", "False"], (argv[0], r.stdout, r.stderr[-300:])

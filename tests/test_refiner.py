@@ -205,6 +205,11 @@ def test_context_refiner_trains_from_a_plain_run_and_ships(trained, tiny_model_d
     torch.testing.assert_close(state["ema_state_dict"]["body.0.weight"], whole["ema_state_dict"]["body.0.weight"],
                                atol=1e-2, rtol=0)  # it started from the plain refiner ...
     assert state["state_dict"]["ctx_out.weight"].abs().sum() > 0  # ... and trained its new branch
+    snapshot = root / "whole" / "snaps" / "step_000003.pt"  # a snapshot keeps no discriminator: refused
+    with pytest.raises(ValueError, match="holds no discriminator"):
+        train_refiner(RefinerTrainConfig(**{**cfg.__dict__, "run_dir": str(tmp_path / "other"),
+                                            "init_discriminator_from": str(snapshot)}), progress=False)
+    assert not (tmp_path / "other").exists()  # refused before any volume was computed
     out = package_refiner(run, tiny_model_dir, tmp_path / "model", version="0.0.2-test")
     cfg_json = json.loads((out / "config.json").read_text())
     assert cfg_json["refiner"]["context"] == 1 and cfg_json["refiner"]["layers"] == 2

@@ -37,14 +37,11 @@ from ..io import atomic_path
 from ..models.networks import build_autoencoder, count_parameters, latent_mean
 from .common import (EMA, Checkpointer, LossLog, StepClock, autocast, is_model_folder, model_folder_weights,
                      resume_state, rng_state, setup_distributed, training_bf16)
-
 from .defaults import DEFAULT_AE, DEFAULT_DISCRIMINATOR, smallest_disc_crop  # noqa: F401 (re-exported)
 
 __all__ = ["AETrainConfig", "train_autoencoder", "DEFAULT_AE", "DEFAULT_DISCRIMINATOR", "gradient_l1", "kl_loss",
            "smallest_disc_crop", "load_latent_bank",
            "load_volumes"]
-
-
 
 
 @dataclass

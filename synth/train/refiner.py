@@ -245,6 +245,11 @@ def train_refiner(cfg: RefinerTrainConfig, *, progress: bool = True, device: str
     from ..generators import load_generator
 
     run = Path(cfg.run_dir)
+    disc_source = None  # the run whose discriminator starts this one: checked before any volume is computed
+    if cfg.init_discriminator_from and not (run / "last.pt").is_file():
+        disc_source = _read_checkpoint(cfg.init_discriminator_from)
+        if "discriminator" not in disc_source:
+            raise ValueError(f"{cfg.init_discriminator_from} holds no discriminator: expected a train-refiner run folder (last.pt)")
     run.mkdir(parents=True, exist_ok=True)
     dev = torch.device(device)
     torch.manual_seed(cfg.seed)
@@ -283,13 +288,10 @@ def train_refiner(cfg: RefinerTrainConfig, *, progress: bool = True, device: str
     if cfg.init_from and not (run / "last.pt").is_file():
         weights, init_note = _init_weights(cfg.init_from)
         _load_init(net, weights, cfg.init_from)
-    if cfg.init_discriminator_from and not (run / "last.pt").is_file():
-        other = _read_checkpoint(cfg.init_discriminator_from)
-        if "discriminator" not in other:
-            raise ValueError(f"{cfg.init_discriminator_from} holds no discriminator: expected a train-refiner run folder (last.pt)")
-        disc.load_state_dict(other["discriminator"])
-        d_opt.load_state_dict(other["disc_optimizer"])
-        init_note = f"{init_note or 'a new refiner'}; discriminator from {cfg.init_discriminator_from} (step {int(other['step'])})"
+    if disc_source is not None:
+        disc.load_state_dict(disc_source["discriminator"])
+        d_opt.load_state_dict(disc_source["disc_optimizer"])
+        init_note = f"{init_note or 'a new refiner'}; discriminator from {cfg.init_discriminator_from} (step {int(disc_source['step'])})"
     ema = EMA(net, decay=cfg.ema_decay)
     ckpt = Checkpointer(run)
     start = 0
@@ -309,9 +311,7 @@ def train_refiner(cfg: RefinerTrainConfig, *, progress: bool = True, device: str
         """``batch_size`` cubes at the same random places of each (N, X, Y, Z) array in ``volumes``; when the
         refiner has a context branch, the cubes of the arrays numbered in ``context`` are each followed by
         their context cubes (``pad`` voxels more on each side)."""
-        parts = [(k, 0) for k in range(len(volumes))]
-        if pad:
-            parts = [q for k in range(len(volumes)) for q in ([(k, 0), (k, pad)] if k in context else [(k, 0)])]
+        parts = [q for k in range(len(volumes)) for q in ([(k, 0), (k, pad)] if pad and k in context else [(k, 0)])]
         out: list[list[np.ndarray]] = [[] for _ in parts]
         for _ in range(cfg.batch_size):
             i = int(rng.integers(len(volumes[0])))
