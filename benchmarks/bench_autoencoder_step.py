@@ -39,16 +39,13 @@ def main(argv=None) -> int:
     import torch
 
     from synth.models.networks import build_autoencoder, count_parameters
-    from synth.runtime import cpu_description
+    from synth.runtime import machine_line
     from synth.train.autoencoder import DEFAULT_AE
     from synth.train.common import autocast, training_bf16
 
     torch.set_num_threads(args.threads)
-    cpu = cpu_description()
     bf16 = training_bf16(True, torch.device("cpu"))
-    print(f"machine: {cpu['cpu']}, {cpu['cores']} cores; PyTorch {cpu['torch']} kernels {cpu['capability']}; "
-          f"native bf16 {'yes' if cpu['native_bf16'] else 'no'}; training precision {'bf16' if bf16 else 'fp32'}; "
-          f"{args.threads} threads; date {time.strftime('%Y-%m-%d')}")
+    print(machine_line(args.threads, training_precision="bf16" if bf16 else "fp32"))
     torch.manual_seed(0)
     x = torch.rand(1, 1, 80, 96, 80)
     base = None

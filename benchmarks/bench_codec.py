@@ -122,11 +122,12 @@ def main() -> None:
     from synth.codec import compress, decompress
     from synth.data.prepare import PreparedData, default_cache_dir
     from synth.metrics import psnr, ssim
+    from synth.runtime import machine_line
     from synth.vq.cli import _model_folder
     from synth.vq.generator import VQBrainGenerator
 
     info = cpu_info()
-    print(f"CPU: {info['cpu']} ({info['capability']}); native bf16: {info['bf16_native']}; torch {info['torch']}")
+    print(machine_line())
     gen = VQBrainGenerator.from_folder(_model_folder(args.model), device="cpu")
     print(f"model {gen.config.name} {gen.config.version}, engine {gen.engine}, schedule {gen.transformer.schedule}")
     data = PreparedData.load(args.data or default_cache_dir() / "ixi-2mm")

@@ -22,7 +22,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -32,16 +31,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def cpu_seconds_of_children() -> float:
@@ -88,13 +77,12 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
 
-    import torch
+    from synth.runtime import cpu_description, machine_line
 
-    native = bool(torch.cpu._is_avx512_bf16_supported())
+    cpu = cpu_description()
+    native = bool(cpu["native_bf16"])
     precisions = args.precision or (["fp32", "bf16"] if native else ["fp32"])
-    print(f"CPU: {cpu_model()} ({os.cpu_count()} logical cores), capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"native bf16 {native}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"load average {os.getloadavg()[0]:.2f}")
+    print(machine_line())
     results = []
     for precision in precisions:
         if precision == "bf16" and not native:
@@ -116,7 +104,7 @@ def main() -> None:
             print(f"WARNING: {p} images differ between worker counts: {digests}")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"cpu": cpu_model(), "capability": torch.backends.cpu.get_cpu_capability(),
+        Path(args.json).write_text(json.dumps({"cpu": cpu["cpu"], "capability": cpu["capability"],
                                                "native_bf16": native, "results": results}, indent=2) + "\n")
 
 

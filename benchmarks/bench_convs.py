@@ -51,12 +51,11 @@ def main() -> int:
     import synth
     from synth.models.fast import OneDNNConv3d
     from synth.pipeline import _fast_decoder
-    from synth.runtime import cpu_description
+    from synth.runtime import cpu_description, machine_line
 
     torch.set_num_threads(args.threads)
     cpu = cpu_description()
-    print(f"machine: {cpu['cpu']}, {cpu['cores']} cores; PyTorch {cpu['torch']} kernels {cpu['capability']}; "
-          f"native bf16 {'yes' if cpu['native_bf16'] else 'no'}; {args.threads} threads; date {time.strftime('%Y-%m-%d')}")
+    print(machine_line(args.threads))
     gen = synth.load_generator(args.model, device="cpu")
     fast_unet = gen.unet
     plain_unet = copy.deepcopy(fast_unet)

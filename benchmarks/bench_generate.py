@@ -133,12 +133,10 @@ def main() -> int:
     import numpy as np
 
     from synth.metrics import masked_correlation, psnr, sharpness
-    from synth.runtime import cpu_description
+    from synth.runtime import cpu_description, machine_line
 
     cpu = cpu_description()
-    print(f"machine: {cpu['cpu']}, {cpu['cores']} cores; torch {cpu['torch']} kernels {cpu['capability']}; "
-          f"native bf16: {'yes' if cpu['native_bf16'] else 'no'}; load average {os.getloadavg()[0]:.1f}; "
-          f"date {time.strftime('%Y-%m-%d')}")
+    print(machine_line())
     variants = ["baseline", "fp32", "fast"] + (["bf16"] if cpu["native_bf16"] else [])
     if not cpu["native_bf16"]:
         print("bf16: skipped (not native on this CPU: emulated bf16 is about 100x slower, and `auto` never picks it)")

@@ -45,12 +45,10 @@ def main() -> int:
     import torch
 
     from synth.models.refiner import Refiner, context_pad, refine_volume
-    from synth.runtime import cpu_description
+    from synth.runtime import machine_line
 
     torch.set_num_threads(args.threads)
-    cpu = cpu_description()
-    print(f"machine: {cpu['cpu']}, {cpu['cores']} cores; PyTorch {cpu['torch']} kernels {cpu['capability']}; "
-          f"native bf16 {'yes' if cpu['native_bf16'] else 'no'}; {args.threads} threads; date {time.strftime('%Y-%m-%d')}")
+    print(machine_line(args.threads))
     torch.manual_seed(0)
     nets = {"plain (baseline)": Refiner(32, 5), f"context {args.context}": Refiner(32, 5, args.context)}
     for net in nets.values():

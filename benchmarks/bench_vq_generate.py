@@ -22,8 +22,6 @@ Without a shipped model (--model random), a random-weight model of the shipped a
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -33,19 +31,11 @@ sys.path.insert(0, str(ROOT))
 
 
 def cpu_info() -> dict:
-    import torch
+    """The CPU as the JSON records it (``synth.runtime.cpu_description``, bf16 under its older key)."""
+    from synth.runtime import cpu_description
 
-    name = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    bf16 = bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
-    return {"cpu": name, "bf16_native": bf16, "capability": torch.backends.cpu.get_cpu_capability(),
-            "torch": torch.__version__}
+    cpu = cpu_description()
+    return {"cpu": cpu["cpu"], "bf16_native": cpu["native_bf16"], "capability": cpu["capability"], "torch": cpu["torch"]}
 
 
 def load(model: str, engine: str):
@@ -134,12 +124,12 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
+    from synth.runtime import machine_line
     from synth.vq.transformer import fast_transformers_available
 
     torch.set_num_threads(args.threads)
     info = cpu_info()
-    print(f"CPU: {info['cpu']} ({info['capability']}); native bf16: {info['bf16_native']}; torch {info['torch']}; "
-          f"{args.threads} thread(s)")
+    print(machine_line(args.threads))
     engines = ["torch"] + (["fast-transformers"] if fast_transformers_available() else [])
     gens = {e: load(args.model, e) for e in engines}
     g = gens["torch"]

@@ -254,3 +254,18 @@ def cpu_description() -> dict[str, object]:
         "auto_precision": resolve_precision("auto", "cpu"),
         "torch": torch.__version__,
     }
+
+
+def machine_line(threads: int | None = None, **extra: object) -> str:
+    """The line every benchmark prints first, so that its figures say where they were measured: the CPU,
+    its cores, PyTorch and the kernels it uses, whether bf16 is native, ``extra`` (``name=value``, shown
+    as "name value"), the threads, the load average and the date."""
+    cpu = cpu_description()
+    parts = [f"machine: {cpu['cpu']}, {cpu['cores']} cores", f"PyTorch {cpu['torch']} kernels {cpu['capability']}",
+             f"native bf16 {'yes' if cpu['native_bf16'] else 'no'}"]
+    parts += [f"{k.replace('_', ' ')} {v}" for k, v in extra.items()]
+    parts.append(f"{torch.get_num_threads() if threads is None else threads} threads")
+    if hasattr(os, "getloadavg"):
+        parts.append(f"load average {os.getloadavg()[0]:.2f}")
+    parts.append(f"date {time.strftime('%Y-%m-%d')}")
+    return "; ".join(parts)

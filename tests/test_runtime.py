@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -83,8 +84,6 @@ def test_threads_leave_out_a_busy_core():
         pytest.skip("this machine is already busy")
     spin = subprocess.Popen([sys.executable, "-c", "import time\nt=time.time()\nwhile time.time()-t<20: pass"])
     try:
-        import time
-
         time.sleep(0.5)
         assert pick_threads() == 1
     finally:
@@ -95,7 +94,6 @@ def test_threads_leave_out_a_busy_core():
 def test_adaptive_threads_follow_other_processes_not_this_one(monkeypatch):
     """Threads drop to one while another process holds a core, come back when it stops, and this
     process's own work never counts as load; a count the caller fixed is never changed."""
-    import time
 
     import torch
 
@@ -139,6 +137,17 @@ def test_cpu_description_names_the_hardware():
     d = cpu_description()
     assert d["capability"] == torch.backends.cpu.get_cpu_capability()
     assert isinstance(d["native_bf16"], bool) and d["cores"] >= 1 and d["cpu"]
+
+
+def test_machine_line_says_where_a_benchmark_ran():
+    from synth.runtime import machine_line
+
+    d = cpu_description()
+    line = machine_line(3, training_precision="fp32")
+    assert line.startswith(f"machine: {d['cpu']}, {d['cores']} cores; ")
+    assert f"kernels {d['capability']}; native bf16 {'yes' if d['native_bf16'] else 'no'}; " in line
+    assert "; training precision fp32; 3 threads; " in line
+    assert line.endswith(f"date {time.strftime('%Y-%m-%d')}")
 
 
 def test_generate_records_the_precision_it_used_and_both_paths_give_a_brain(tiny_generator, monkeypatch):
