@@ -78,8 +78,13 @@ def test_context_branch_is_exact_on_the_brain_box_and_on_training_cubes():
         with torch.no_grad():
             y = net(cube, ctx)[0, 0, m:-m, m:-m, m:-m]
         torch.testing.assert_close(y, whole[0, 0, a + m:a + c - m, b + m:b + c - m, d + m:d + c - m], atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match="multiple of 4"):
-        net.context_features(torch.zeros(1, 1, 16, 16, 16), offset=2, size=(8, 8, 8))
+    # the branch's crop may start off its pooling grid, by a different amount along each axis
+    x = torch.from_numpy(img)[None, None]
+    with torch.no_grad():
+        part = net.context_features(x, (21, 6, 30), (9, 17, 5))
+        torch.testing.assert_close(part, net.context_features(x)[..., 21:30, 6:23, 30:35], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="must lie inside its input"):
+        net.context_features(torch.zeros(1, 1, 16, 16, 16), offset=10, size=(8, 8, 8))
 
 
 def test_context_branch_sees_farther_than_the_plain_refiner():

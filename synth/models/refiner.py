@@ -75,30 +75,39 @@ class Refiner(nn.Module):
             nn.init.zeros_(self.ctx_out.weight)  # the branch starts switched off
             nn.init.zeros_(self.ctx_out.bias)
 
-    def context_features(self, x: torch.Tensor, offset: int = 0, size: tuple[int, ...] | None = None) -> torch.Tensor:
+    def context_features(self, x: torch.Tensor, offset: int | tuple[int, ...] = 0,
+                         size: tuple[int, ...] | None = None) -> torch.Tensor:
         """The context branch on ``x`` (padded with zeros at its far faces to a multiple of 4), on ``x``'s grid
-        from ``offset`` voxels in (a multiple of 4), ``size`` voxels a side (default: all of ``x``).
+        from ``offset`` voxels in (one per axis, or one for all), ``size`` voxels along each axis (default:
+        all of ``x``). The pooling grid starts at ``x``'s first voxel; the crop may start anywhere on it.
 
         The output 1x1 convolution runs before the upsampling (both are linear, so they commute), and only
-        the 8 mm cells the crop needs (plus one each side) are upsampled."""
+        the 8 mm cells the crop needs (plus one each side) are upsampled, which gives the same values as
+        upsampling them all."""
         size = tuple(x.shape[2:]) if size is None else tuple(size)
-        if offset % GRID:
-            raise ValueError(f"the context branch's offset must be a multiple of {GRID}, got {offset}")
+        offsets = (offset,) * 3 if isinstance(offset, int) else tuple(int(o) for o in offset)
+        if len(offsets) != 3 or len(size) != 3 or any(o < 0 or o + n > N for o, n, N in zip(offsets, size, x.shape[2:])):
+            raise ValueError(f"the context branch's crop (offset {offset}, size {size}) must lie inside its input "
+                             f"{tuple(x.shape[2:])}")
         pad = [p for n in reversed(x.shape[2:]) for p in (0, -n % GRID)]
         f = F.pad(x, pad) if any(pad) else x
         f = F.leaky_relu(self.ctx_in(F.avg_pool3d(f, 2)), 0.2)
         f = self.ctx_out(self.ctx(F.avg_pool3d(f, 2)))
-        q0 = max(offset // GRID - 1, 0)
-        cells = tuple(slice(q0, min(-(-(offset + n) // GRID) + 1, f.shape[2 + k])) for k, n in enumerate(size))
+        q0 = [max(o // GRID - 1, 0) for o in offsets]
+        cells = tuple(slice(q, min(-(-(o + n) // GRID) + 1, f.shape[2 + k]))
+                      for k, (q, o, n) in enumerate(zip(q0, offsets, size)))
         f = F.interpolate(f[(..., *cells)], scale_factor=GRID, mode="trilinear", align_corners=False)
-        o = offset - q0 * GRID
-        return f[..., o:o + size[0], o:o + size[1], o:o + size[2]]
+        a = [o - q * GRID for o, q in zip(offsets, q0)]
+        return f[..., a[0]:a[0] + size[0], a[1]:a[1] + size[1], a[2]:a[2] + size[2]]
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                offset: tuple[int, ...] | None = None) -> torch.Tensor:
         """Refine ``x`` (B, 1, X, Y, Z).
 
-        ``context``: for training on cubes, a larger cube centred on ``x`` (:func:`context_pad` voxels more
-        on each side) that the context branch sees instead of ``x``, so that it sees no padding.
+        ``context``: a larger crop around ``x`` that the context branch sees instead of ``x`` (so that it
+        sees no padding), ``x`` lying ``offset`` voxels into it along each axis (default: centred). Training
+        cubes come with a context cube :func:`context_pad` voxels larger on each side; :func:`refine_volume`
+        gives the branch its own box.
         """
         h = x
         for i, m in enumerate(self.body):
@@ -107,7 +116,9 @@ class Refiner(nn.Module):
                 if context is None:
                     h = h + self.context_features(x)
                 else:
-                    h = h + self.context_features(context, (context.shape[2] - x.shape[2]) // 2, x.shape[2:])
+                    if offset is None:
+                        offset = tuple((c - n) // 2 for c, n in zip(context.shape[2:], x.shape[2:]))
+                    h = h + self.context_features(context, offset, x.shape[2:])
         return x + self.out(h)
 
 
@@ -138,9 +149,9 @@ def receptive_radius(net: Refiner) -> int:
 def refine_volume(net: Refiner, image: np.ndarray, *, device: torch.device | str = "cpu") -> np.ndarray:
     """Refine an (X, Y, Z) volume in [0, 1] whose background is zero.
 
-    Only the bounding box of the nonzero voxels plus :func:`receptive_radius` voxels is computed, which
-    gives the same values there as the whole volume would (no normalisation: each output sees only its
-    receptive field). The result is clipped to [0, 1] and zero wherever ``image`` is zero.
+    Only the bounding box of the nonzero voxels plus ``layers`` voxels is computed at full resolution (and a
+    box :func:`context_pad` voxels wider by the context branch, at 1/4 and 1/8 of it), which gives the same
+    values there as the whole volume would (no normalisation: each output sees only its receptive field). The result is clipped to [0, 1] and zero wherever ``image`` is zero.
     """
     image = np.asarray(image, np.float32)
     if image.ndim != 3:
@@ -149,18 +160,26 @@ def refine_volume(net: Refiner, image: np.ndarray, *, device: torch.device | str
     out = np.zeros_like(image)
     if not inside.any():
         return out
-    r = receptive_radius(net)
     idx = np.argwhere(inside)
-    lo = np.maximum(idx.min(0) - r, 0)
-    if net.context:  # the context branch's pooling grid as the whole volume's: from a multiple of 4
-        lo -= lo % GRID
-    hi = np.minimum(idx.max(0) + 1 + r, image.shape)
+    # the full-resolution layers on the brain's box plus their reach; the context branch, when there is one,
+    # on a box its reach wider, from a multiple of 4 (its pooling grid as the whole volume's)
+    lo = np.maximum(idx.min(0) - net.layers, 0)
+    hi = np.minimum(idx.max(0) + 1 + net.layers, image.shape)
     box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    ctx = offset = None
+    if net.context:
+        cl = np.maximum(lo - context_pad(net), 0)
+        cl -= cl % GRID
+        ch = np.minimum(hi + context_pad(net), image.shape)
+        ctx = torch.from_numpy(np.ascontiguousarray(image[tuple(slice(int(a), int(b)) for a, b in zip(cl, ch))]))
+        ctx = ctx[None, None].to(device)
+        offset = tuple(int(v) for v in lo - cl)
     x = torch.from_numpy(np.ascontiguousarray(image[box]))[None, None].to(device)
     if x.device.type == "cpu":  # oneDNN's 3D convolutions run faster channels-last, as for the decoder (same
         # values to float rounding); the refiner's cost per brain: benchmarks/bench_generate.py
         net = net.to(memory_format=torch.channels_last_3d)
         x = x.contiguous(memory_format=torch.channels_last_3d)
-    y = net(x).float().clamp_(0, 1).contiguous()[0, 0].cpu().numpy()
+        ctx = None if ctx is None else ctx.contiguous(memory_format=torch.channels_last_3d)
+    y = net(x, ctx, offset).float().clamp_(0, 1).contiguous()[0, 0].cpu().numpy()
     out[box] = np.where(inside[box], y, 0.0)
     return out
