@@ -269,7 +269,11 @@ class BrainGenerator:
         if self.refiner is None:
             return "none"
         cfg = self.config.refiner or {}
-        return {"applied": bool(applied), "network": f"{cfg.get('layers')} conv3d layers, width {cfg.get('width')}",
+        network = f"{cfg.get('layers')} conv3d layers, width {cfg.get('width')}"
+        if cfg.get("context"):
+            n = int(cfg["context"])
+            network += f", context branch of {n} conv3d layer{'s' if n != 1 else ''} at 8 mm"
+        return {"applied": bool(applied), "network": network,
                 "steps": cfg.get("steps"), "trained": cfg.get("trained", "")}
 
     def generate(

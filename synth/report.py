@@ -105,24 +105,43 @@ def _condition(row: dict) -> Condition:
 
 def _cache_key(gen, opts: dict) -> str:
     """What besides name, version, options, condition and seed decides a cached brain: the model's own
-    sampling settings, refiner and weights (a config edited under the same name and version, another
-    default sampler say, must not pick up the old brains) and the numeric path generation takes here."""
+    sampling settings and weights (a config edited under the same name and version, another default
+    sampler say, must not pick up the old brains) and the numeric path generation takes here. Cached brains
+    are unrefined (:func:`_cached` refines them on loading), so the refiner's weights and settings are not
+    part of it: a new refiner reuses the samples of the model it refines."""
     cfg = getattr(gen, "config", None)
     sampling = getattr(cfg, "sampling", None)
-    what = {"sampling": sampling, "weights": getattr(cfg, "weights_sha256", None),
-            **({"refiner": cfg.refiner} if getattr(cfg, "refiner", None) else {}),  # keys of older caches unchanged
+    weights = getattr(cfg, "weights_sha256", None)
+    if isinstance(weights, dict):
+        weights = {k: v for k, v in weights.items() if k != "refiner.safetensors"}
+    what = {"sampling": sampling, "weights": weights,
             "precision": resolve_precision(opts.get("precision"), getattr(gen, "device", "cpu"),
                                            model_allows=bool((sampling or {}).get("bf16", False)))}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
+def _refines(gen, opts: dict) -> bool:
+    """Whether ``gen.generate(**opts)`` applies the model's refiner."""
+    if getattr(gen, "refiner", None) is None:
+        return False
+    return bool(opts["refine"]) if opts.get("refine") is not None else gen.refines_by_default_for(bool(opts.get("fast")))
+
+
 def _cached(gen, c: Condition, seed: int, opts: dict, cache: Path | None):
-    """``gen.generate(c, seed)``, or the brain a previous run saved in ``cache`` (NIfTI + sidecar;
-    outside the repository). The file name holds the model, version, options, condition and seed."""
+    """``gen.generate(c, seed, **opts)``, or the brain a previous run saved in ``cache`` (NIfTI + sidecar;
+    outside the repository). The file name holds the model, version, options, condition and seed.
+
+    The cache holds brains before the refiner: a refined brain is its cached unrefined brain through
+    ``gen.refine`` (the generator's last step, on the float32 image the NIfTI keeps exactly), so a model
+    whose refiner changed needs no new samples."""
     from .brain import SyntheticBrain, sidecar_path
 
     if cache is None:
         return gen.generate(c, seed=int(seed), progress=None, **opts)
+    if _refines(gen, opts):
+        b = _cached(gen, c, seed, {**opts, "refine": False}, cache)
+        return SyntheticBrain(gen.refine(b.image), b.affine, b.condition, b.seed, b.targets,
+                              {**b.provenance, "refiner": gen.refiner_provenance(True)})
     cfg = getattr(gen, "config", None)
     tag = "_".join(f"{k}-{v}" for k, v in sorted(opts.items()))
     key = _cache_key(gen, opts)

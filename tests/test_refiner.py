@@ -182,6 +182,26 @@ def test_package_generate_and_provenance(trained, tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="has no refiner"):
         base.generate(c, seed=2, refine=True)
 
+    # the report's brain cache keeps brains before the refiner and refines them as it loads them, so a
+    # model whose refiner changed reuses its samples
+    from synth.report import _cached
+
+    cache = tmp_path / "cache"
+    hit = _cached(gen, c, 2, {}, cache)
+    files = list(cache.glob("*.nii.gz"))
+    assert len(files) == 1 and "refine-False" in files[0].name
+    np.testing.assert_allclose(hit.image, refined.image, atol=1e-5)
+    assert hit.provenance["refiner"]["applied"] is True
+    np.testing.assert_allclose(_cached(gen, c, 2, {"refine": False}, cache).image, plain.image, atol=1e-6)
+    assert _cached(gen, c, 2, {"fast": True}, cache).provenance["refiner"]["applied"] is False
+    with torch.no_grad():
+        gen.refiner.out.bias.add_(0.05)  # another refiner on the same model
+    gen.config.weights_sha256["refiner.safetensors"] = "0" * 64
+    moved = _cached(gen, c, 2, {}, cache)
+    assert len(list(cache.glob("*.nii.gz"))) == 2  # the fast preset's brain; no new default one
+    np.testing.assert_allclose(moved.image, gen.refine(plain.image), atol=1e-5)
+    assert not np.allclose(moved.image, hit.image)
+
     # a tampered refiner is refused before it is read
     (out / "refiner.safetensors").write_bytes((out / "refiner.safetensors").read_bytes()[:-8] + b"\0" * 8)
     with pytest.raises(ValueError, match="refiner.safetensors"):
@@ -222,6 +242,7 @@ def test_context_refiner_trains_from_a_plain_run_and_ships(trained, tiny_model_d
     assert gen.refiner.context == 1
     b = gen.generate(Condition(age=50, sex="M"), seed=3)
     assert b.provenance["refiner"]["applied"] is True and b.image.max() <= 1
+    assert b.provenance["refiner"]["network"] == "2 conv3d layers, width 4, context branch of 1 conv3d layer at 8 mm"
 
 
 def test_package_off_by_default_and_into_own_folder(trained, tiny_model_dir, tmp_path):
