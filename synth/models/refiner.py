@@ -14,9 +14,9 @@ convolution, pooled again to 8 mm (the latent's grid, where the prior draws its 
 convolutions there, upsampled back and added (through a 1x1 convolution that starts at zero) to the
 full-resolution features after their first layer. It widens the field from ``2 * layers + 1`` voxels
 to up to 59 (context 3, 5 layers), so the refiner can see a structure, not only its edge. Its
-convolutions run on 1/8 and 1/64 of the voxels, but the box :func:`refine_volume` computes grows with
-the field: ``benchmarks/bench_refiner.py`` measures a training step at 1.4x the plain refiner's and a
-brain at 1.5x. A refiner with ``context`` 0 is the first (0.4.0) design, weight for weight.
+convolutions run on 1/8 and 1/64 of the voxels, on a box of their own (:func:`refine_volume`):
+``benchmarks/bench_refiner.py`` measures a training step at 1.3-1.4x the plain refiner's and a brain at
+1.1-1.2x. A refiner with ``context`` 0 is the first (0.4.0) design, weight for weight.
 
 With no normalisation, a cube of an image gives exactly the refined cube of the whole image away from
 its edges (:func:`receptive_radius` voxels in; the context branch's pooling grid must start at a
