@@ -425,10 +425,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default guidance scale (default: a packaged --ldm-run's, else 1.0)")
     k.set_defaults(func=_cmd_package)
 
-    r = sub.add_parser("train-refiner", help="train a small refiner after a latent diffusion model's decoder "
+    r = sub.add_parser("train-refiner", help="train a small refiner after a model's decoder, latent diffusion or VQ-VAE "
                                              "(adds 2 mm texture; resumes from RUN/last.pt)")
     r.add_argument("--data", default=str(default_cache_dir() / "ixi-2mm"), help="prepared data folder")
-    r.add_argument("--model", default=DEFAULT_MODEL, help=f"the latent diffusion model to refine (default {DEFAULT_MODEL})")
+    r.add_argument("--model", default=DEFAULT_MODEL, help=f"the model to refine, latent diffusion or VQ-VAE (default {DEFAULT_MODEL})")
     r.add_argument("--run-dir", "--run", dest="run", required=True, help="run folder (outside any repository: it caches "
                                                                           "volumes derived from the scans)")
     r.add_argument("--steps", type=_positive_int, default=20000)
@@ -460,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=_cmd_train_refiner)
 
-    q = sub.add_parser("package-refiner", help="write a model folder: a latent diffusion model plus a trained refiner")
+    q = sub.add_parser("package-refiner", help="write a model folder: a model (latent diffusion or VQ-VAE) plus a trained refiner")
     q.add_argument("--run", required=True, help="train-refiner run folder or snapshot .pt")
     q.add_argument("--model", default=DEFAULT_MODEL, help="the model it refines (name or folder)")
     q.add_argument("--out", required=True, help="model folder to write (may be --model's own folder)")

@@ -36,7 +36,7 @@ from .io import SYNTHETIC_NOTICE
 from .models.config import ModelConfig
 from .models.fast import use_onednn_convs
 from .models.networks import autocast, build_autoencoder, build_unet, latent_mean
-from .models.refiner import build_refiner, refine_volume
+from .models.refiner import RefinerMixin, load_refiner
 from .normative import NormativeModel, target_volumes
 from .runtime import AdaptiveThreads, resolve_precision
 from .sampling import SAMPLERS, dpm_solver_pp_2m, dpm_timesteps
@@ -54,7 +54,7 @@ def _load_weights(module: torch.nn.Module, path: Path) -> None:
     module.load_state_dict({k: v.float() for k, v in state.items()})
 
 
-class BrainGenerator:
+class BrainGenerator(RefinerMixin):
     """A conditional latent diffusion generator of 3D T1 brains.
 
     Args:
@@ -81,9 +81,7 @@ class BrainGenerator:
         _use_fused_attention(self.unet)
         use_onednn_convs(self.unet)  # batch-1 (unguided) steps otherwise take PyTorch's slow conv3d path
         self._decoder = None  # the fast inference form of the decoder, built on first use
-        if config.refiner and refiner is None:
-            raise ValueError(f"model {config.name!r} names a refiner in its config but none was given")
-        self.refiner = refiner.to(self.device).eval().requires_grad_(False) if refiner is not None else None
+        self._attach_refiner(refiner)
         self.source = source
         self.normative = NormativeModel.from_dict(config.normative) if config.normative else None
         g = config.grid
@@ -100,12 +98,7 @@ class BrainGenerator:
         ae, unet = build_autoencoder(config.autoencoder), build_unet(config.unet)
         _load_weights(ae, folder / "autoencoder.safetensors")
         _load_weights(unet, folder / "unet.safetensors")
-        refiner = None
-        if config.refiner:
-            if not (folder / "refiner.safetensors").is_file():
-                raise FileNotFoundError(f"model {config.name!r} in {folder} names a refiner but has no refiner.safetensors")
-            refiner = build_refiner(config.refiner)
-            _load_weights(refiner, folder / "refiner.safetensors")
+        refiner = load_refiner(folder, config.refiner, config.name)
         return cls(config, ae, unet, device=device, source=str(folder), refiner=refiner)
 
     # -- conditioning -------------------------------------------------------------------------
@@ -244,38 +237,6 @@ class BrainGenerator:
             img = self._decoder(latent)
         return img.float().clamp_(0, 1)[0, 0].cpu().numpy()
 
-    def refines_by_default_for(self, fast: bool) -> bool:
-        """Whether :meth:`generate` applies the refiner unless told not to: the config's ``default`` for the
-        standard sampling, its ``fast_default`` (off unless set) for the fast preset, whose point is speed
-        (the refiner adds about 1 s a brain on 2 CPU cores without native bf16)."""
-        if self.refiner is None:
-            return False
-        cfg = self.config.refiner or {}
-        return bool(cfg.get("fast_default", False) if fast else cfg.get("default", True))
-
-    def refine(self, image: np.ndarray) -> np.ndarray:
-        """The model's refiner applied to a decoded (X, Y, Z) volume (background zero), in float32.
-
-        Raises:
-            ValueError: the model has no refiner.
-        """
-        if self.refiner is None:
-            raise ValueError(f"model {self.config.name!r} has no refiner")
-        return refine_volume(self.refiner, image, device=self.device)
-
-    def refiner_provenance(self, applied: bool) -> dict | str:
-        """What the provenance says of the refiner: ``none`` (the model has none), or whether it was
-        applied and how it was trained."""
-        if self.refiner is None:
-            return "none"
-        cfg = self.config.refiner or {}
-        network = f"{cfg.get('layers')} conv3d layers, width {cfg.get('width')}"
-        if cfg.get("context"):
-            n = int(cfg["context"])
-            network += f", context branch of {n} conv3d layer{'s' if n != 1 else ''} at 8 mm"
-        return {"applied": bool(applied), "network": network,
-                "steps": cfg.get("steps"), "trained": cfg.get("trained", "")}
-
     def generate(
         self,
         condition: Condition,
@@ -320,9 +281,7 @@ class BrainGenerator:
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**63:
             raise ValueError(f"`seed` must be a non-negative integer, got {seed!r}")
         opts = self.sampling_options(steps, guidance_scale, sampler, fast=fast)
-        if refine and self.refiner is None:
-            raise ValueError(f"model {self.config.name!r} has no refiner; generate without refine=True")
-        refine = self.refines_by_default_for(fast) if refine is None else bool(refine)
+        refine = self._resolve_refine(refine, fast)
         if bf16 is not None and precision is None:
             precision = "bf16" if bf16 else "fp32"
         precision = resolve_precision(precision, self.device, model_allows=bool(self.config.sampling.get("bf16", False)))

@@ -356,3 +356,48 @@ def test_refiner_error_paths(trained, tiny_model_dir, tmp_path, capsys):
     assert main(["train-refiner", "--run", str(tmp_path / "r"), "--data", str(tmp_path)]) == 2
     assert "--data expects a folder written by `synthbrain prepare`" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()  # nothing written
+
+
+def test_vq_model_trains_ships_and_applies_a_refiner(tmp_path, capsys):
+    """The VQ-VAE backend takes a refiner as the latent diffusion one does: trained on its reconstructions
+    and samples, packaged beside its weights, applied by default and named in the provenance."""
+    import synth
+    from synth.cli import main
+    from synth.condition import Condition
+    from synth.models.refiner import build_refiner, refine_volume
+    from synth.train.refiner import RefinerTrainConfig, package_refiner, train_refiner
+    from synth.vq.testing import make_tiny_vq_model
+
+    vq = make_tiny_vq_model(tmp_path / "vq", shape=(16, 16, 16))
+    data = write_prepared(tmp_path / "data", ages=(25, 40, 60, 75), size=16, split="train")
+    run = tmp_path / "run"
+    state = train_refiner(RefinerTrainConfig(data_dir=str(data.root), model=str(vq), run_dir=str(run), steps=3,
+                                             batch_size=2, crop=16, samples=2, refiner={"width": 4, "layers": 2},
+                                             discriminator=dict(TINY_DISC)), progress=False)
+    assert state["step"] == 3 and np.load(run / "samples.npy").shape == (2, 16, 16, 16)
+    out = package_refiner(run, vq, tmp_path / "vq-refined", version="0.0.1-test")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["backend"] == "vq" and cfg["refiner"]["steps"] == 3 and cfg["refiner"]["default"] is True
+    assert set(cfg["weights_sha256"]) == {"vqvae.safetensors", "transformer.safetensors", "refiner.safetensors"}
+
+    gen, base = synth.load_generator(out, device="cpu"), synth.load_generator(vq, device="cpu")
+    assert gen.backend == "vq" and base.refiner is None
+    c = Condition(age=60, sex="F")
+    refined, plain = gen.generate(c, seed=2), gen.generate(c, seed=2, refine=False)
+    np.testing.assert_array_equal(plain.image, base.generate(c, seed=2).image)  # switched off: the model as it was
+    net = build_refiner(state["config"]["refiner"])
+    net.load_state_dict(state["ema_state_dict"])
+    np.testing.assert_allclose(refined.image, refine_volume(net, plain.image), atol=2e-3)  # the run's EMA, as fp16
+    np.testing.assert_allclose(refined.image, gen.refine(plain.image), atol=1e-6)
+    assert np.abs(refined.image - plain.image).max() > 1e-4  # three steps moved it
+    assert refined.provenance["refiner"]["applied"] is True and plain.provenance["refiner"]["applied"] is False
+    assert base.generate(c, seed=2).provenance["refiner"] == "none"
+    with pytest.raises(ValueError, match="has no refiner"):
+        base.generate(c, seed=2, refine=True)
+    # the CLI: generate with and without it
+    assert main(["generate", "--age", "50", "--sex", "M", "--model", str(out), "--device", "cpu",
+                 "--out", str(tmp_path / "a.nii.gz"), "--no-refiner", "--quiet"]) == 0
+    assert json.loads((tmp_path / "a.json").read_text())["refiner"]["applied"] is False
+    assert main(["generate", "--age", "50", "--sex", "M", "--model", str(out), "--device", "cpu",
+                 "--out", str(tmp_path / "b.nii.gz"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "b.json").read_text())["refiner"]["applied"] is True

@@ -1,4 +1,4 @@
-"""Train the refiner (:mod:`synth.models.refiner`) of a packaged latent diffusion model.
+"""Train the refiner (:mod:`synth.models.refiner`) of a packaged model (latent diffusion or VQ-VAE).
 
 Two kinds of cube, each step (``crop`` voxels a side, left-right flipped at random):
 
@@ -55,7 +55,8 @@ class RefinerTrainConfig:
 
     Args:
         data_dir: Prepared data (``synthbrain prepare``); its ``train`` split is used.
-        model: The packaged LDM whose decoder output is refined (name or folder).
+        model: The packaged model (latent diffusion or VQ-VAE + transformer) whose decoder output is
+            refined (name or folder).
         run_dir: Run folder: ``last.pt``, ``losses.csv``, ``snaps/``, cached volumes.
         steps: Total steps (a resumed run continues to this).
         batch_size: Cubes of each kind per step.
@@ -263,9 +264,9 @@ def train_refiner(cfg: RefinerTrainConfig, *, progress: bool = True, device: str
         nonlocal gen
         if gen is None:
             gen = load_generator(cfg.model, device=device)
-            if getattr(gen, "backend", "") != "ldm":
-                raise ValueError(f"train-refiner refines a latent diffusion model's decoder; {cfg.model} is a "
-                                 f"{gen.backend} model")
+            if getattr(gen, "backend", "") not in ("ldm", "vq"):
+                raise ValueError(f"train-refiner refines a latent diffusion or VQ-VAE model's decoder; {cfg.model} "
+                                 f"is a {getattr(gen, 'backend', '?')} model")
         return gen
 
     recon = _cached_array(run / "pairs.npy", lambda: _reconstructions(generator(), scans, progress))
@@ -396,14 +397,16 @@ def package_refiner(run: str | Path, model: str | Path, out: str | Path, *, vers
     import shutil
 
     from ..generators import models_dir
-    from ..io import sha256_file
+    from ..io import read_json, sha256_file
     from ..models.config import ModelConfig
+    from ..vq.config import VQModelConfig
     from .package import save_weights
 
     src = Path(model)
     if not (src / "config.json").is_file():
         src = models_dir() / str(model)
-    config = ModelConfig.load(src)  # checks its weights
+    vq = read_json(src / "config.json").get("backend", "ldm") == "vq"
+    config = (VQModelConfig if vq else ModelConfig).load(src)  # checks its weights
     state = _read_checkpoint(run)
     weights, arch, step = state["ema_state_dict"], state["config"]["refiner"], int(state["step"])
     init = state.get("init_from")
@@ -427,7 +430,8 @@ def package_refiner(run: str | Path, model: str | Path, out: str | Path, *, vers
                       "steps": step, "trained": trained}
     if version:
         config.version = version
-    files = ["autoencoder.safetensors", "unet.safetensors", "refiner.safetensors"]
+    files = ["vqvae.safetensors", "transformer.safetensors"] if vq else ["autoencoder.safetensors", "unet.safetensors"]
+    files.append("refiner.safetensors")
     config.weights_sha256 = {f: sha256_file(out / f) for f in files}
     config.save(out)
     return out

@@ -30,6 +30,8 @@ class VQModelConfig:
         backend: Always ``vq`` (what :func:`synth.generators.load_generator` dispatches on).
         weights_sha256: ``{weights file name: hex SHA-256}``, written at package time and checked
             by :meth:`load` before any weights are read (empty: not checked).
+        refiner: The refiner after the decoder (:mod:`synth.models.refiner`): ``width``, ``layers``,
+            ``context``, ``default``, ``steps``, ``trained``; ``None`` when the model ships none.
     """
 
     name: str
@@ -45,6 +47,7 @@ class VQModelConfig:
     reference: str = ""
     backend: str = "vq"
     weights_sha256: dict[str, str] = field(default_factory=dict)
+    refiner: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.backend != "vq":

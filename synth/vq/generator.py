@@ -16,6 +16,7 @@ from ..grid import Grid
 from ..io import SYNTHETIC_NOTICE
 from ..normative import NormativeModel, target_volumes
 from ..version import __version__
+from ..models.refiner import Refiner, RefinerMixin, load_refiner
 from .config import VQModelConfig
 from .sampler import sample_codes
 from .transformer import CodeTransformer, fast_transformers_available
@@ -60,7 +61,7 @@ def _load_weights(module: torch.nn.Module, path: Path) -> None:
     module.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
 
 
-class VQBrainGenerator:
+class VQBrainGenerator(RefinerMixin):
     """A conditional VQ-VAE + transformer generator of 3D T1 brains (Tudosiu et al. 2022).
 
     Args:
@@ -69,6 +70,8 @@ class VQBrainGenerator:
         transformer: The code transformer with trained weights.
         device: Where to run (``auto``: CUDA, MPS, then CPU).
         source: Where the weights came from (for provenance).
+        refiner: The trained :class:`synth.models.refiner.Refiner` of ``config.refiner``, if it has one
+            (applied after the VQ-VAE's decoder, as the latent diffusion backend's).
 
     Example:
         >>> gen = load_generator("synthbrain-vq-2mm")                          # doctest: +SKIP
@@ -78,12 +81,13 @@ class VQBrainGenerator:
     backend = "vq"
 
     def __init__(self, config: VQModelConfig, vqvae: VQVAE, transformer: CodeTransformer, *, device="auto",
-                 source: str = ""):
+                 source: str = "", refiner: Refiner | None = None):
         self.config = config
         self.device = pick_device(device)
         self.vqvae = vqvae.to(self.device).eval().requires_grad_(False)
         self.transformer = transformer.to(self.device).eval().requires_grad_(False)
         self.source = source
+        self._attach_refiner(refiner)
         self.normative = NormativeModel.from_dict(config.normative) if config.normative else None
         g = config.grid
         self.grid = Grid(tuple(g["shape"]), float(g["spacing"]), tuple(g["origin"])) if g else None
@@ -91,7 +95,8 @@ class VQBrainGenerator:
 
     @classmethod
     def from_folder(cls, folder: str | Path, device: str = "auto", engine: str = "auto") -> "VQBrainGenerator":
-        """Load ``config.json``, ``vqvae.safetensors`` and ``transformer.safetensors`` from ``folder``."""
+        """Load ``config.json``, ``vqvae.safetensors`` and ``transformer.safetensors`` (and
+        ``refiner.safetensors`` when the config names a refiner) from ``folder``."""
         folder = Path(folder)
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"no model in {folder}: expected config.json, vqvae.safetensors, transformer.safetensors")
@@ -102,7 +107,8 @@ class VQBrainGenerator:
         transformer = CodeTransformer(**config.transformer, engine=engine)
         _load_weights(vqvae, folder / "vqvae.safetensors")
         _load_weights(transformer, folder / "transformer.safetensors")
-        return cls(config, vqvae, transformer, device=device, source=str(folder))
+        refiner = load_refiner(folder, config.refiner, config.name)
+        return cls(config, vqvae, transformer, device=device, source=str(folder), refiner=refiner)
 
     @property
     def engine(self) -> str:
@@ -165,6 +171,7 @@ class VQBrainGenerator:
         temperature: float | None = None,
         top_k: int | None = None,
         threads: int | None = None,
+        refine: bool | None = None,
         progress: ProgressFn | bool | None = None,
         **unused,
     ) -> SyntheticBrain:
@@ -179,6 +186,8 @@ class VQBrainGenerator:
             top_k: Sample among the ``top_k`` most likely codes (default from the config).
             threads: Torch threads while decoding tokens (default 1: token-by-token work is too small to
                 share; two threads were measured ten times slower on 2 cores).
+            refine: Apply the model's refiner after decoding (default: as its config says; ``True`` for
+                a model without one is an error).
             progress: ``True`` for a progress bar, or a callback ``f(done, total)``.
             unused: Options of other backends (``steps``, ``bf16``) are accepted and ignored, so
                 callers can pass the same options to any generator. ``fast=True`` is refused: this
@@ -194,6 +203,7 @@ class VQBrainGenerator:
             raise TypeError(f"`condition` must be a synth.Condition, got {type(condition).__name__}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**63:
             raise ValueError(f"`seed` must be a non-negative integer, got {seed!r}")
+        refine = self._resolve_refine(refine)
         s = self.config.sampling
         guidance_scale = float(s.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale)
         if not 0.0 <= guidance_scale <= 20.0:
@@ -213,6 +223,8 @@ class VQBrainGenerator:
         if bar:
             bar.close()
         image = zero_background(self.decode_codes(codes.view(self.code_shape())))
+        if refine:
+            image = self.refine(image)
         affine = self.grid.affine if self.grid else np.eye(4)
         provenance = {
             "generator": "SynthBrain",
@@ -227,6 +239,7 @@ class VQBrainGenerator:
             "temperature": temperature,
             "top_k": top_k,
             "engine": self.engine,
+            "refiner": self.refiner_provenance(refine),
             "precision": "fp32",
             "device": str(self.device),
             "space": "MNI152 (RAS), affine in the NIfTI header",
