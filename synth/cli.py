@@ -308,7 +308,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
     for m in available_models(details=True):
         refiner = read_json(m.path / "config.json").get("refiner")
         on, fast = (refiner.get("default", True), refiner.get("fast_default", False)) if refiner else (False, False)
-        extra = (f"\trefiner ({'on' if on else 'off'} by default" + (", off with --fast" if on and not fast else "") + ")"
+        with_fast = m.backend == "ldm" and on and not fast  # the VQ backend has no fast preset
+        extra = (f"\trefiner ({'on' if on else 'off'} by default" + (", off with --fast" if with_fast else "") + ")"
                  if refiner else "")
         print(f"{m.name}\t{m.backend}\t{m.version}{extra}")
     if not available_models():

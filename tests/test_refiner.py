@@ -358,7 +358,7 @@ def test_refiner_error_paths(trained, tiny_model_dir, tmp_path, capsys):
     assert not (tmp_path / "r").exists()  # nothing written
 
 
-def test_vq_model_trains_ships_and_applies_a_refiner(tmp_path, capsys):
+def test_vq_model_trains_ships_and_applies_a_refiner(tmp_path, capsys, monkeypatch):
     """The VQ-VAE backend takes a refiner as the latent diffusion one does: trained on its reconstructions
     and samples, packaged beside its weights, applied by default and named in the provenance."""
     import synth
@@ -394,7 +394,10 @@ def test_vq_model_trains_ships_and_applies_a_refiner(tmp_path, capsys):
     assert base.generate(c, seed=2).provenance["refiner"] == "none"
     with pytest.raises(ValueError, match="has no refiner"):
         base.generate(c, seed=2, refine=True)
-    # the CLI: generate with and without it
+    # the CLI: listed with its refiner (no --fast to mention), generate with and without it
+    monkeypatch.setenv("SYNTHBRAIN_MODELS", str(tmp_path))
+    assert main(["models"]) == 0
+    assert "vq-refined\tvq\t0.0.1-test\trefiner (on by default)\n" in capsys.readouterr().out
     assert main(["generate", "--age", "50", "--sex", "M", "--model", str(out), "--device", "cpu",
                  "--out", str(tmp_path / "a.nii.gz"), "--no-refiner", "--quiet"]) == 0
     assert json.loads((tmp_path / "a.json").read_text())["refiner"]["applied"] is False
