@@ -224,7 +224,11 @@ def test_context_refiner_trains_from_a_plain_run_and_ships(trained, tiny_model_d
                              init_discriminator_from=str(root / "whole"))
     state = train_refiner(cfg, progress=False)
     assert state["step"] == 2 and "(step 6)" in state["init_from"]
-    assert f"discriminator from {root / 'whole'} (step 6)" in state["init_from"]
+    assert f"discriminator from {root.name}/whole (step 6)" in state["init_from"]  # no absolute path
+    from synth.train.refiner import _without_absolute_paths
+
+    assert _without_absolute_paths("refiner of m 0.4.0; discriminator from /root/runs/refiner-lib/run (step 2700)") \
+        == "refiner of m 0.4.0; discriminator from refiner-lib/run (step 2700)"
     for k, v in whole["discriminator"].items():  # its discriminator went on from the plain run's
         torch.testing.assert_close(state["discriminator"][k], v, atol=2e-3, rtol=0)
     torch.testing.assert_close(state["ema_state_dict"]["body.0.weight"], whole["ema_state_dict"]["body.0.weight"],

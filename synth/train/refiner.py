@@ -220,17 +220,32 @@ def _read_checkpoint(path: str | Path) -> dict:
     return state
 
 
+def _short(path: str | Path) -> str:
+    """A run or snapshot path as a packaged model's provenance may carry it: its last two parts, never an
+    absolute path of the machine it was trained on."""
+    return "/".join(Path(path).parts[-2:])
+
+
+def _without_absolute_paths(note: str) -> str:
+    """``note`` with each absolute path cut to its last two parts (notes of runs made before
+    :func:`_short`)."""
+    import re
+
+    return re.sub(r"(?<![\w.])/(?:[^\s/()]+/)*[^\s/()]+", lambda m: _short(m.group(0)), note)
+
+
 def _init_weights(path: str) -> tuple[dict[str, torch.Tensor], str]:
     p = Path(path)
     if (p / "refiner.safetensors").is_file():
         from safetensors.torch import load_file
 
-        from ..models.config import ModelConfig
+        from ..io import read_json
 
-        cfg = ModelConfig.load(p)
-        return {k: v.float() for k, v in load_file(str(p / "refiner.safetensors")).items()}, f"refiner of {cfg.name} {cfg.version}"
+        cfg = read_json(p / "config.json")  # either backend's model folder
+        weights = {k: v.float() for k, v in load_file(str(p / "refiner.safetensors")).items()}
+        return weights, f"refiner of {cfg.get('name')} {cfg.get('version')}"
     weights, _, step = load_refiner_snapshot(p)
-    return weights, f"{path} (step {step})"
+    return weights, f"{_short(path)} (step {step})"
 
 
 def train_refiner(cfg: RefinerTrainConfig, *, progress: bool = True, device: str = "cpu") -> dict:
@@ -292,7 +307,8 @@ def train_refiner(cfg: RefinerTrainConfig, *, progress: bool = True, device: str
     if disc_source is not None:
         disc.load_state_dict(disc_source["discriminator"])
         d_opt.load_state_dict(disc_source["disc_optimizer"])
-        init_note = f"{init_note or 'a new refiner'}; discriminator from {cfg.init_discriminator_from} (step {int(disc_source['step'])})"
+        init_note = (f"{init_note or 'a new refiner'}; discriminator from {_short(cfg.init_discriminator_from)} "
+                     f"(step {int(disc_source['step'])})")
     ema = EMA(net, decay=cfg.ema_decay)
     ckpt = Checkpointer(run)
     start = 0
@@ -409,7 +425,7 @@ def package_refiner(run: str | Path, model: str | Path, out: str | Path, *, vers
     config = (VQModelConfig if vq else ModelConfig).load(src)  # checks its weights
     state = _read_checkpoint(run)
     weights, arch, step = state["ema_state_dict"], state["config"]["refiner"], int(state["step"])
-    init = state.get("init_from")
+    init = _without_absolute_paths(state["init_from"]) if state.get("init_from") else None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if out.resolve() != src.resolve():
