@@ -174,8 +174,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         brain.save(path)
         prov = brain.provenance
         how = f"{prov.get('sampler')} {prov.get('steps')} steps" if "steps" in prov else prov.get("sampler")  # vq: no steps
-        print(f"wrote {path} and {sidecar_path(path)} (seed {args.seed + i}; {how}, {prov.get('precision')}; "
-              "synthetic, not for clinical use)")
+        refined = isinstance(prov.get("refiner"), dict) and prov["refiner"].get("applied")
+        print(f"wrote {path} and {sidecar_path(path)} (seed {args.seed + i}; {how}{' + refiner' if refined else ''}, "
+              f"{prov.get('precision')}; synthetic, not for clinical use)")
     return 0
 
 

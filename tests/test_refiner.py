@@ -405,6 +405,8 @@ def test_vq_model_trains_ships_and_applies_a_refiner(tmp_path, capsys, monkeypat
     assert main(["generate", "--age", "50", "--sex", "M", "--model", str(out), "--device", "cpu",
                  "--out", str(tmp_path / "a.nii.gz"), "--no-refiner", "--quiet"]) == 0
     assert json.loads((tmp_path / "a.json").read_text())["refiner"]["applied"] is False
+    assert "+ refiner" not in capsys.readouterr().out
     assert main(["generate", "--age", "50", "--sex", "M", "--model", str(out), "--device", "cpu",
                  "--out", str(tmp_path / "b.nii.gz"), "--quiet"]) == 0
     assert json.loads((tmp_path / "b.json").read_text())["refiner"]["applied"] is True
+    assert " + refiner, fp32; synthetic, not for clinical use" in capsys.readouterr().out
