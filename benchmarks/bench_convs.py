@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,14 +27,10 @@ sys.path.insert(0, str(ROOT))
 def _median_s(f, repeats: int) -> float:
     import torch
 
+    from synth.runtime import median_seconds
+
     with torch.no_grad():
-        f()
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            f()
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        return median_seconds(f, repeats)
 
 
 def main() -> int:

@@ -15,23 +15,11 @@ without native bf16.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-def _median_s(f, repeats: int) -> float:
-    f()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> int:
@@ -45,7 +33,7 @@ def main() -> int:
     import torch
 
     from synth.models.refiner import Refiner, context_pad, refine_volume
-    from synth.runtime import machine_line
+    from synth.runtime import machine_line, median_seconds
 
     torch.set_num_threads(args.threads)
     print(machine_line(args.threads))
@@ -67,9 +55,9 @@ def main() -> int:
             net.zero_grad(set_to_none=True)
             net(*inputs).mean().backward()
 
-        t_step = _median_s(step, args.repeats)
+        t_step = median_seconds(step, args.repeats)
         with torch.no_grad():
-            t_ref = _median_s(lambda: refine_volume(net, vol), args.repeats)
+            t_ref = median_seconds(lambda: refine_volume(net, vol), args.repeats)
         base = base or {"step": t_step, "refine": t_ref}
         print(f"{name:18s} train step {t_step:6.3f} s ({t_step / base['step']:.2f}x)   "
               f"refine {t_ref:6.3f} s ({t_ref / base['refine']:.2f}x)")

@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import os
+import statistics
 import time
 
 import torch
@@ -269,3 +270,14 @@ def machine_line(threads: int | None = None, **extra: object) -> str:
         parts.append(f"load average {os.getloadavg()[0]:.2f}")
     parts.append(f"date {time.strftime('%Y-%m-%d')}")
     return "; ".join(parts)
+
+
+def median_seconds(f, repeats: int) -> float:
+    """Median wall time of ``repeats`` calls of ``f()`` after one warm-up call (benchmarks' timer)."""
+    f()
+    times = []
+    for _ in range(max(1, int(repeats))):
+        t = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)

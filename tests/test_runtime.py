@@ -139,6 +139,13 @@ def test_cpu_description_names_the_hardware():
     assert isinstance(d["native_bf16"], bool) and d["cores"] >= 1 and d["cpu"]
 
 
+def test_median_seconds_warms_up_then_takes_the_median():
+    from synth.runtime import median_seconds
+
+    delays = iter([0.2, 0.0, 0.03, 0.01])  # the first call is the warm-up and is not timed
+    assert 0.01 <= median_seconds(lambda: time.sleep(next(delays)), 3) < 0.03
+
+
 def test_machine_line_says_where_a_benchmark_ran():
     from synth.runtime import machine_line
 
