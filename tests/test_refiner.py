@@ -398,6 +398,15 @@ def test_vq_model_trains_ships_and_applies_a_refiner(tmp_path, capsys, monkeypat
     assert base.generate(c, seed=2).provenance["refiner"] == "none"
     with pytest.raises(ValueError, match="has no refiner"):
         base.generate(c, seed=2, refine=True)
+    # a config naming a refiner whose file is gone (and unhashed): one clear error before any weights are read
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    (broken / "refiner.safetensors").unlink()
+    raw = json.loads((broken / "config.json").read_text())
+    raw["weights_sha256"].pop("refiner.safetensors")
+    (broken / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(FileNotFoundError, match="names a refiner but has no refiner.safetensors"):
+        synth.load_generator(broken, device="cpu")
     # the CLI: listed with its refiner (no --fast to mention), generate with and without it
     monkeypatch.setenv("SYNTHBRAIN_MODELS", str(tmp_path))
     assert main(["models"]) == 0
