@@ -14,6 +14,14 @@ IXI = default_ixi_root()
 needs_ixi = pytest.mark.skipif(not (IXI / "t1").is_dir(), reason=f"IXI data not found at {IXI}")
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the test item (``item.rep_call``), so a fixture can tell whether its
+    test failed and print what helps (tests/test_e2e_browser.py prints the server log and the page)."""
+    outcome = yield
+    setattr(item, f"rep_{call.when}", outcome.get_result())
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     from synth.testing import make_tiny_model

@@ -118,6 +118,25 @@ def page(server):
             browser.close()
 
 
+@pytest.fixture(autouse=True)
+def _explain_failure(request, server, page):
+    """When a test here fails, print the tail of the Streamlit server's log and the page's visible text:
+    a timeout alone does not say whether the app raised, is still working, or shows something else."""
+    yield
+    report = getattr(request.node, "rep_call", None)
+    if report is None or not report.failed:
+        return
+    log = LOGS.get(server)
+    if log is not None and log.exists():
+        print("---- streamlit log (tail) ----\n" + log.read_text(errors="replace")[-4000:])
+    try:
+        print("---- page text ----\n" + page.locator("body").inner_text(timeout=5_000)[-3000:])
+        for frame in page.frames[1:]:
+            print(f"---- frame {frame.name or frame.url[:80]} ----\n" + frame.locator("body").inner_text(timeout=2_000)[:500])
+    except Exception as exc:  # the page itself may be what broke
+        print(f"(page text unavailable: {exc})")
+
+
 def _drawn(element, timeout: float = 30.0) -> bool:
     """Whether ``element``'s picture shows something besides its background (WebGL has drawn)."""
     import io

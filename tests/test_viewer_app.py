@@ -513,6 +513,22 @@ def test_a_browser_with_software_webgl_starts_on_server_drawn_slices(app):
     assert _niivue(app) and not app.exception
 
 
+def test_a_probe_that_answers_after_the_first_brain_still_moves_it_to_server_drawn_slices(app):
+    """The probe answers a rerun or two after the page opens; a brain asked for before that starts on NiiVue
+    and moves to server-drawn slices when the answer comes, unless the user picked a layout meanwhile."""
+    assert "webgl" not in app.session_state  # AppTest runs no browser: the probe never answers by itself
+    _generate(app, seed=2)
+    assert _widget(app, "nv_layout").value == "Multiplanar + 3D" and _niivue(app)
+    app.session_state["webgl"] = SWIFTSHADER
+    app.run()
+    assert _widget(app, "nv_layout").value == "Server PNG" and not _niivue(app) and not app.exception
+    _widget(app, "nv_layout").set_value("Axial")  # the user's choice is kept from then on
+    app.run()
+    app.session_state["webgl"] = {"webgl2": True, "renderer": "ANGLE (NVIDIA, NVIDIA GeForce RTX 3060)"}
+    app.run()
+    assert _widget(app, "nv_layout").value == "Axial" and _niivue(app)
+
+
 def test_a_browser_with_a_gpu_and_the_layout_setting_keep_niivue(models_dir, monkeypatch):
     monkeypatch.setenv("SYNTHBRAIN_MODELS", str(models_dir))
     monkeypatch.setenv("SYNTHBRAIN_SEGMENTER", "tiny-test-segmenter")

@@ -67,6 +67,20 @@ def default_layout() -> str:
     return next(iter(LAYOUTS))
 
 
+def _follow_default_layout() -> None:
+    """Start the layout radio on :func:`default_layout`, and keep it there until the user picks one.
+
+    The WebGL probe answers a rerun or two after the page opens; a user who clicks Generate before that
+    would otherwise keep NiiVue (seconds per redraw in a software-WebGL browser) for the whole session.
+    """
+    if "nv_layout" not in st.session_state or not st.session_state.get("nv_layout_chosen"):
+        st.session_state.nv_layout = default_layout()
+
+
+def _layout_chosen() -> None:
+    st.session_state.nv_layout_chosen = True
+
+
 def software_note() -> None:
     """Say why the slices are server-drawn when the browser's WebGL runs in software."""
     info = st.session_state.get("webgl")
@@ -124,9 +138,9 @@ def slices_ui() -> None:
         return png_slices_ui()
     brain = result.brain
     lut = _lut(result)
-    if "nv_layout" not in st.session_state:
-        st.session_state.nv_layout = default_layout()
-    layout = st.radio("Layout", list(LAYOUTS), horizontal=True, key="nv_layout", help=LAYOUT_HELP)
+    _follow_default_layout()
+    layout = st.radio("Layout", list(LAYOUTS), horizontal=True, key="nv_layout", help=LAYOUT_HELP,
+                      on_change=_layout_chosen)
     if LAYOUTS[layout] is None:
         software_note()
         return png_slices_ui()
