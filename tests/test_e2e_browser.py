@@ -211,6 +211,19 @@ def test_viewer_end_to_end(page, server, tmp_path):
     from PIL import Image
 
     timings = {}
+    # The WebGL probe answers late here (as on a busy machine, where CI once clicked Generate before it had):
+    # the first brain may start on NiiVue and must still move to server-drawn slices when the answer comes.
+    probe_pages = []
+
+    def late_probe(route):
+        probe_pages.append(route.request.url)
+        body = route.fetch().text()
+        assert 'post("streamlit:setComponentValue"' in body, "the probe's page changed: update this test"
+        body = body.replace('post("streamlit:setComponentValue", {value: probe(), dataType: "json"});',
+                            'setTimeout(function () { post("streamlit:setComponentValue", {value: probe(), dataType: "json"}); }, 6000);')
+        route.fulfill(body=body, content_type="text/html")
+
+    page.route(re.compile(r".*webgl_probe.*index\.html.*"), late_probe)
     t = time.perf_counter()
     page.goto(server)
     page.get_by_text("SynthBrain viewer").first.wait_for()
@@ -240,6 +253,7 @@ def test_viewer_end_to_end(page, server, tmp_path):
     axial = hover.locator("img#axial")
     axial.wait_for(timeout=110_000)
     timings["first brain shown"] = time.perf_counter() - t
+    assert probe_pages, "the WebGL probe's page was not intercepted: the late answer went untested"
     page.get_by_text("age 70, F, CN, seed 0").first.wait_for()
     page.get_by_text(re.compile("Your browser draws WebGL in software")).first.wait_for()
 
