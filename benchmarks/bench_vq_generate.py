@@ -15,7 +15,8 @@ Same weights, same run, one thread (token-by-token work is too small to share), 
                    parallel model again for every new token. Timed on the first --prefix tokens and at
                    a few prefix lengths, then extrapolated to the full sequence with the fitted
                    cost a + b * prefix per token (said so in the output).
-The VQ-VAE decoder's time is measured once and added to every variant's seconds per brain.
+The VQ-VAE decoder's time is measured once and added to every variant's seconds per brain; a model with a
+refiner (0.3.0) also gets its time on the decoded brain (same threads), in a last column, as `generate` runs it.
 Without a shipped model (--model random), a random-weight model of the shipped architecture is used.
 """
 
@@ -141,6 +142,12 @@ def main() -> None:
     codes = torch.zeros(g.code_shape(), dtype=torch.long)
     g.decode_codes(codes)
     decode_s = time.perf_counter() - t0
+    refine_s = None
+    if getattr(g, "refiner", None) is not None:
+        from synth.runtime import median_seconds
+
+        image = g.generate(__import__("synth").Condition(age=72, sex="F"), seed=0, refine=False).image
+        refine_s = median_seconds(lambda: g.refine(image), 3)
     rows = {}
     if "fast-transformers" in gens:
         rows["recurrent-ft"] = time_recurrent(gens["fast-transformers"].transformer, cond)
@@ -159,9 +166,15 @@ def main() -> None:
     rows["recompute (extrapolated)"] = rec["extrapolated_seconds"]
     base = rows.get("recurrent-ft", rows["recurrent-torch"])
     print(f"\nVQ-VAE decoder: {decode_s:.2f} s per brain (added below)")
-    print(f"{'variant':28s} {'tokens s':>10s} {'s per brain':>12s} {'vs recurrent':>13s}")
+    if refine_s is None:
+        print("the model has no refiner: no refiner column")
+    else:
+        print(f"refiner: {refine_s:.2f} s per brain (median of 3 on a decoded brain; the last column adds it)")
+    extra = f" {'+ refiner':>10s}" if refine_s is not None else ""
+    print(f"{'variant':28s} {'tokens s':>10s} {'s per brain':>12s} {'vs recurrent':>13s}{extra}")
     for k, v in rows.items():
-        print(f"{k:28s} {v:10.2f} {v + decode_s:12.2f} {v / base:12.1f}x")
+        plus = f" {v + decode_s + refine_s:10.2f}" if refine_s is not None else ""
+        print(f"{k:28s} {v:10.2f} {v + decode_s:12.2f} {v / base:12.1f}x{plus}")
     print(f"recompute: {rec['measured_tokens']} tokens sampled in {rec['measured_seconds']:.1f} s on the "
           f"{'fast-transformers' if 'fast-transformers' in gens else 'torch'} parallel model; full forward at "
           + ", ".join(f"{k} tokens {v:.2f} s" for k, v in rec["anchors_s"].items())
@@ -169,7 +182,7 @@ def main() -> None:
     if args.out:
         from synth.io import write_json
 
-        write_json(args.out, {**info, "threads": args.threads, "decode_s": decode_s, "tokens_s": rows, "recompute": rec})
+        write_json(args.out, {**info, "threads": args.threads, "decode_s": decode_s, "refine_s": refine_s, "tokens_s": rows, "recompute": rec})
 
 
 if __name__ == "__main__":
