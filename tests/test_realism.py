@@ -534,3 +534,34 @@ def test_speckle_fraction_counts_isolated_dots_not_edges():
     frac = speckle_fraction(dotted)
     assert 0 < frac <= 20 / (brain > 0).sum() * 1.5
     assert speckle_fraction(np.zeros((8, 8, 8), np.float32)) == 0
+
+
+def test_latent_bands_script(prepared, tiny_model_dir, tmp_path, capsys):
+    """scripts/latent_bands.py: the bands add up to the deviation and scale with it; on a tiny model it writes
+    every band's SD for real latents and samples; missing data is a usage error naming `synthbrain prepare`."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("latent_bands", Path(__file__).resolve().parents[1] / "scripts" / "latent_bands.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rng = np.random.default_rng(0)
+    z, mean = rng.normal(size=(3, 2, 8, 8, 8)), rng.normal(size=(2, 8, 8, 8))
+    parts = script.band_split(z, mean)
+    assert np.allclose(sum(parts.values()), z - mean)
+    assert parts["low"].std() < parts["high"].std()  # white noise: most of its energy is fine-grained
+    mask = np.ones((8, 8, 8), bool)
+    one, two = script.band_sd(z, mean, mask), script.band_sd(mean + 2 * (z - mean), mean, mask)
+    assert all(np.allclose(np.array(two[b]), 2 * np.array(one[b])) for b in script.BANDS)
+
+    out = tmp_path / "bands.json"
+    assert script.main(["--model", str(tiny_model_dir), "--data", str(prepared.root), "--n", "3", "--out", str(out),
+                        "--threads", "1"]) == 0
+    res = json.loads(out.read_text())
+    assert res["n_samples"] == 3 and res["latent_voxels_in_brain"] > 0
+    for who in ("heldout", "samples", "ratio"):
+        assert set(res[who]) == {"low", "mid", "high"}
+        assert all(math.isfinite(v) and v > 0 for band in res[who].values() for v in band)
+    assert "samples / real" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        script.main(["--model", str(tiny_model_dir), "--data", str(tmp_path / "nowhere"), "--out", str(out)])
+    assert exc.value.code == 2 and "synthbrain prepare" in capsys.readouterr().err
