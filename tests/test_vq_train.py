@@ -184,3 +184,54 @@ def test_new_transformers_get_the_wavefront_and_a_run_resumes_only_with_its_own_
                  "--engine", "torch", "--no-bf16", "--quiet", "--no-wavefront"]) == 0
     saved = torch.load(cli_run / "last.pt", weights_only=False)["model_config"]["transformer"]
     assert saved["wavefront"] is False and saved["window"] == 64
+
+
+def test_a_transformer_continues_from_a_packaged_model_on_its_vqvae_and_packages_again(prepared, tmp_path, monkeypatch):
+    """`--vq-run` and `--init-from` may name a packaged VQ model folder: the run codes the volumes with that
+    model's VQ-VAE, starts from its transformer (architecture, weights and conditioning ranges), and packages
+    into a model with the same VQ-VAE weights; a model on another codebook is refused, and so is a bad folder
+    on the command line (exit 2 with what was expected)."""
+    from safetensors.torch import load_file
+
+    from synth.cli import main
+    from synth.vq.package import package_vq_model
+    from synth.vq.testing import make_tiny_vq_model
+
+    base = make_tiny_vq_model(tmp_path / "models" / "base-vq", shape=(SIZE,) * 3)
+    tf_run = tmp_path / "tf"
+    cfg = TFTrainConfig(data_dir=str(prepared.root), vq_run=str(base), run_dir=str(tf_run), steps=1, batch_size=2,
+                        ckpt_every=1, bf16=False, engine="torch", lr=0.0, init_from=str(base),
+                        transformer={"d_model": 32, "n_layers": 1, "n_heads": 4, "d_ff": 64})  # ignored: the base's
+    state = train_transformer(cfg, progress=False)
+    start = load_file(str(base / "transformer.safetensors"))
+    assert set(state["state_dict"]) == set(start)
+    assert all(torch.equal(state["state_dict"][k].float(), v.float()) for k, v in start.items())  # lr 0: the base's weights
+    mc = state["model_config"]
+    assert mc["vq_checkpoint"] == "vqvae.safetensors" and mc["transformer"]["d_model"] == 16
+    base_cfg = __import__("synth.vq.config", fromlist=["VQModelConfig"]).VQModelConfig.load(base)
+    assert mc["covariate_ranges"] == base_cfg.covariate_ranges  # the conditioning means what it meant
+
+    cfg.steps, cfg.lr = 3, 1e-3
+    assert train_transformer(cfg, progress=False)["step"] == 3  # resumed from its own checkpoint
+    out = package_vq_model(tf_run, tmp_path / "models" / "continued-vq", version="0.0.2-test")
+    shipped, base_vq = load_file(str(out / "vqvae.safetensors")), load_file(str(base / "vqvae.safetensors"))
+    assert all(torch.equal(shipped[k], v) for k, v in base_vq.items())  # as it was: the codes the run saw
+    import json
+
+    assert "VQ-VAE of tiny-vq-model 0.0.0-test" in json.loads((out / "config.json").read_text())["reference"]
+    monkeypatch.setenv("SYNTHBRAIN_MODELS", str(tmp_path / "models"))
+    import synth
+
+    brain = synth.load_generator("continued-vq", device="cpu").generate(synth.Condition(age=50, sex="M"), seed=1)
+    assert brain.image.shape == (SIZE,) * 3
+
+    other = make_tiny_vq_model(tmp_path / "models" / "other-vq", seed=5, shape=(SIZE,) * 3)
+    bad = TFTrainConfig(data_dir=str(prepared.root), vq_run=str(other), run_dir=str(tmp_path / "tf-bad"), steps=1,
+                        batch_size=2, bf16=False, engine="torch", init_from=str(base))
+    with pytest.raises(ValueError, match="another codebook"):
+        train_transformer(bad, progress=False)
+
+    monkeypatch.chdir(tmp_path)
+    code = main(["train-transformer", "--data", str(prepared.root), "--vq-run", "base-vq", "--init-from", str(tmp_path / "nothing"),
+                 "--run-dir", str(tmp_path / "tf-cli"), "--steps", "1"])
+    assert code == 2

@@ -129,8 +129,19 @@ def _cmd_train_transformer(args: argparse.Namespace) -> int:
     from .train import DEFAULT_TRANSFORMER, TFTrainConfig, train_transformer
     from .transformer import resolve_engine
 
-    if not (Path(args.vq_run) / "last.pt").is_file():
-        raise FileNotFoundError(f"--vq-run expects a VQ-VAE run folder holding last.pt, got {args.vq_run}")
+    from ..generators import models_dir
+    from .train import is_vq_model_folder
+
+    for key in ("vq_run", "init_from"):  # a model's name stands for its folder in the models folder
+        value = getattr(args, key)
+        if value and not Path(value).is_dir() and (models_dir() / value).is_dir():
+            setattr(args, key, str(models_dir() / value))
+    if not (Path(args.vq_run) / "last.pt").is_file() and not is_vq_model_folder(args.vq_run):
+        raise FileNotFoundError(f"--vq-run expects a VQ-VAE run folder holding last.pt or a VQ model folder "
+                                f"(config.json, vqvae.safetensors), got {args.vq_run}")
+    if args.init_from and not is_vq_model_folder(args.init_from):
+        raise FileNotFoundError(f"--init-from expects a VQ model folder (config.json, vqvae.safetensors, "
+                                f"transformer.safetensors), got {args.init_from}")
     if args.d_model % args.heads:
         raise _usage(f"--d-model ({args.d_model}) must divide by --heads ({args.heads})")
     engine = resolve_engine(args.engine)
@@ -145,7 +156,8 @@ def _cmd_train_transformer(args: argparse.Namespace) -> int:
               wavefront=not args.no_wavefront and window is not None)
     cfg = TFTrainConfig(data_dir=args.data, vq_run=args.vq_run, run_dir=args.run, steps=args.steps,
                         batch_size=args.batch_size, lr=args.lr, p_uncond=args.p_uncond, bf16=not args.no_bf16,
-                        seed=args.seed, max_minutes=args.max_minutes, engine=engine, transformer=tf)
+                        seed=args.seed, max_minutes=args.max_minutes, engine=engine, transformer=tf,
+                        init_from=args.init_from)
     print(f"transformer engine: {engine}; decoding schedule of the trained model: "
           f"{'wavefront' if tf['wavefront'] else 'sequential'}")
     state = train_transformer(cfg, progress=not args.quiet)
@@ -220,7 +232,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                            help="every N steps, measure reconstruction in the brain on validation subjects (val.csv, best.pt)")
             t.set_defaults(func=_cmd_train_vqvae)
         else:
-            t.add_argument("--vq-run", required=True, help="the VQ-VAE's run folder (its best.pt if present, else last.pt)")
+            t.add_argument("--vq-run", required=True,
+                           help="the VQ-VAE's run folder (its best.pt if present, else last.pt), or a VQ model folder "
+                                "(e.g. assets/models/synthbrain-vq-2mm: the shipped VQ-VAE, so the codes match its codec)")
+            t.add_argument("--init-from", default=None,
+                           help="start from this VQ model folder's transformer, with its architecture and conditioning "
+                                "ranges (the architecture flags are then ignored); its codebook must be --vq-run's. "
+                                "The packaged result has no refiner until package-refiner adds one")
             t.add_argument("--batch-size", type=_positive_int, default=4)
             t.add_argument("--lr", type=float, default=5e-4)
             t.add_argument("--engine", type=_engine, default="auto", help="auto, fast-transformers or torch")

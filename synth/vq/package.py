@@ -9,6 +9,7 @@ import torch
 from ..grid import MNI_2MM, Grid
 from ..io import atomic_path, sha256_file
 from .config import VQModelConfig
+from .train import MODEL_VQVAE
 
 __all__ = ["package_vq_model"]
 
@@ -28,7 +29,17 @@ def package_vq_model(tf_run: str | Path, out: str | Path, *, name: str = "synthb
     mc = tf_state["model_config"]
     shape = tuple(mc.get("image_shape") or MNI_2MM.shape)
     grid = MNI_2MM if shape == tuple(MNI_2MM.shape) else Grid(shape, MNI_2MM.spacing, tuple(-(s - 1) * MNI_2MM.spacing / 2 for s in shape))
-    vq_state = torch.load(Path(mc["vq_run"]) / mc["vq_checkpoint"], map_location="cpu", weights_only=False)
+    if mc["vq_checkpoint"] == MODEL_VQVAE:  # trained on a packaged model's VQ-VAE: ship the same weights
+        from safetensors.torch import load_file
+
+        if vq_checkpoint and vq_checkpoint != MODEL_VQVAE:
+            raise ValueError(f"the transformer was trained on the VQ-VAE of the model folder {mc['vq_run']}; "
+                             f"it has no checkpoint {vq_checkpoint!r}")
+        source = VQModelConfig.load(mc["vq_run"])
+        vq_state = {"state_dict": load_file(str(Path(mc["vq_run"]) / MODEL_VQVAE)),
+                    "described": f"VQ-VAE of {source.name} {source.version}"}
+    else:
+        vq_state = torch.load(Path(mc["vq_run"]) / mc["vq_checkpoint"], map_location="cpu", weights_only=False)
     if vq_checkpoint and vq_checkpoint != mc["vq_checkpoint"]:
         other = torch.load(Path(mc["vq_run"]) / vq_checkpoint, map_location="cpu", weights_only=False)
         coding = ("ae.encoder.", "ae.quant_conv_mu.", "pre.", "quantizer.codebook")
@@ -48,15 +59,20 @@ def package_vq_model(tf_run: str | Path, out: str | Path, *, name: str = "synthb
         sampling={"guidance_scale": guidance_scale, "temperature": temperature, "top_k": top_k},
         grid={"shape": list(grid.shape), "spacing": grid.spacing, "origin": list(grid.origin)},
         normative=mc["normative"],
-        reference=(f"SynthBrain 2 mm VQ-VAE + transformer trained on IXI; VQ-VAE {vq_state['step']} steps "
-                   f"({mc['vq_checkpoint']}), transformer {tf_state['step']} steps ({tf_state.get('engine', '?')})"),
+        reference=(f"SynthBrain 2 mm VQ-VAE + transformer trained on IXI; "
+                   + (vq_state.get("described") or f"VQ-VAE {vq_state['step']} steps ({mc['vq_checkpoint']})")
+                   + f", transformer {tf_state['step']} steps ({tf_state.get('engine', '?')})"
+                   + (f", started from {_short(mc['init_from'])}'s" if mc.get("init_from") else "")),
     )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dtype = torch.float16 if fp16 else torch.float32
     vq = vq_state["state_dict"]
     keep32 = {k: v for k, v in vq.items() if k.startswith("quantizer.")}
-    half = {k: v.to(dtype) if v.is_floating_point() else v for k, v in vq.items() if k not in keep32}
+    if "described" in vq_state:  # a packaged model's VQ-VAE is shipped as it is: the codes the run saw
+        half = {k: v for k, v in vq.items() if k not in keep32}
+    else:
+        half = {k: v.to(dtype) if v.is_floating_point() else v for k, v in vq.items() if k not in keep32}
     tf = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tf_state["state_dict"].items()}
     _save({**half, **keep32}, out / "vqvae.safetensors")
     _save(tf, out / "transformer.safetensors")
@@ -70,3 +86,8 @@ def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+
+
+def _short(path: str) -> str:
+    """A model folder as the reference names it: its last part, never an absolute path."""
+    return Path(path).name

@@ -15,6 +15,10 @@ attention blocks of one x-slab and ``wavefront`` (a block's first input carries 
 so sampling and the codec decode the slabs side by side: :class:`~synth.vq.transformer.WavefrontDecoder`);
 ``transformer={"wavefront": False}`` (``--no-wavefront``) trains the older sequential-only inputs.
 Runs resume from ``RUN/last.pt`` (with the ``wavefront`` setting they started with).
+
+A packaged VQ model folder (``synthbrain-vq-2mm``) can stand in for the VQ-VAE run (its
+``vqvae.safetensors``: the codes then match the shipped generator and codec), and ``init_from`` starts
+the transformer from such a folder's transformer, with its architecture and conditioning ranges.
 """
 
 from __future__ import annotations
@@ -88,6 +92,7 @@ class TFTrainConfig:
     blocks_per_volume: int = 4
     covariates: list[str] = field(default_factory=lambda: list(DEFAULT_COVARIATES))
     transformer: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_TRANSFORMER))
+    init_from: str | None = None  # a VQ model folder whose transformer (and conditioning) the run starts from
 
 
 @torch.no_grad()
@@ -278,8 +283,25 @@ def _vq_state(model, opt, step, cfg, best) -> dict:
             "best_psnr": best}
 
 
+MODEL_VQVAE = "vqvae.safetensors"  # a packaged VQ model folder's VQ-VAE weights
+
+
+def is_vq_model_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a packaged VQ model folder (``config.json`` and ``vqvae.safetensors``)."""
+    return (Path(path) / "config.json").is_file() and (Path(path) / MODEL_VQVAE).is_file()
+
+
 def load_vqvae_run(run: str | Path, device: torch.device | str = "cpu", checkpoint: str = "last.pt") -> tuple[VQVAE, dict]:
-    """The VQ-VAE of a training run (``last.pt`` or ``best.pt``) and its config dict."""
+    """The VQ-VAE of a training run (``last.pt`` or ``best.pt``), or of a packaged VQ model folder (its
+    ``vqvae.safetensors``, loaded as the generator loads it), and its config dict."""
+    if is_vq_model_folder(run):
+        from .config import VQModelConfig
+        from .generator import _load_weights
+
+        config = VQModelConfig.load(run).vqvae
+        model = build_vqvae(config)
+        _load_weights(model, Path(run) / MODEL_VQVAE)
+        return model.to(device).eval().requires_grad_(False), config
     path = Path(run) / checkpoint
     if not path.is_file():
         raise FileNotFoundError(f"no VQ-VAE checkpoint {path}: train one with `synthbrain train-vqvae`")
@@ -336,8 +358,12 @@ def train_transformer(cfg: TFTrainConfig, *, rows: list[dict] | None = None, vol
     rng = np.random.default_rng(cfg.seed + ctx.rank)
     run = Path(cfg.run_dir)
     run.mkdir(parents=True, exist_ok=True)
-    vq_ckpt = "best.pt" if (Path(cfg.vq_run) / "best.pt").is_file() else "last.pt"
+    if is_vq_model_folder(cfg.vq_run):
+        vq_ckpt = MODEL_VQVAE
+    else:
+        vq_ckpt = "best.pt" if (Path(cfg.vq_run) / "best.pt").is_file() else "last.pt"
     vqvae, vq_config = load_vqvae_run(cfg.vq_run, ctx.device, vq_ckpt)
+    init = _init_transformer_source(cfg.init_from, vqvae) if cfg.init_from else None
     if rows is None:
         data = PreparedData.load(cfg.data_dir)
         rows = data.subset("train", labelled=True)
@@ -359,14 +385,20 @@ def train_transformer(cfg: TFTrainConfig, *, rows: list[dict] | None = None, vol
     image_shape = list(volumes.shape[2:]) if volumes is not None else list(data.t1(rows[0]).shape)
     code_shape = list(vqvae.code_shape(tuple(image_shape)))
     del vqvae
-    ranges = covariate_ranges(rows, cfg.covariates)
-    cond = covariate_matrix(rows, cfg.covariates, ranges)
+    covariates = list(init.covariates) if init else cfg.covariates
+    ranges = dict(init.covariate_ranges) if init else covariate_ranges(rows, covariates)
+    cond = covariate_matrix(rows, covariates, ranges)
     cond = np.concatenate([cond, cond])  # mirrored copies share their subject's condition
     window = cfg.transformer.get("window")
     if window == "slab":  # one x-slab of the code grid per attention block
         window = code_shape[1] * code_shape[2]
     tf_kwargs = dict(cfg.transformer, num_tokens=int(vq_config["num_embeddings"]), seq_len=int(codes.shape[1]),
                      n_conditioning=int(cond.shape[1]), code_shape=code_shape, window=window)
+    if init:  # the starting model's architecture, inputs and blocks; its codes must be these
+        tf_kwargs = dict(init.transformer)
+        if [int(v) for v in tf_kwargs.get("code_shape", [])] != [int(v) for v in code_shape] or int(tf_kwargs["seq_len"]) != codes.shape[1]:
+            raise ValueError(f"--init-from {cfg.init_from}: its transformer codes a {tf_kwargs.get('code_shape')} grid, "
+                             f"these volumes give {code_shape}")
     tf_kwargs["wavefront"] = bool(tf_kwargs.get("wavefront", False)) and window is not None  # no blocks: no wavefront
     if tf_kwargs.get("prior_top"):  # at most all codes but one (the rest share the floor)
         tf_kwargs["prior_top"] = min(int(tf_kwargs["prior_top"]), int(vq_config["num_embeddings"]) - 1)
@@ -382,6 +414,10 @@ def train_transformer(cfg: TFTrainConfig, *, rows: list[dict] | None = None, vol
     ckpt = Checkpointer(run)
     start = 0
     state = ckpt.resume()
+    if state is None and init:
+        from .generator import _load_weights
+
+        _load_weights(model, Path(cfg.init_from) / "transformer.safetensors")
     if state is not None:
         was = bool(state.get("model_config", {}).get("transformer", {}).get("wavefront", False))
         if was != tf_kwargs["wavefront"]:  # same weights' shapes, other inputs: refuse rather than change the function
@@ -393,7 +429,8 @@ def train_transformer(cfg: TFTrainConfig, *, rows: list[dict] | None = None, vol
         rng = np.random.default_rng(cfg.seed + ctx.rank + start)
     net = model  # gradients are averaged by hand under torchrun (block training bypasses forward())
     model_config = {"vqvae": vq_config, "vq_run": str(cfg.vq_run), "vq_checkpoint": vq_ckpt, "transformer": tf_kwargs,
-                    "covariates": cfg.covariates, "covariate_ranges": ranges, "code_shape": code_shape,
+                    "covariates": covariates, "covariate_ranges": ranges, "code_shape": code_shape,
+                    "init_from": str(cfg.init_from) if cfg.init_from else None,
                     "image_shape": image_shape,
                     "normative": NormativeModel.fit(rows).to_dict() if len(rows) >= 8 else None}
     log = LossLog(run / "losses.csv", ["loss", "bits_per_code", "lr"]) if ctx.is_main else None
@@ -444,6 +481,24 @@ def train_transformer(cfg: TFTrainConfig, *, rows: list[dict] | None = None, vol
     final = _tf_state(model, opt, step + 1 if cfg.steps > start else start, cfg, model_config)
     final["params"] = count_parameters(model)
     return final
+
+
+def _init_transformer_source(folder: str | Path, vqvae: VQVAE):
+    """The :class:`~synth.vq.config.VQModelConfig` of ``folder`` (a packaged VQ model), checked: its
+    transformer must have been trained on the codes of this VQ-VAE's codebook."""
+    from safetensors.torch import load_file
+
+    from .config import VQModelConfig
+
+    if not is_vq_model_folder(folder) or not (Path(folder) / "transformer.safetensors").is_file():
+        raise FileNotFoundError(f"--init-from expects a VQ model folder (config.json, vqvae.safetensors, "
+                                f"transformer.safetensors), got {folder}")
+    book = load_file(str(Path(folder) / MODEL_VQVAE)).get("quantizer.codebook")
+    if book is None or tuple(book.shape) != tuple(vqvae.quantizer.codebook.shape) or not torch.allclose(
+            book.float().cpu(), vqvae.quantizer.codebook.float().cpu()):
+        raise ValueError(f"--init-from {folder}: its transformer was trained on another codebook than the VQ-VAE's "
+                         f"(give that model folder as --vq-run too)")
+    return VQModelConfig.load(folder)
 
 
 def _tf_state(model, opt, step, cfg, model_config) -> dict:
