@@ -13,6 +13,9 @@ model's classifier-free guidance scale:
 For a model that ships a refiner (a small network after the decoder), fp32 and fast run as the model ships
 them (the shipped model: fp32 with the refiner, fast without) and again the other way (``fp32 unrefined``,
 ``fast + refiner``), so its cost is measured in the same run.
+``fp32 + volume matching`` adds the optional warp to the requested ventricle and hippocampus volumes
+(``synthbrain generate --match-volumes``: the shipped segmenter, ``synth.anatomy.match_brain_volumes``)
+inside the timed loop, so its cost is measured in the same run (skipped without the segmenter).
 With ``--busy``, the fast path also runs while another process spins on one core: with the automatic
 thread count (``synth.runtime.AdaptiveThreads``: re-checked between steps) and with two threads forced.
 
@@ -82,6 +85,11 @@ def _run_variant(args) -> None:
                 m.use_flash_attention = False
     cond = synth.Condition(age=72, sex="F", diagnosis="AD")
     threads = None if args.threads == 0 else args.threads
+    segmenter = None
+    if args.match:
+        from synth.anatomy import load_segmenter, match_brain_volumes
+
+        segmenter = load_segmenter("synthbrain-seg-2mm", device="cpu")
     times, sample_t = [], []
     for rep in range(args.repeats + 1):  # the first run warms up
         stamps = []
@@ -95,6 +103,8 @@ def _run_variant(args) -> None:
                 kw["refine"] = args.refine == "on"
             brain = gen.generate(cond, seed=args.seed, threads=threads,
                                  progress=lambda i, n: stamps.append(time.perf_counter()) if i == n else None, **kw)
+            if segmenter is not None:
+                brain, _ = match_brain_volumes(brain, segmenter)
             img = brain.image
         t1 = time.perf_counter()
         if rep > 0:
@@ -123,6 +133,7 @@ def main() -> int:
     p.add_argument("--variant", choices=["baseline", "fp32", "fast", "bf16"], help=argparse.SUPPRESS)
     p.add_argument("--save", help=argparse.SUPPRESS)
     p.add_argument("--refine", choices=["default", "on", "off"], default="default", help=argparse.SUPPRESS)
+    p.add_argument("--match", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.variant:
         _run_variant(args)
@@ -144,6 +155,11 @@ def main() -> int:
     from synth.generators import models_dir
     from synth.models.config import ModelConfig
 
+    if (models_dir() / "synthbrain-seg-2mm" / "config.json").is_file():
+        runs.append(("fp32 + volume matching", "fp32", args.threads, False, "default"))
+    else:
+        print("fp32 + volume matching: skipped (no segmenter synthbrain-seg-2mm in the models folder)")
+
     if ModelConfig.load(Path(args.model) if Path(args.model).is_dir() else models_dir() / args.model).refiner:
         runs += [("fp32 unrefined", "fp32", args.threads, False, "off"), ("fast + refiner", "fast", args.threads, False, "on")]
     if args.busy:
@@ -154,6 +170,7 @@ def main() -> int:
             save = os.path.join(tmp, f"{len(results)}.npy")
             cmd = [sys.executable, __file__, "--variant", variant, "--save", save, "--model", args.model,
                    "--threads", str(threads), "--repeats", str(args.repeats), "--seed", str(args.seed)] + ["--refine", refine]
+            cmd += ["--match"] if label.endswith("volume matching") else []
             spinner = _spin() if busy else None
             try:
                 if busy:
@@ -186,6 +203,9 @@ def main() -> int:
         if all(k in results for k in pair):
             on, off = (results[k]["total_s"] for k in pair)
             print(f"  {name} with the refiner {on:.2f} s, without {off:.2f} s: the refiner costs {on - off:.2f} s")
+    if "fp32 + volume matching" in results:
+        on, off = results["fp32 + volume matching"]["total_s"], results["fp32"]["total_s"]
+        print(f"fp32 + volume matching: {on:.2f} s per brain: the warp costs {on - off:.2f} s")
     if "bf16" in results:
         print(f"bf16: {results['bf16']['total_s']:.2f} s per brain, {base['total_s'] / results['bf16']['total_s']:.1f}x "
               f"the stock sampler (target <= 1 s where bf16 is native)")
