@@ -538,7 +538,7 @@ def test_speckle_fraction_counts_isolated_dots_not_edges():
 
 def test_latent_bands_script(prepared, tiny_model_dir, tmp_path, capsys):
     """scripts/latent_bands.py: the bands add up to the deviation and scale with it; on a tiny model it writes
-    every band's SD for real latents and samples; missing data is a usage error naming `synthbrain prepare`."""
+    every band's SD for real latents and samples; missing data and a VQ model are usage errors (exit 2)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("latent_bands", Path(__file__).resolve().parents[1] / "scripts" / "latent_bands.py")
@@ -565,3 +565,9 @@ def test_latent_bands_script(prepared, tiny_model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         script.main(["--model", str(tiny_model_dir), "--data", str(tmp_path / "nowhere"), "--out", str(out)])
     assert exc.value.code == 2 and "synthbrain prepare" in capsys.readouterr().err
+    from synth.vq.testing import make_tiny_vq_model
+
+    vq = make_tiny_vq_model(tmp_path / "tiny-vq")
+    with pytest.raises(SystemExit) as exc:
+        script.main(["--model", str(vq), "--data", str(prepared.root), "--out", str(out)])
+    assert exc.value.code == 2 and "not a latent diffusion model" in capsys.readouterr().err

@@ -2,6 +2,8 @@
 validation checkpoints, transformer on the codes, packaging into a loadable generator."""
 
 import csv
+import json
+import shutil
 
 import numpy as np
 import pytest
@@ -216,8 +218,6 @@ def test_a_transformer_continues_from_a_packaged_model_on_its_vqvae_and_packages
     out = package_vq_model(tf_run, tmp_path / "models" / "continued-vq", version="0.0.2-test")
     shipped, base_vq = load_file(str(out / "vqvae.safetensors")), load_file(str(base / "vqvae.safetensors"))
     assert all(torch.equal(shipped[k], v) for k, v in base_vq.items())  # as it was: the codes the run saw
-    import json
-
     assert "VQ-VAE of tiny-vq-model 0.0.0-test" in json.loads((out / "config.json").read_text())["reference"]
     monkeypatch.setenv("SYNTHBRAIN_MODELS", str(tmp_path / "models"))
     import synth
@@ -231,7 +231,32 @@ def test_a_transformer_continues_from_a_packaged_model_on_its_vqvae_and_packages
     with pytest.raises(ValueError, match="another codebook"):
         train_transformer(bad, progress=False)
 
+    with pytest.raises(FileNotFoundError, match="VQ model folder"):
+        train_transformer(TFTrainConfig(data_dir=str(prepared.root), vq_run=str(base), run_dir=str(tmp_path / "tf-none"),
+                                        steps=1, bf16=False, engine="torch", init_from=str(tmp_path / "nothing")), progress=False)
+    regridded = tmp_path / "models" / "regridded-vq"  # the same codebook, a transformer for another code grid
+    shutil.copytree(base, regridded)
+    meta = json.loads((regridded / "config.json").read_text())
+    meta["transformer"]["code_shape"], meta["transformer"]["seq_len"] = [4, 4, 4], 64
+    (regridded / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="grid"):
+        train_transformer(TFTrainConfig(data_dir=str(prepared.root), vq_run=str(base), run_dir=str(tmp_path / "tf-grid"),
+                                        steps=1, bf16=False, engine="torch", init_from=str(regridded)), progress=False)
+    with pytest.raises(ValueError, match="has no checkpoint 'best.pt'"):
+        package_vq_model(tf_run, tmp_path / "nowhere", vq_checkpoint="best.pt")
+
     monkeypatch.chdir(tmp_path)
-    code = main(["train-transformer", "--data", str(prepared.root), "--vq-run", "base-vq", "--init-from", str(tmp_path / "nothing"),
-                 "--run-dir", str(tmp_path / "tf-cli"), "--steps", "1"])
-    assert code == 2
+    for bad in (["--vq-run", "base-vq", "--init-from", str(tmp_path / "nothing")], ["--vq-run", str(tmp_path / "nothing")]):
+        code = main(["train-transformer", "--data", str(prepared.root), *bad, "--run-dir", str(tmp_path / "tf-cli"), "--steps", "1"])
+        assert code == 2
+
+
+def test_init_from_keeps_the_base_models_attention_blocks(prepared, tmp_path):
+    """A wavefront base model's slab blocks and wavefront inputs are kept, whatever the run's own settings say."""
+    from synth.vq.testing import make_tiny_vq_model
+
+    base = make_tiny_vq_model(tmp_path / "wave-vq", shape=(SIZE,) * 3, wavefront=True)
+    cfg = TFTrainConfig(data_dir=str(prepared.root), vq_run=str(base), run_dir=str(tmp_path / "tf"), steps=1, batch_size=2,
+                        bf16=False, engine="torch", init_from=str(base), transformer={"d_model": 16})  # no window here
+    mc = train_transformer(cfg, progress=False)["model_config"]["transformer"]
+    assert mc["wavefront"] is True and mc["window"] == (SIZE // 2) ** 2

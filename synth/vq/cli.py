@@ -129,19 +129,14 @@ def _cmd_train_transformer(args: argparse.Namespace) -> int:
     from .train import DEFAULT_TRANSFORMER, TFTrainConfig, train_transformer
     from .transformer import resolve_engine
 
-    from ..generators import models_dir
-    from .train import is_vq_model_folder
-
-    for key in ("vq_run", "init_from"):  # a model's name stands for its folder in the models folder
-        value = getattr(args, key)
-        if value and not Path(value).is_dir() and (models_dir() / value).is_dir():
-            setattr(args, key, str(models_dir() / value))
-    if not (Path(args.vq_run) / "last.pt").is_file() and not is_vq_model_folder(args.vq_run):
-        raise FileNotFoundError(f"--vq-run expects a VQ-VAE run folder holding last.pt or a VQ model folder "
-                                f"(config.json, vqvae.safetensors), got {args.vq_run}")
-    if args.init_from and not is_vq_model_folder(args.init_from):
-        raise FileNotFoundError(f"--init-from expects a VQ model folder (config.json, vqvae.safetensors, "
-                                f"transformer.safetensors), got {args.init_from}")
+    if not (Path(args.vq_run) / "last.pt").is_file():  # else a VQ model, by name or folder
+        try:
+            args.vq_run = str(_model_folder(args.vq_run))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"--vq-run expects a VQ-VAE run folder holding last.pt or a VQ model (name or "
+                                    f"folder), got {args.vq_run}") from None
+    if args.init_from:
+        args.init_from = str(_model_folder(args.init_from))
     if args.d_model % args.heads:
         raise _usage(f"--d-model ({args.d_model}) must divide by --heads ({args.heads})")
     engine = resolve_engine(args.engine)

@@ -29,17 +29,19 @@ def package_vq_model(tf_run: str | Path, out: str | Path, *, name: str = "synthb
     mc = tf_state["model_config"]
     shape = tuple(mc.get("image_shape") or MNI_2MM.shape)
     grid = MNI_2MM if shape == tuple(MNI_2MM.shape) else Grid(shape, MNI_2MM.spacing, tuple(-(s - 1) * MNI_2MM.spacing / 2 for s in shape))
-    if mc["vq_checkpoint"] == MODEL_VQVAE:  # trained on a packaged model's VQ-VAE: ship the same weights
+    from_model = mc["vq_checkpoint"] == MODEL_VQVAE  # trained on a packaged model's VQ-VAE: ship it as it is
+    if from_model:
         from safetensors.torch import load_file
 
         if vq_checkpoint and vq_checkpoint != MODEL_VQVAE:
             raise ValueError(f"the transformer was trained on the VQ-VAE of the model folder {mc['vq_run']}; "
                              f"it has no checkpoint {vq_checkpoint!r}")
         source = VQModelConfig.load(mc["vq_run"])
-        vq_state = {"state_dict": load_file(str(Path(mc["vq_run"]) / MODEL_VQVAE)),
-                    "described": f"VQ-VAE of {source.name} {source.version}"}
+        vq_state = {"state_dict": load_file(str(Path(mc["vq_run"]) / MODEL_VQVAE))}
+        vq_described = f"VQ-VAE of {source.name} {source.version}"
     else:
         vq_state = torch.load(Path(mc["vq_run"]) / mc["vq_checkpoint"], map_location="cpu", weights_only=False)
+        vq_described = None
     if vq_checkpoint and vq_checkpoint != mc["vq_checkpoint"]:
         other = torch.load(Path(mc["vq_run"]) / vq_checkpoint, map_location="cpu", weights_only=False)
         coding = ("ae.encoder.", "ae.quant_conv_mu.", "pre.", "quantizer.codebook")
@@ -60,16 +62,16 @@ def package_vq_model(tf_run: str | Path, out: str | Path, *, name: str = "synthb
         grid={"shape": list(grid.shape), "spacing": grid.spacing, "origin": list(grid.origin)},
         normative=mc["normative"],
         reference=(f"SynthBrain 2 mm VQ-VAE + transformer trained on IXI; "
-                   + (vq_state.get("described") or f"VQ-VAE {vq_state['step']} steps ({mc['vq_checkpoint']})")
+                   + (vq_described or f"VQ-VAE {vq_state['step']} steps ({mc['vq_checkpoint']})")
                    + f", transformer {tf_state['step']} steps ({tf_state.get('engine', '?')})"
-                   + (f", started from {_short(mc['init_from'])}'s" if mc.get("init_from") else "")),
+                   + (f", started from {Path(mc['init_from']).name}'s" if mc.get("init_from") else "")),
     )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dtype = torch.float16 if fp16 else torch.float32
     vq = vq_state["state_dict"]
     keep32 = {k: v for k, v in vq.items() if k.startswith("quantizer.")}
-    if "described" in vq_state:  # a packaged model's VQ-VAE is shipped as it is: the codes the run saw
+    if from_model:  # the codes the run saw: no re-rounding
         half = {k: v for k, v in vq.items() if k not in keep32}
     else:
         half = {k: v.to(dtype) if v.is_floating_point() else v for k, v in vq.items() if k not in keep32}
@@ -86,8 +88,3 @@ def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-
-
-def _short(path: str) -> str:
-    """A model folder as the reference names it: its last part, never an absolute path."""
-    return Path(path).name

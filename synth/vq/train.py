@@ -394,8 +394,8 @@ def train_transformer(cfg: TFTrainConfig, *, rows: list[dict] | None = None, vol
         window = code_shape[1] * code_shape[2]
     tf_kwargs = dict(cfg.transformer, num_tokens=int(vq_config["num_embeddings"]), seq_len=int(codes.shape[1]),
                      n_conditioning=int(cond.shape[1]), code_shape=code_shape, window=window)
-    if init:  # the starting model's architecture, inputs and blocks; its codes must be these
-        tf_kwargs = dict(init.transformer)
+    if init:  # the starting model's architecture, inputs and attention blocks; its codes must be these
+        tf_kwargs, window = dict(init.transformer), init.transformer.get("window")
         if [int(v) for v in tf_kwargs.get("code_shape", [])] != [int(v) for v in code_shape] or int(tf_kwargs["seq_len"]) != codes.shape[1]:
             raise ValueError(f"--init-from {cfg.init_from}: its transformer codes a {tf_kwargs.get('code_shape')} grid, "
                              f"these volumes give {code_shape}")
