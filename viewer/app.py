@@ -50,7 +50,7 @@ MATCH_HELP = (
     "The model draws the ventricles and hippocampus only roughly at the requested size (hippocampus r 0.2-0.4 on the "
     "held-out evaluation). On: after sampling, the brain is warped slightly (under a voxel or two, smooth, nothing "
     "folds) until the segmenter measures the requested volumes, e.g. to show an AD brain's smaller hippocampus. "
-    "An edit, not the model: the brain's provenance records it (volume_matching). About 4 s more per brain."
+    "An edit, not the model: the brain's provenance records it (volume_matching). About 5 s more per brain on 2 CPU cores."
 )
 REFINER_HELP = (
     "on: a small network after the decoder sharpens the decoder's smooth image into 2 mm texture (trained "
@@ -303,7 +303,7 @@ def main() -> None:
         st.caption(f"Note: {result.note}")
     pending = st.session_state.get("labels_pending", False)
     if pending:
-        st.caption("Matching the requested volumes and labelling the structures (about 4 s): the warped brain follows."
+        st.caption("Matching the requested volumes and labelling the structures (about 5 s): the warped brain follows."
                    if request.match_volumes else
                    "Labelling the structures (about a second): the overlay, surfaces and volumes follow.")
     tabs = st.tabs(TABS, key="tab", on_change="rerun")
