@@ -168,20 +168,27 @@ class BrainGenerator(RefinerMixin):
         if not 0.0 <= guidance_scale <= 20.0:
             raise ValueError(f"`guidance_scale` must be within 0-20, got {guidance_scale:g}")
         lo, hi = (int(v) for v in cfg.get("guidance_interval", (0, n_train - 1)))
+        eps_scale = float(cfg.get("eps_scale", 1.0))
+        if not 0.5 <= eps_scale <= 2.0:
+            raise ValueError(f"`eps_scale` must be within 0.5-2, got {eps_scale:g}")
         return {"sampler": sampler, "steps": steps, "guidance_scale": guidance_scale, "guidance_interval": [lo, hi],
-                "spacing": str(cfg.get("spacing", "logsnr"))}
+                "spacing": str(cfg.get("spacing", "logsnr")), "eps_scale": eps_scale}
 
     @torch.no_grad()
     def sample_latent(
         self, condition: Condition, seed: int, steps: int, guidance_scale: float, bf16: bool, progress: ProgressFn | None,
         *, sampler: str | None = None, guidance_interval: tuple[int, int] | None = None, spacing: str | None = None,
+        eps_scale: float | None = None,
     ) -> torch.Tensor:
         """Sample from seeded noise and return the (1, C, x, y, z) latent (unscaled).
 
-        ``sampler`` (``ddim`` or ``dpm++2m``) and ``guidance_interval`` default to the model config.
+        ``sampler`` (``ddim`` or ``dpm++2m``), ``guidance_interval`` and ``eps_scale`` default to the model
+        config. ``eps_scale`` divides every (guided) noise prediction: epsilon scaling against exposure bias
+        (Ning et al., ICLR 2024); 1 leaves the sampler as trained.
         """
         opts = self.sampling_options(steps, guidance_scale, sampler)
         lo, hi = opts["guidance_interval"] if guidance_interval is None else guidance_interval
+        eps_scale = opts["eps_scale"] if eps_scale is None else float(eps_scale)
         gen = torch.Generator(device="cpu").manual_seed(int(seed))
         z = torch.randn(self.latent_shape(), generator=gen).to(self.device)
         cond = self.encode_condition(condition).to(self.device)
@@ -199,7 +206,7 @@ class BrainGenerator(RefinerMixin):
             if guided:
                 out_u, out_c = out.chunk(2)
                 out = out_u + guidance_scale * (out_c - out_u)
-            return out
+            return out / eps_scale if eps_scale != 1.0 else out
 
         if opts["sampler"] == "dpm++2m":
             scheduler = self.make_scheduler()
@@ -299,7 +306,7 @@ class BrainGenerator(RefinerMixin):
                 callback = _checking_threads(governor, callback)
             latent = self.sample_latent(condition, int(seed), opts["steps"], opts["guidance_scale"], use_bf16, callback,
                                         sampler=opts["sampler"], guidance_interval=opts["guidance_interval"],
-                                        spacing=opts["spacing"])
+                                        spacing=opts["spacing"], eps_scale=opts["eps_scale"])
             if bar:
                 bar.close()
             if governor is not None:
@@ -322,6 +329,7 @@ class BrainGenerator(RefinerMixin):
             "steps": opts["steps"],
             "guidance_scale": opts["guidance_scale"],
             "guidance_interval": opts["guidance_interval"],
+            **({"eps_scale": opts["eps_scale"]} if opts["eps_scale"] != 1.0 else {}),
             "refiner": self.refiner_provenance(refine),
             "precision": precision,
             "bf16": use_bf16,

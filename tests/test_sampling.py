@@ -151,6 +151,31 @@ def test_guidance_only_where_the_interval_says(tiny_generator):
     assert not torch.allclose(full, cfg_off)
 
 
+def test_epsilon_scaling_divides_the_noise_prediction_and_is_recorded(tiny_model_dir):
+    """``sampling.eps_scale`` divides every guided noise prediction. One DDIM step at t = 0 returns
+    (z - sqrt(1 - a) * eps / s) / sqrt(a): affine in 1 / s, so z(1) - z(2) = 2 (z(2) - z(4))."""
+    gen = synth.load_generator(tiny_model_dir, device="cpu")
+    cond = synth.Condition(age=60, sex="M")
+    kw = dict(steps=1, guidance_scale=2.0, bf16=False, progress=None, sampler="ddim")
+    z1, z2, z4 = (gen.sample_latent(cond, 3, eps_scale=s, **kw) for s in (1.0, 2.0, 4.0))
+    assert not torch.allclose(z1, z2)
+    d = z1 - z2  # float32 cancellation: compare norms, not elements
+    assert float((d - 2 * (z2 - z4)).norm() / d.norm()) < 1e-3
+    torch.testing.assert_close(gen.sample_latent(cond, 3, **kw), z1)  # the config's default is 1
+    plain = gen.generate(cond, seed=3, steps=2)
+    assert "eps_scale" not in plain.provenance
+    gen.config.sampling["eps_scale"] = 1.02
+    a, b = gen.generate(cond, seed=3, steps=2), gen.generate(cond, seed=3, steps=2)
+    np.testing.assert_array_equal(a.image, b.image)
+    assert a.provenance["eps_scale"] == 1.02 and not np.array_equal(a.image, plain.image)
+    fast = gen.generate(cond, seed=3, sampler="dpm++2m", steps=2)  # the DPM-Solver path scales too
+    gen.config.sampling["eps_scale"] = 1.0
+    assert not np.array_equal(fast.image, gen.generate(cond, seed=3, sampler="dpm++2m", steps=2).image)
+    gen.config.sampling["eps_scale"] = 3
+    with pytest.raises(ValueError, match="`eps_scale` must be within 0.5-2, got 3"):
+        gen.generate(cond, seed=3, steps=2)
+
+
 def test_fast_preset_comes_from_the_config_and_explicit_values_win(tiny_model_dir):
     gen = synth.load_generator(tiny_model_dir, device="cpu")
     with pytest.raises(ValueError, match="has no fast sampling preset"):
