@@ -247,7 +247,7 @@ def _cmd_train_diffusion(args: argparse.Namespace) -> int:
 
     cfg = LDMTrainConfig(data_dir=args.data, ae_run=args.ae_run, run_dir=args.run, steps=args.steps,
                          batch_size=args.batch_size, lr=args.lr, bf16=not args.no_bf16, seed=args.seed,
-                         max_minutes=args.max_minutes, init_from=args.init_from)
+                         max_minutes=args.max_minutes, init_from=args.init_from, augment=args.augment)
     state = train_diffusion(cfg, progress=not args.quiet)
     print(f"diffusion UNet at step {state['step']} in {args.run}/last.pt")
     return 0
@@ -382,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
             t.add_argument("--init-from", default=None,
                            help="start from this model folder's (or diffusion run's) UNet, keeping its conditioning "
                                 "(when RUN has no checkpoint)")
+            t.add_argument("--augment", type=_nonnegative_int, default=0,
+                           help="also train on this many augmented copies of each scan (small rotation, scale and smooth "
+                                "warp, gamma; each mirrored), encoded once and cached in RUN: against over-fitting few subjects")
         else:
             t.add_argument("--init-from", default=None,
                            help="start from this run's EMA weights or a model folder's autoencoder (when RUN has no checkpoint)")

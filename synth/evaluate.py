@@ -28,7 +28,7 @@ from .metrics import intensity_distance, masked_correlation, median_relative_err
 from .pipeline import BrainGenerator
 from .runtime import resolve_precision
 
-__all__ = ["reconstruction", "resampled", "sample_sharpness", "latent_detail", "highpass_energy", "condition_following", "age_sweep", "fidelity", "volume_agreement", "AGE_BANDS"]
+__all__ = ["reconstruction", "resampled", "sample_sharpness", "latent_detail", "highpass_energy", "condition_following", "age_sweep", "fidelity", "volume_agreement", "denoising_error", "denoising_gap", "AGE_BANDS"]
 
 AGE_BANDS = ((20.0, 40.0), (40.0, 60.0), (60.0, 83.0))
 Log = Callable[[str], None]
@@ -247,3 +247,83 @@ def fidelity(gen: BrainGenerator, segmenter, data: PreparedData | None = None, n
             for k in keys
         }
     return result
+
+
+GAP_TIMESTEPS = (10, 25, 50, 100, 200, 400, 700)
+
+
+@torch.no_grad()
+def denoising_error(predict: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], latents: torch.Tensor,
+                    cond: torch.Tensor, alphas_cumprod: torch.Tensor, timesteps=GAP_TIMESTEPS, draws: int = 4,
+                    seed: int = 1000, batch_size: int = 16) -> dict[int, float]:
+    """Mean noise-prediction MSE at each timestep, the diffusion loss with fixed noise.
+
+    ``predict(z_t, t, cond)`` returns the predicted noise of scaled latents ``z_t`` (N, C, ...) at integer
+    timesteps ``t`` (N,) under conditions ``cond`` (N, K). Noise draw ``k`` of latent ``i`` depends only on
+    ``seed + k`` and ``i``, so two sets of latents (training against held-out) are compared on equal terms.
+    """
+    if len(latents) == 0:
+        raise ValueError("denoising_error needs at least one latent")
+    if len(cond) != len(latents):
+        raise ValueError(f"one condition per latent expected: {len(cond)} conditions for {len(latents)} latents")
+    n_train = len(alphas_cumprod)
+    out: dict[int, float] = {}
+    for t in timesteps:
+        if not 0 <= int(t) < n_train:
+            raise ValueError(f"timesteps must be within 0-{n_train - 1}, got {t}")
+        a = alphas_cumprod[int(t)].float()
+        errs = []
+        for k in range(draws):
+            g = torch.Generator().manual_seed(seed + k)
+            noise = torch.randn(latents.shape, generator=g)
+            for i in range(0, len(latents), batch_size):
+                z0, n = latents[i:i + batch_size].float(), noise[i:i + batch_size]
+                zt = a.sqrt() * z0 + (1 - a).sqrt() * n
+                pred = predict(zt, torch.full((len(z0),), int(t), dtype=torch.long), cond[i:i + batch_size]).float()
+                errs.append(((pred - n) ** 2).flatten(1).mean(1))
+        out[int(t)] = float(torch.cat(errs).mean())
+    return out
+
+
+def denoising_gap(gen: BrainGenerator, data: PreparedData, timesteps=GAP_TIMESTEPS, draws: int = 4,
+                  heldout_splits=("val", "test"), log: Log = print) -> dict[str, Any]:
+    """Over- or under-fitting of a latent diffusion model's UNet: its denoising error on the training
+    subjects' latents against held-out subjects' (each under its own measured condition, as trained).
+
+    A held-out / training ratio well above 1 at a timestep means the UNet has learnt the training latents
+    there rather than brains in general: more steps on the same subjects will not help; augmentation,
+    regularisation or more data may. Latents are the encoder's means (no mirrors), scaled as in training.
+    """
+    from .train.diffusion import covariate_matrix
+
+    if getattr(gen, "unet", None) is None:
+        raise ValueError(f"{gen.config.name!r} is not a latent diffusion model (the denoising gap needs its UNet)")
+    cfg = gen.config
+    vol_keys = [c for c in cfg.covariates if c not in ("age", "sex") and not c.startswith("diagnosis_")]
+
+    def usable(rows):
+        return [r for r in rows if all(r.get(k) is not None for k in vol_keys) and (not vol_keys or r.get("icv"))]
+
+    sets = {"train": usable(data.subset("train", labelled=True)),
+            "heldout": usable([r for s in heldout_splits for r in data.subset(s, labelled=True)])}
+    for name, rows in sets.items():
+        if not rows:
+            raise ValueError(f"no {name} subjects with age, sex and the model's covariates in {data.root}")
+    alphas = torch.as_tensor(gen.make_scheduler().alphas_cumprod)
+
+    def predict(zt, t, c):
+        x, context = gen._unet_inputs(zt.to(gen.device), c.to(gen.device))
+        return gen.unet(x, timesteps=t.to(gen.device), context=context).float().cpu()
+
+    t0 = time.time()
+    errors = {}
+    for name, rows in sets.items():
+        z = torch.cat([gen.encode(data.t1(r)) for r in rows]).cpu() * cfg.latent_scale
+        c = torch.from_numpy(covariate_matrix(rows, cfg.covariates, cfg.covariate_ranges))
+        errors[name] = denoising_error(predict, z, c, alphas, timesteps, draws)
+        log(f"  {name}: {len(rows)} subjects, " + ", ".join(f"t {t}: {e:.4f}" for t, e in errors[name].items()))
+    ratio = {t: errors["heldout"][t] / errors["train"][t] for t in errors["train"]}
+    return {"model": f"{cfg.name} {cfg.version}", "timesteps": [int(t) for t in timesteps], "draws": draws,
+            "n_train": len(sets["train"]), "n_heldout": len(sets["heldout"]), "heldout_splits": list(heldout_splits),
+            "train": errors["train"], "heldout": errors["heldout"], "ratio": ratio,
+            "worst": max(ratio.items(), key=lambda kv: kv[1]), "seconds": round(time.time() - t0, 1)}

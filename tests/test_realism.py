@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from synth import realism as R
@@ -565,6 +566,68 @@ def test_latent_bands_script(prepared, tiny_model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         script.main(["--model", str(tiny_model_dir), "--data", str(tmp_path / "nowhere"), "--out", str(out)])
     assert exc.value.code == 2 and "synthbrain prepare" in capsys.readouterr().err
+    from synth.vq.testing import make_tiny_vq_model
+
+    vq = make_tiny_vq_model(tmp_path / "tiny-vq")
+    with pytest.raises(SystemExit) as exc:
+        script.main(["--model", str(vq), "--data", str(prepared.root), "--out", str(out)])
+    assert exc.value.code == 2 and "not a latent diffusion model" in capsys.readouterr().err
+
+
+def test_denoising_error_is_zero_for_a_memoriser_on_its_own_latents_and_exact_elsewhere():
+    """A predictor that knows the training latents (the extreme of over-fitting) predicts their noise
+    exactly; on other latents its error is a / (1 - a) x their mean squared distance, per timestep."""
+    from synth.evaluate import denoising_error
+
+    rng = np.random.default_rng(0)
+    train = torch.from_numpy(rng.normal(size=(5, 2, 4, 4, 4)).astype(np.float32))
+    other = train + torch.from_numpy(rng.normal(0, 0.3, size=train.shape).astype(np.float32))
+    alphas = torch.linspace(0.999, 0.01, 1000)
+    idx = torch.arange(5, dtype=torch.float32)[:, None]
+
+    def memoriser(zt, t, c):
+        a = alphas[t].view(-1, 1, 1, 1, 1)
+        return (zt - a.sqrt() * train[c[:, 0].long()]) / (1 - a).sqrt()
+
+    ts = (10, 200, 700)
+    on_train = denoising_error(memoriser, train, idx, alphas, ts, draws=2, batch_size=2)
+    elsewhere = denoising_error(memoriser, other, idx, alphas, ts, draws=2, batch_size=3)
+    assert all(v < 1e-8 for v in on_train.values())
+    d2 = float(((other - train) ** 2).mean())
+    for t in ts:
+        a = float(alphas[t])
+        assert elsewhere[t] == pytest.approx(a / (1 - a) * d2, rel=1e-4)
+    assert elsewhere[10] > elsewhere[200] > elsewhere[700]
+    assert denoising_error(memoriser, other, idx, alphas, ts, draws=2) == elsewhere  # fixed noise: repeatable
+    with pytest.raises(ValueError, match="one condition per latent expected: 4 conditions for 5 latents"):
+        denoising_error(memoriser, other, idx[:4], alphas, ts)
+    with pytest.raises(ValueError, match="timesteps must be within 0-999, got 1000"):
+        denoising_error(memoriser, other, idx, alphas, (1000,))
+    with pytest.raises(ValueError, match="at least one latent"):
+        denoising_error(memoriser, other[:0], idx[:0], alphas, ts)
+
+
+def test_denoising_gap_script(prepared, tiny_model_dir, tmp_path, capsys):
+    """scripts/denoising_gap.py on a tiny model: training against held-out error and their ratio at every
+    timestep; missing data, a VQ model and bad --draws are usage errors (exit 2)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("denoising_gap", Path(__file__).resolve().parents[1] / "scripts" / "denoising_gap.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "gap.json"
+    assert script.main(["--model", str(tiny_model_dir), "--data", str(prepared.root), "--draws", "1",
+                        "--timesteps", "50", "400", "--out", str(out), "--threads", "1"]) == 0
+    res = json.loads(out.read_text())
+    assert res["n_train"] == 24 and res["n_heldout"] == 10 and res["timesteps"] == [50, 400]
+    for t in ("50", "400"):
+        assert res["train"][t] > 0 and res["heldout"][t] > 0
+        assert res["ratio"][t] == pytest.approx(res["heldout"][t] / res["train"][t])
+    assert "held-out / training" in capsys.readouterr().out
+    for bad, msg in ((["--data", str(tmp_path / "nowhere")], "synthbrain prepare"), (["--draws", "0"], "--draws must be at least 1")):
+        with pytest.raises(SystemExit) as exc:
+            script.main(["--model", str(tiny_model_dir), "--data", str(prepared.root), "--out", str(out), *bad])
+        assert exc.value.code == 2 and msg in capsys.readouterr().err
     from synth.vq.testing import make_tiny_vq_model
 
     vq = make_tiny_vq_model(tmp_path / "tiny-vq")

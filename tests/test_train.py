@@ -402,3 +402,46 @@ def test_autoencoder_weights_from_a_model_folder_a_run_folder_or_a_checkpoint(tm
         assert weights.keys() == ref.keys() and all(torch.equal(weights[k], ref[k]) for k in ref)
     with pytest.raises(FileNotFoundError, match="no autoencoder"):
         load_autoencoder_parts(tmp_path / "nowhere")
+
+
+def test_augment_scan_is_mild_deterministic_and_keeps_the_outside_empty():
+    from synth.train.augment import AugmentConfig, augment_scan
+
+    g = np.stack(np.meshgrid(*[np.linspace(-1, 1, 32)] * 3, indexing="ij"))
+    ball = ((g ** 2).sum(0) < 0.6 ** 2).astype(np.float32) * 0.8
+    a = augment_scan(ball, np.random.default_rng(3))
+    np.testing.assert_array_equal(a, augment_scan(ball, np.random.default_rng(3)))
+    assert a.shape == ball.shape and a.dtype == np.float32 and 0 <= a.min() and a.max() <= 1
+    assert not np.array_equal(a, augment_scan(ball, np.random.default_rng(4)))
+    assert np.abs(a - ball).max() > 0.1  # it moved the boundary
+    # mild: the volume of the ball (its intensity sum, gamma aside) changes by a few per cent at most
+    plain = augment_scan(ball, np.random.default_rng(3), AugmentConfig(max_log_gamma=0.0))
+    assert abs(plain.sum() / ball.sum() - 1) < 0.12
+    assert (plain[g.__abs__().max(0) > 0.85] == 0).all()  # far outside stays empty
+    off = AugmentConfig(max_rotation_deg=0, max_scale=0, max_shift=0, max_warp=0, max_log_gamma=0)
+    np.testing.assert_allclose(augment_scan(ball, np.random.default_rng(0), off), ball, atol=1e-5)  # the identity
+    with pytest.raises(ValueError, match=r"expects an \(X, Y, Z\) volume, got shape \(1, 32, 32, 32\)"):
+        augment_scan(ball[None], np.random.default_rng(0))
+
+
+def test_diffusion_training_with_augmented_copies_caches_them_and_resumes(tmp_path):
+    vols, rows = phantoms(n=8)
+    train_autoencoder(AETrainConfig(data_dir="", run_dir=str(tmp_path / "ae"), steps=2, bf16=False,
+                                    autoencoder=dict(TINY_AE)), volumes=vols, progress=False)
+    cfg = LDMTrainConfig(data_dir="", ae_run=str(tmp_path / "ae"), run_dir=str(tmp_path / "ldm"), steps=2,
+                         batch_size=2, bf16=False, unet=dict(TINY_UNET), augment=2)
+    first = train_diffusion(cfg, rows=rows, volumes=vols, progress=False)
+    base = np.load(tmp_path / "ldm" / "latents.npz")["latents"]
+    aug = np.load(tmp_path / "ldm" / "latents_aug2_seed0.npz")["latents"]
+    assert base.shape[0] == 16 and aug.shape == (32, *base.shape[1:])  # 2 copies x 8 scans x (scan, mirror)
+    assert not np.allclose(aug[:16], base)  # the copies are new latents, not the scans again
+    assert first["config"]["augment"] == 2
+    # the latent scale is the scans' own, whatever the augmentation
+    plain = train_diffusion(LDMTrainConfig(data_dir="", ae_run=str(tmp_path / "ae"), run_dir=str(tmp_path / "ldm0"),
+                                           steps=1, batch_size=2, bf16=False, unet=dict(TINY_UNET)),
+                            rows=rows, volumes=vols, progress=False)
+    assert first["model_config"]["latent_scale"] == pytest.approx(plain["model_config"]["latent_scale"])
+    cfg.steps = 4  # resumes on the cached copies (volumes not needed again)
+    stamp = (tmp_path / "ldm" / "latents_aug2_seed0.npz").stat().st_mtime_ns
+    assert train_diffusion(cfg, rows=rows, volumes=vols, progress=False)["step"] == 4
+    assert (tmp_path / "ldm" / "latents_aug2_seed0.npz").stat().st_mtime_ns == stamp

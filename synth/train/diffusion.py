@@ -9,6 +9,7 @@ unconditional model that classifier-free guidance needs (Ho & Salimans 2022).
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,11 @@ class LDMTrainConfig:
     # Multiplies the latent scale 1/std (Rombach et al. 2022's scale factor): 1 trains on unit-variance
     # latents; other values change the signal-to-noise ratio of every noise level (a tuning knob).
     latent_scale_factor: float = 1.0
+    # Augmented copies of each training scan (synth.train.augment: a small similarity transform, a smooth
+    # warp of up to 1.5 voxels, a gamma change), each also mirrored, encoded once and cached in the run
+    # folder; 0 trains on the scans and their mirrors only. Against the UNet learning its few subjects'
+    # latents by heart (scripts/denoising_gap.py measures that).
+    augment: int = 0
     # A packaged model folder (or a diffusion run folder) whose UNet (EMA weights) starts a fresh run; its
     # UNet layout, covariates, their ranges and its latent scale are kept, so the model trains on as it was.
     init_from: str | None = None
@@ -178,6 +184,7 @@ def train_diffusion(cfg: LDMTrainConfig, *, progress: bool = True, rows: list[di
     run.mkdir(parents=True, exist_ok=True)
     ae, ae_kwargs = load_autoencoder_run(cfg.ae_run, ctx.device)
 
+    data = None
     if rows is None:
         data = PreparedData.load(cfg.data_dir)
         rows = data.subset("train", labelled=True)
@@ -194,6 +201,7 @@ def train_diffusion(cfg: LDMTrainConfig, *, progress: bool = True, rows: list[di
 
             with atomic_path(cache) as tmp:
                 np.savez(tmp, latents=latents)
+    aug = _augmented_latents(cfg, run, ae, rows, volumes, data, ctx, progress) if cfg.augment else None
     del ae
     init_weights, init = _diffusion_init(cfg.init_from) if cfg.init_from else (None, {})
     if init:
@@ -202,6 +210,9 @@ def train_diffusion(cfg: LDMTrainConfig, *, progress: bool = True, rows: list[di
     ranges = init["covariate_ranges"] if init else covariate_ranges(rows, cfg.covariates)
     cond = covariate_matrix(rows, cfg.covariates, ranges)
     cond = np.concatenate([cond, cond])  # mirrored copies share their subject's condition
+    if aug is not None:  # after the latent scale: augmentation must not change it
+        latents = np.concatenate([latents, aug])
+        cond = np.concatenate([cond] * (1 + cfg.augment))
     n_cond = cond.shape[1]
     latent_ch = latents.shape[1]
     unet_kwargs = (dict(init["unet"]) if init else
@@ -273,6 +284,34 @@ def train_diffusion(cfg: LDMTrainConfig, *, progress: bool = True, rows: list[di
     final = _state(unet, ema, opt, step + 1 if cfg.steps > start else start, cfg, model_config)
     final["params"] = count_parameters(unet)
     return final
+
+
+def _augmented_latents(cfg: LDMTrainConfig, run: Path, ae, rows: list[dict], volumes: np.ndarray | None, data,
+                       ctx, progress: bool) -> np.ndarray:
+    """``cfg.augment`` augmented copies of every scan and their mirrors, encoded: (2 N augment, C, ...), in
+    the order [copy 1, its mirrors, copy 2, ...]; cached in the run folder (the same seed gives the same copies)."""
+    from ..io import atomic_path
+    from .augment import augment_scan
+
+    cache = run / f"latents_aug{cfg.augment}_seed{cfg.seed}.npz"
+    if cache.is_file():
+        aug = np.load(cache)["latents"]
+        if len(aug) == 2 * len(rows) * cfg.augment:
+            return aug
+    if volumes is None:
+        volumes = np.stack([data.t1(r)[None] for r in rows]).astype(np.float32)
+    parts, t0 = [], time.time()
+    for k in range(cfg.augment):
+        rng = np.random.default_rng([cfg.seed, 1, k])
+        copies = np.stack([augment_scan(v[0], rng)[None] for v in volumes])
+        parts.append(encode_dataset(ae, copies, ctx.device, cfg.bf16))
+        if progress and ctx.is_main:
+            print(f"augmented copy {k + 1}/{cfg.augment} of {len(rows)} scans encoded ({time.time() - t0:.0f} s)", flush=True)
+    aug = np.concatenate(parts)
+    if ctx.is_main:
+        with atomic_path(cache) as tmp:
+            np.savez(tmp, latents=aug)
+    return aug
 
 
 def _state(unet, ema, opt, step, cfg, model_config) -> dict:
