@@ -107,6 +107,7 @@ def test_bad_arguments_one_line_exit_2_nothing_written(tiny_model_dir, tmp_path,
                                   "(config.json + autoencoder.safetensors), got nope"),
         (["diffusion", "--ae-run", "nope"], "--ae-run expects a training run folder holding last.pt or a model folder "
                                             "(config.json + autoencoder.safetensors), got nope"),
+        (["diffusion", "--ae-run", "nope", "--augment", "-1"], "argument --augment: expected"),
     ],
 )
 def test_bad_training_arguments_exit_2_before_any_run_folder(tmp_path, capsys, argv, message):
