@@ -50,7 +50,7 @@ MATCH_HELP = (
     "The model draws the ventricles and hippocampus only roughly at the requested size (hippocampus r 0.2-0.4 on the "
     "held-out evaluation). On: after sampling, the brain is warped slightly (under a voxel or two, smooth, nothing "
     "folds) until the segmenter measures the requested volumes, e.g. to show an AD brain's smaller hippocampus. "
-    "An edit, not the model: the brain's provenance records it (volume_matching). About 5 s more per brain on 2 CPU cores."
+    "An edit, not the model: the brain's provenance records it (volume_matching). About 5 s per brain on 2 CPU cores, 4 s more than labelling alone."
 )
 REFINER_HELP = (
     "on: a small network after the decoder sharpens the decoder's smooth image into 2 mm texture (trained "
