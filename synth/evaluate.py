@@ -259,8 +259,8 @@ def denoising_error(predict: Callable[[torch.Tensor, torch.Tensor, torch.Tensor]
     """Mean noise-prediction MSE at each timestep, the diffusion loss with fixed noise.
 
     ``predict(z_t, t, cond)`` returns the predicted noise of scaled latents ``z_t`` (N, C, ...) at integer
-    timesteps ``t`` (N,) under conditions ``cond`` (N, K). Noise draw ``k`` of latent ``i`` depends only on
-    ``seed + k`` and ``i``, so two sets of latents (training against held-out) are compared on equal terms.
+    timesteps ``t`` (N,) under conditions ``cond`` (N, K). Noise draw ``k`` comes from ``seed + k`` for
+    any set of latents, so repeated calls give the same figure and two sets meet the same noise process.
     """
     if len(latents) == 0:
         raise ValueError("denoising_error needs at least one latent")

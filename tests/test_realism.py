@@ -634,3 +634,8 @@ def test_denoising_gap_script(prepared, tiny_model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         script.main(["--model", str(vq), "--data", str(prepared.root), "--out", str(out)])
     assert exc.value.code == 2 and "not a latent diffusion model" in capsys.readouterr().err
+    import synth
+    from synth.evaluate import denoising_gap
+
+    with pytest.raises(ValueError, match="no heldout subjects with age, sex and the model's covariates"):
+        denoising_gap(synth.load_generator(tiny_model_dir, device="cpu"), prepared, (50,), 1, heldout_splits=("none",))
