@@ -424,6 +424,40 @@ def test_augment_scan_is_mild_deterministic_and_keeps_the_outside_empty():
         augment_scan(ball[None], np.random.default_rng(0))
 
 
+def test_augment_copies_are_the_same_in_parallel_and_each_copy_has_its_own_generator():
+    from synth.train.augment import augment_copies, augment_scan
+
+    vols, _ = phantoms(n=3, size=16)
+    serial = list(augment_copies(vols, 3, seed=5))
+    assert len(serial) == 3 and all(c.shape == vols.shape and c.dtype == np.float32 for c in serial)
+    rng = np.random.default_rng([5, 1, 2])  # copy k: its own generator, over the scans in order
+    np.testing.assert_array_equal(serial[2], np.stack([augment_scan(v[0], rng)[None] for v in vols]))
+    assert not np.array_equal(serial[0], serial[1])
+    parallel = list(augment_copies(vols, 3, seed=5, workers=2))  # spawned processes
+    assert all(np.array_equal(a, b) for a, b in zip(serial, parallel, strict=True))
+    with pytest.raises(ValueError, match=r"expects \(N, 1, X, Y, Z\) scans, got shape \(3, 16, 16, 16\)"):
+        next(augment_copies(vols[:, 0], 1))
+
+
+def test_diffusion_training_takes_copies_made_beforehand(tmp_path):
+    from synth.train.augment import augment_copies
+
+    vols, rows = phantoms(n=8)
+    train_autoencoder(AETrainConfig(data_dir="", run_dir=str(tmp_path / "ae"), steps=1, bf16=False,
+                                    autoencoder=dict(TINY_AE)), volumes=vols, progress=False)
+
+    def run(name, **kw):
+        cfg = LDMTrainConfig(data_dir="", ae_run=str(tmp_path / "ae"), run_dir=str(tmp_path / name), steps=1,
+                             batch_size=2, bf16=False, unet=dict(TINY_UNET), augment=2, seed=1)
+        train_diffusion(cfg, rows=rows, volumes=vols, progress=False, **kw)
+        return np.load(tmp_path / name / "latents_aug2_seed1.npz")["latents"]
+
+    made = np.concatenate(list(augment_copies(vols, 2, seed=1)))
+    np.testing.assert_array_equal(run("given", augmented=made), run("inside"))
+    with pytest.raises(ValueError, match="augmented holds 8 volumes; augment=2 copies of 8 scans make 16"):
+        run("short", augmented=made[:8])
+
+
 def test_diffusion_training_with_augmented_copies_caches_them_and_resumes(tmp_path):
     vols, rows = phantoms(n=8)
     train_autoencoder(AETrainConfig(data_dir="", run_dir=str(tmp_path / "ae"), steps=2, bf16=False,

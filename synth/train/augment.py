@@ -22,14 +22,18 @@ so, which changes a structure's fraction of ICV by a few per cent at most.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from itertools import repeat
+from multiprocessing import get_context
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-__all__ = ["AugmentConfig", "augment_scan"]
+__all__ = ["AugmentConfig", "augment_copies", "augment_scan"]
 
 
 @dataclass(frozen=True)
@@ -81,3 +85,28 @@ def augment_scan(volume: np.ndarray, rng: np.random.Generator, cfg: AugmentConfi
     out = np.where(inside, np.clip(out, 0, 1), 0).astype(np.float32)
     gamma = math.exp(rng.uniform(-cfg.max_log_gamma, cfg.max_log_gamma))
     return np.power(out, gamma, dtype=np.float32)
+
+
+def _copy(volumes: np.ndarray, seed: int, k: int, cfg: AugmentConfig) -> np.ndarray:
+    rng = np.random.default_rng([seed, 1, k])
+    return np.stack([augment_scan(v[0], rng, cfg)[None] for v in volumes])
+
+
+def augment_copies(volumes: np.ndarray, copies: int, seed: int = 0, workers: int = 1,
+                   cfg: AugmentConfig = AugmentConfig()) -> Iterator[np.ndarray]:
+    """Yield ``copies`` augmented copies of (N, 1, X, Y, Z) scans, in order, each an (N, 1, X, Y, Z) float32 array.
+
+    Copy ``k`` is made with its own generator, ``np.random.default_rng([seed, 1, k])``, drawn over the scans
+    in order, so the copies are the same whatever ``workers`` is. ``workers > 1`` makes that many copies at
+    once in spawned processes (about 0.2 s a 2 mm scan each; spawned, not forked, so torch's threads in the
+    caller cannot hang them).
+    """
+    volumes = np.asarray(volumes, np.float32)
+    if volumes.ndim != 5 or volumes.shape[1] != 1:
+        raise ValueError(f"augment_copies expects (N, 1, X, Y, Z) scans, got shape {volumes.shape}")
+    if workers <= 1 or copies <= 1:
+        for k in range(copies):
+            yield _copy(volumes, seed, k, cfg)
+        return
+    with ProcessPoolExecutor(min(workers, copies), mp_context=get_context("spawn")) as pool:
+        yield from pool.map(_copy, repeat(volumes), repeat(seed), range(copies), repeat(cfg))

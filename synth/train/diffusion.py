@@ -70,6 +70,8 @@ class LDMTrainConfig:
     # folder; 0 trains on the scans and their mirrors only. Against the UNet learning its few subjects'
     # latents by heart (scripts/denoising_gap.py measures that).
     augment: int = 0
+    # processes that make the augmented copies (synth.train.augment.augment_copies; the same copies for any number)
+    augment_workers: int = 1
     # A packaged model folder (or a diffusion run folder) whose UNet (EMA weights) starts a fresh run; its
     # UNet layout, covariates, their ranges and its latent scale are kept, so the model trains on as it was.
     init_from: str | None = None
@@ -165,13 +167,16 @@ def _diffusion_init(init_from: str | Path) -> tuple[dict[str, torch.Tensor], dic
 
 
 def train_diffusion(cfg: LDMTrainConfig, *, progress: bool = True, rows: list[dict] | None = None,
-                    volumes: np.ndarray | None = None) -> dict:
+                    volumes: np.ndarray | None = None, augmented: np.ndarray | None = None) -> dict:
     """Train (or resume) the latent diffusion UNet; returns its final state (with model config).
 
     Args:
         cfg: Training configuration. ``ae_run`` is the autoencoder's run folder (its EMA weights
             encode the data); ``run_dir`` holds ``last.pt``, ``losses.csv`` and the latent cache.
         rows, volumes: Optional subject rows and (N, 1, X, Y, Z) volumes instead of ``data_dir``.
+        augmented: Optional ``cfg.augment`` augmented copies of the volumes made beforehand, as
+            :func:`synth.train.augment.augment_copies` makes them for ``cfg.seed``, stacked:
+            (augment N, 1, X, Y, Z). Used when the run folder has not cached their latents yet.
     """
     from monai.networks.schedulers import DDPMScheduler
     from tqdm.auto import tqdm
@@ -201,7 +206,7 @@ def train_diffusion(cfg: LDMTrainConfig, *, progress: bool = True, rows: list[di
 
             with atomic_path(cache) as tmp:
                 np.savez(tmp, latents=latents)
-    aug = _augmented_latents(cfg, run, ae, rows, volumes, data, ctx, progress) if cfg.augment else None
+    aug = _augmented_latents(cfg, run, ae, rows, volumes, augmented, data, ctx, progress) if cfg.augment else None
     del ae
     init_weights, init = _diffusion_init(cfg.init_from) if cfg.init_from else (None, {})
     if init:
@@ -286,25 +291,30 @@ def train_diffusion(cfg: LDMTrainConfig, *, progress: bool = True, rows: list[di
     return final
 
 
-def _augmented_latents(cfg: LDMTrainConfig, run: Path, ae, rows: list[dict], volumes: np.ndarray | None, data,
-                       ctx, progress: bool) -> np.ndarray:
+def _augmented_latents(cfg: LDMTrainConfig, run: Path, ae, rows: list[dict], volumes: np.ndarray | None,
+                       augmented: np.ndarray | None, data, ctx, progress: bool) -> np.ndarray:
     """``cfg.augment`` augmented copies of every scan and their mirrors, encoded: (2 N augment, C, ...), in
     the order [copy 1, its mirrors, copy 2, ...]; cached in the run folder (the same seed gives the same copies)."""
     from ..io import atomic_path
-    from .augment import augment_scan
+    from .augment import augment_copies
 
     cache = run / f"latents_aug{cfg.augment}_seed{cfg.seed}.npz"
     if cache.is_file():
         aug = np.load(cache)["latents"]
         if len(aug) == 2 * len(rows) * cfg.augment:
             return aug
-    if volumes is None:
-        volumes = np.stack([data.t1(r)[None] for r in rows]).astype(np.float32)
+    if augmented is not None:
+        if len(augmented) != cfg.augment * len(rows):
+            raise ValueError(f"augmented holds {len(augmented)} volumes; augment={cfg.augment} copies of "
+                             f"{len(rows)} scans make {cfg.augment * len(rows)}")
+        copies = (augmented[k * len(rows):(k + 1) * len(rows)] for k in range(cfg.augment))
+    else:
+        if volumes is None:
+            volumes = np.stack([data.t1(r)[None] for r in rows]).astype(np.float32)
+        copies = augment_copies(volumes, cfg.augment, cfg.seed, workers=cfg.augment_workers)
     parts, t0 = [], time.time()
-    for k in range(cfg.augment):
-        rng = np.random.default_rng([cfg.seed, 1, k])
-        copies = np.stack([augment_scan(v[0], rng)[None] for v in volumes])
-        parts.append(encode_dataset(ae, copies, ctx.device, cfg.bf16))
+    for k, copy in enumerate(copies):
+        parts.append(encode_dataset(ae, np.array(copy, np.float32), ctx.device, cfg.bf16))  # writable: copies may be memory-mapped
         if progress and ctx.is_main:
             print(f"augmented copy {k + 1}/{cfg.augment} of {len(rows)} scans encoded ({time.time() - t0:.0f} s)", flush=True)
     aug = np.concatenate(parts)
