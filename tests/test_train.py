@@ -453,9 +453,21 @@ def test_diffusion_training_takes_copies_made_beforehand(tmp_path):
         return np.load(tmp_path / name / "latents_aug2_seed1.npz")["latents"]
 
     made = np.concatenate(list(augment_copies(vols, 2, seed=1)))
-    np.testing.assert_array_equal(run("given", augmented=made), run("inside"))
+    made_latents = run("given", augmented=made)
+    np.testing.assert_array_equal(made_latents, run("inside"))
     with pytest.raises(ValueError, match="augmented holds 8 volumes; augment=2 copies of 8 scans make 16"):
         run("short", augmented=made[:8])
+    # other augmentation settings: other copies, cached under their own name (a run never mixes them up)
+    cfg = LDMTrainConfig(data_dir="", ae_run=str(tmp_path / "ae"), run_dir=str(tmp_path / "given"), steps=2,
+                         batch_size=2, bf16=False, unet=dict(TINY_UNET), augment=2, seed=1,
+                         augment_options={"max_log_gamma": 0.0})
+    train_diffusion(cfg, rows=rows, volumes=vols, progress=False)
+    plain = np.load(tmp_path / "given" / "latents_aug2_seed1_max_log_gamma0.npz")["latents"]
+    assert plain.shape == made_latents.shape and not np.allclose(plain, made_latents)
+    cfg.augment_options = {"max_gamma": 0.0}
+    cfg.run_dir = str(tmp_path / "typo")
+    with pytest.raises(TypeError, match="max_gamma"):
+        train_diffusion(cfg, rows=rows, volumes=vols, progress=False)
 
 
 def test_diffusion_training_with_augmented_copies_caches_them_and_resumes(tmp_path):

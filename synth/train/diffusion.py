@@ -72,6 +72,8 @@ class LDMTrainConfig:
     augment: int = 0
     # processes that make the augmented copies (synth.train.augment.augment_copies; the same copies for any number)
     augment_workers: int = 1
+    # AugmentConfig fields that differ from its defaults, e.g. {"max_log_gamma": 0.0} for no gamma change
+    augment_options: dict[str, float] = field(default_factory=dict)
     # A packaged model folder (or a diffusion run folder) whose UNet (EMA weights) starts a fresh run; its
     # UNet layout, covariates, their ranges and its latent scale are kept, so the model trains on as it was.
     init_from: str | None = None
@@ -175,7 +177,8 @@ def train_diffusion(cfg: LDMTrainConfig, *, progress: bool = True, rows: list[di
             encode the data); ``run_dir`` holds ``last.pt``, ``losses.csv`` and the latent cache.
         rows, volumes: Optional subject rows and (N, 1, X, Y, Z) volumes instead of ``data_dir``.
         augmented: Optional ``cfg.augment`` augmented copies of the volumes made beforehand, as
-            :func:`synth.train.augment.augment_copies` makes them for ``cfg.seed``, stacked:
+            :func:`synth.train.augment.augment_copies` makes them for ``cfg.seed`` and
+            ``cfg.augment_options``, stacked:
             (augment N, 1, X, Y, Z). Used when the run folder has not cached their latents yet.
     """
     from monai.networks.schedulers import DDPMScheduler
@@ -296,9 +299,11 @@ def _augmented_latents(cfg: LDMTrainConfig, run: Path, ae, rows: list[dict], vol
     """``cfg.augment`` augmented copies of every scan and their mirrors, encoded: (2 N augment, C, ...), in
     the order [copy 1, its mirrors, copy 2, ...]; cached in the run folder (the same seed gives the same copies)."""
     from ..io import atomic_path
-    from .augment import augment_copies
+    from .augment import AugmentConfig, augment_copies
 
-    cache = run / f"latents_aug{cfg.augment}_seed{cfg.seed}.npz"
+    options = AugmentConfig(**cfg.augment_options)  # a TypeError names an unknown field
+    tag = "".join(f"_{k}{v:g}" for k, v in sorted(cfg.augment_options.items()))
+    cache = run / f"latents_aug{cfg.augment}_seed{cfg.seed}{tag}.npz"
     if cache.is_file():
         aug = np.load(cache)["latents"]
         if len(aug) == 2 * len(rows) * cfg.augment:
@@ -311,7 +316,7 @@ def _augmented_latents(cfg: LDMTrainConfig, run: Path, ae, rows: list[dict], vol
     else:
         if volumes is None:
             volumes = np.stack([data.t1(r)[None] for r in rows]).astype(np.float32)
-        copies = augment_copies(volumes, cfg.augment, cfg.seed, workers=cfg.augment_workers)
+        copies = augment_copies(volumes, cfg.augment, cfg.seed, workers=cfg.augment_workers, cfg=options)
     parts, t0 = [], time.time()
     for k, copy in enumerate(copies):
         parts.append(encode_dataset(ae, np.array(copy, np.float32), ctx.device, cfg.bf16))  # writable: copies may be memory-mapped
