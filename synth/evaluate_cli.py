@@ -67,6 +67,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         if not isinstance(read_json(model_dir / "config.json").get("sampling", {}).get("fast"), dict):
             raise UsageError(f"--fast expects a model with a fast sampling preset (config sampling.fast); "
                              f"{model_dir.name} has none")
+    generate_options = {"fast": True} if args.fast else {}
+    if args.refiner is not None:
+        from .cohort import DEFAULT_MODEL  # light: torch is not imported yet
+        from .io import read_json
+
+        model_dir = _model_folder(args.model or DEFAULT_MODEL, "generator", "--model")
+        if isinstance(read_json(model_dir / "config.json").get("refiner"), dict):
+            generate_options["refine"] = args.refiner
+        elif args.refiner:
+            raise UsageError(f"--refiner expects a model with a refiner; {model_dir.name} has none")
+        # --no-refiner on a model without one changes nothing
     if args.segmenter != "none":
         _model_folder(args.segmenter, "segmenter", "--segmenter")
     elif args.match_volumes:
@@ -92,7 +103,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                        c2st_repeats=args.c2st_repeats,
                        segmenter=None if args.segmenter == "none" else args.segmenter,
                        splits=tuple(args.splits), cache_dir=args.cache, match_volumes=args.match_volumes,
-                       first_stage=not args.no_first_stage, generate_options={"fast": True} if args.fast else {})
+                       first_stage=not args.no_first_stage, generate_options=generate_options)
     results, arrays = run_evaluation(gen, data, load_features(features), opts, log=log)
     path = write_report(results, arrays, out)
     c, d = results["c2st"]["cnn"], results["distances"]
@@ -128,6 +139,9 @@ def add_parser(sub) -> None:
                    help="keep the generated brains in this folder (outside the repository) and reuse them in later runs")
     e.add_argument("--fast", action="store_true",
                    help="generate with the model's fast sampling preset (the viewer's 'fast' speed) instead of its default")
+    e.add_argument("--refiner", action=argparse.BooleanOptionalAction, default=None,
+                   help="generate with (--refiner) or without (--no-refiner) the model's refiner (default: as the model "
+                        "ships it); with --cache, --no-refiner reuses the unrefined brains a refined run cached")
     e.add_argument("--match-volumes", action="store_true",
                    help="warp the generated brains to their requested ventricle and hippocampus volumes before measuring "
                         "(synth.anatomy.match_volumes; the volume study then measures the warp)")

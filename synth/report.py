@@ -469,6 +469,7 @@ def run_evaluation(gen, data, features: R.FeatureModel, options: EvalOptions | N
         "generator": {"name": first.get("model"), "version": first.get("model_version"), "backend": getattr(gen, "backend", "?"),
                       "sampler": first.get("sampler"), "steps": first.get("steps"), "guidance_scale": first.get("guidance_scale"),
                       "precision": first.get("precision"), "device": first.get("device"),
+                      "refiner": first["refiner"].get("applied") if isinstance(first.get("refiner"), dict) else None,
                       "volume_matching": bool(o.match_volumes)},
         "features": {k: features.config.get(k) for k in ("name", "version", "channels", "pool", "input_shape", "training_steps",
                                                           "held_out", "weights_sha256")} | {"source": features.source},
@@ -818,6 +819,7 @@ def _markdown(res: dict) -> str:
          f"`synthbrain evaluate`, {res['date']}, SynthBrain {res['synth_version']}: {d['n_samples']} generated brains "
          f"(the ages and sexes of the {res['data']['n_heldout']} held-out subjects, {'+'.join(res['data']['heldout_splits'])}; "
          f"{g['sampler']}{steps}, guidance {g['guidance_scale']}, {g['precision']}, {g['device']}"
+         f"{'; refiner applied' if g.get('refiner') else '; refiner left out' if g.get('refiner') is False else ''}"
          f"{'; then warped to the requested ventricle and hippocampus volumes (synth.anatomy.match_volumes)' if g.get('volume_matching') else ''}) against those "
          f"subjects; {res['data']['n_train']} training subjects for the yardsticks and privacy. "
          f"{res['seconds']['total'] / 60:.1f} minutes on {res['hardware'].get('cpu', '?')} ({res['hardware'].get('cores', '?')} cores).", "",

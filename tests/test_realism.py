@@ -339,6 +339,7 @@ def test_evaluate_cli_end_to_end(prepared, features_dir, tiny_model_dir, tiny_se
         assert f"({fig['png']})" in md
     assert res["synthetic"] is True and "NOT FOR CLINICAL USE" in res["notice"] and "NOT FOR CLINICAL USE" in md
     assert res["provenance"]["model"] == "tiny-test-model" and res["provenance"]["history"][-1]["command"] == "evaluate"
+    assert res["generator"]["refiner"] is None and "refiner applied" not in md and "refiner left out" not in md  # it has none
     assert res["distances"]["n_samples"] == 10  # one per held-out subject (val + test)
     nums = [res["distances"]["samples"]["fid"], res["distances"]["yardstick"]["fid"], res["distances"]["samples"]["kid"]["mean"],
             res["c2st"]["cnn"]["accuracy"], res["brain_age"]["samples"]["mae"], res["diversity"]["samples_mean"],
@@ -433,13 +434,14 @@ def test_the_brain_cache_is_keyed_by_the_models_sampling_settings(tiny_generator
     (["--folds", "1"], "expected an integer >= 2"),
     (["--segmenter", "/nonexistent"], "segmenter"),
     (["--fast"], "fast sampling preset"),
+    (["--refiner"], "--refiner expects a model with a refiner; tiny-test-model has none"),
 ])
 def test_evaluate_cli_bad_input(prepared, features_dir, tiny_model_dir, tmp_path, capsys, args, message):
     from synth.cli import main
 
     base = {"--model": str(tiny_model_dir), "--data": str(prepared.root), "--out-dir": str(tmp_path / "r"),
             "--features": str(features_dir)}
-    flags = [a for a in args if a == "--fast"]  # flags without a value
+    flags = [a for a in args if a in ("--fast", "--refiner")]  # flags without a value
     args = [a for a in args if a not in flags]
     for k, v in zip(args[::2], args[1::2]):
         base[k] = v
