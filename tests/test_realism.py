@@ -400,6 +400,34 @@ def test_evaluate_cli_end_to_end(prepared, features_dir, tiny_model_dir, tiny_se
     assert not (tmp_path / "no").exists()
 
 
+def test_evaluate_with_and_without_the_refiner_shares_the_cached_brains(prepared, features_dir, tiny_model_dir, tmp_path):
+    """evaluate --no-refiner measures the model's brains before its refiner, the report says which, and a
+    refined run on the same cache reuses those brains (the cache keeps brains before the refiner)."""
+    from synth.cli import main
+    from synth.train.refiner import RefinerTrainConfig, package_refiner, train_refiner
+
+    train_refiner(RefinerTrainConfig(data_dir=str(prepared.root), model=str(tiny_model_dir), run_dir=str(tmp_path / "ref"),
+                                     steps=1, batch_size=2, crop=16, samples=2, refiner={"width": 4, "layers": 2},
+                                     discriminator={"spatial_dims": 3, "in_channels": 1, "out_channels": 1, "channels": 4,
+                                                    "num_layers_d": 2, "norm": "INSTANCE"}), progress=False)
+    model = package_refiner(tmp_path / "ref", tiny_model_dir, tmp_path / "with-refiner", version="0.0.1-test")
+    cache = tmp_path / "cache"
+    argv = ["evaluate", "--model", str(model), "--data", str(prepared.root), "--features", str(features_dir),
+            "--segmenter", "none", "--diversity-conditions", "1", "--diversity-seeds", "2", "--folds", "2",
+            "--c2st-steps", "5", "--c2st-repeats", "1", "--no-first-stage", "--cache", str(cache), "--quiet"]
+    assert main([*argv, "--no-refiner", "--out-dir", str(tmp_path / "plain")]) == 0
+    plain = json.loads((tmp_path / "plain" / "report.json").read_text())
+    assert plain["generator"]["refiner"] is False and plain["options"]["generate_options"] == {"refine": False}
+    assert "refiner left out" in (tmp_path / "plain" / "report.md").read_text()
+    brains = sorted(cache.glob("*.nii.gz"))
+    assert len(brains) == 12 and all("refine-False" in b.name for b in brains)  # 10 samples + 2 for diversity
+    assert main([*argv, "--out-dir", str(tmp_path / "refined")]) == 0  # as the model ships: refined
+    refined = json.loads((tmp_path / "refined" / "report.json").read_text())
+    assert refined["generator"]["refiner"] is True and "refiner applied" in (tmp_path / "refined" / "report.md").read_text()
+    assert sorted(cache.glob("*.nii.gz")) == brains  # the same brains, refined as they were loaded
+    assert refined["texture"]["sharpness_samples"] != plain["texture"]["sharpness_samples"]
+
+
 def test_the_brain_cache_is_keyed_by_the_models_sampling_settings(tiny_generator, tmp_path, monkeypatch):
     """A config edited under the same name and version (another default sampler, say) must not reuse
     the old brains (it did: a report measured fast-preset brains cached by an earlier run)."""
