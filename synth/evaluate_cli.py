@@ -59,21 +59,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     features = _model_folder(args.features, "feature network", "--features")
     if args.model and not Path(args.model).is_dir() and not (_models_root() / args.model).is_dir():
         raise UsageError(f"--model expects a model name or folder, got {args.model!r}")
-    if args.fast:
-        from .cohort import DEFAULT_MODEL  # light: torch is not imported yet
+    generate_options = {"fast": True} if args.fast else {}
+    if args.fast or args.refiner is not None:  # both are checked against the model's config (read once, no torch)
+        from .cohort import DEFAULT_MODEL
         from .io import read_json
 
         model_dir = _model_folder(args.model or DEFAULT_MODEL, "generator", "--model")
-        if not isinstance(read_json(model_dir / "config.json").get("sampling", {}).get("fast"), dict):
+        config = read_json(model_dir / "config.json")
+        if args.fast and not isinstance(config.get("sampling", {}).get("fast"), dict):
             raise UsageError(f"--fast expects a model with a fast sampling preset (config sampling.fast); "
                              f"{model_dir.name} has none")
-    generate_options = {"fast": True} if args.fast else {}
-    if args.refiner is not None:
-        from .cohort import DEFAULT_MODEL  # light: torch is not imported yet
-        from .io import read_json
-
-        model_dir = _model_folder(args.model or DEFAULT_MODEL, "generator", "--model")
-        if isinstance(read_json(model_dir / "config.json").get("refiner"), dict):
+        if args.refiner is not None and isinstance(config.get("refiner"), dict):
             generate_options["refine"] = args.refiner
         elif args.refiner:
             raise UsageError(f"--refiner expects a model with a refiner; {model_dir.name} has none")

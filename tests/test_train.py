@@ -468,6 +468,7 @@ def test_diffusion_training_takes_copies_made_beforehand(tmp_path):
     cfg.run_dir = str(tmp_path / "typo")
     with pytest.raises(TypeError, match="max_gamma"):
         train_diffusion(cfg, rows=rows, volumes=vols, progress=False)
+    assert not (tmp_path / "typo").exists()  # refused before anything was encoded or written
 
 
 def test_diffusion_training_with_augmented_copies_caches_them_and_resumes(tmp_path):

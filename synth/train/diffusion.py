@@ -184,6 +184,9 @@ def train_diffusion(cfg: LDMTrainConfig, *, progress: bool = True, rows: list[di
     from monai.networks.schedulers import DDPMScheduler
     from tqdm.auto import tqdm
 
+    from .augment import AugmentConfig
+
+    AugmentConfig(**cfg.augment_options)  # an unknown field fails here (TypeError), not after minutes of encoding
     ctx = setup_distributed()
     torch.manual_seed(cfg.seed + ctx.rank)
     cfg.bf16 = training_bf16(cfg.bf16, ctx.device)  # never emulated bf16
