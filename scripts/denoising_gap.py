@@ -21,38 +21,25 @@ out of the repository; the JSON holds figures only.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parent)]
+from _common import diagnosis_parser, load_model_and_data  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="synthbrain-ldm-2mm", help="a latent diffusion model (name or folder)")
-    p.add_argument("--data", default=str(Path.home() / ".cache/synthbrain/ixi-2mm"), help="prepared data (synthbrain prepare)")
+    p = diagnosis_parser(__doc__)
     p.add_argument("--draws", type=int, default=4, help="noise draws per latent and timestep")
     p.add_argument("--timesteps", type=int, nargs="+", default=None, help="training timesteps (default 10 25 50 100 200 400 700)")
-    p.add_argument("--out", required=True, help="JSON of the figures")
-    p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     if args.draws < 1:
         p.error(f"--draws must be at least 1, got {args.draws}")
 
-    import torch
-
-    import synth
-    from synth.data import PreparedData
     from synth.evaluate import GAP_TIMESTEPS, denoising_gap
     from synth.io import write_json
 
-    torch.set_num_threads(args.threads)
-    try:
-        data = PreparedData.load(args.data)
-    except FileNotFoundError as exc:
-        p.error(str(exc))
-    gen = synth.load_generator(args.model, device="cpu")
+    gen, data = load_model_and_data(p, args)
     try:
         res = denoising_gap(gen, data, tuple(args.timesteps or GAP_TIMESTEPS), args.draws)
     except ValueError as exc:

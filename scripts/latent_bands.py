@@ -21,14 +21,14 @@ latents are derived from IXI scans: keep the JSON (figures only) and never the l
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parent)]
+from _common import diagnosis_parser, load_model_and_data  # noqa: E402
 
 BANDS = ("low", "mid", "high")
 
@@ -49,32 +49,18 @@ def band_sd(z: np.ndarray, mean: np.ndarray, mask: np.ndarray) -> dict[str, list
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="synthbrain-ldm-2mm", help="a latent diffusion model (name or folder)")
-    p.add_argument("--data", default=str(Path.home() / ".cache/synthbrain/ixi-2mm"), help="prepared data (synthbrain prepare)")
+    p = diagnosis_parser(__doc__)
     p.add_argument("--n", type=int, default=12, help="samples (the first N held-out subjects' conditions)")
-    p.add_argument("--out", required=True, help="JSON of the figures")
-    p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     if args.n < 2:
         p.error(f"--n must be at least 2 (an SD across samples), got {args.n}")
 
-    import torch
     from scipy import ndimage
 
-    import synth
     from synth import report
-    from synth.data import PreparedData
     from synth.io import write_json
 
-    torch.set_num_threads(args.threads)
-    try:
-        data = PreparedData.load(args.data)
-    except FileNotFoundError as exc:
-        p.error(str(exc))
-    gen = synth.load_generator(args.model, device="cpu")
-    if not hasattr(gen, "sample_latent"):
-        p.error(f"{args.model} is not a latent diffusion model: its samples have no latents to compare")
+    gen, data = load_model_and_data(p, args)
     rows, real, masks = report.heldout_scans(data)
     scale = float(gen.config.latent_scale)
     t = time.perf_counter()

@@ -265,6 +265,10 @@ def main(argv=None) -> int:
     g.add_argument("--work", required=True)
     g.add_argument("--copies", type=int, required=True)
     args = p.parse_args(argv)
+    if getattr(args, "augment", 0) < 0:
+        p.error(f"--augment must be 0 (none) or a positive number of copies, got {args.augment}")
+    if getattr(args, "copies", 1) < 1:
+        p.error(f"--copies must be at least 1, got {args.copies}")
     if args.cmd == "pack":
         pack(args.data, args.out)
         return 0

@@ -1,6 +1,7 @@
 """Training steps lower the loss on tiny data made here; runs resume from their checkpoints."""
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -492,3 +493,20 @@ def test_diffusion_training_with_augmented_copies_caches_them_and_resumes(tmp_pa
     stamp = (tmp_path / "ldm" / "latents_aug2_seed0.npz").stat().st_mtime_ns
     assert train_diffusion(cfg, rows=rows, volumes=vols, progress=False)["step"] == 4
     assert (tmp_path / "ldm" / "latents_aug2_seed0.npz").stat().st_mtime_ns == stamp
+
+
+def test_gpu_script_refuses_a_negative_number_of_copies(tmp_path, capsys):
+    """scripts/train_gpu.py: ``--augment -1`` or ``augment --copies 0`` exit 2 with a one-line reason, before
+    anything is unpacked or started."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_gpu", Path(__file__).resolve().parents[1] / "scripts" / "train_gpu.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    run = ["run", "--pack", str(tmp_path / "pack.xz"), "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")]
+    for argv, word in ((run + ["--augment", "-1"], "--augment"), (["augment", "--work", str(tmp_path / "w"), "--copies", "0"], "--copies")):
+        with pytest.raises(SystemExit) as exc:
+            mod.main(argv)
+        assert exc.value.code == 2
+        assert word in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
