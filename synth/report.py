@@ -453,6 +453,11 @@ def run_evaluation(gen, data, features: R.FeatureModel, options: EvalOptions | N
                       "speckle_real": float(np.mean([R.speckle_fraction(x) for x in real])),
                       "note": "texture statistics: a blotchy texture can match them; not evidence of realism on their own"}
 
+    # 8. pose: generated brains should sit on the template as the registered scans do
+    ref_mask = np.mean([x > 0 for x in real], 0) > 0.5
+    res["pose"] = {"samples": R.pose_spread(s_imgs, ref_mask), "heldout_real": R.pose_spread(real, ref_mask),
+                   "reference": "majority brain mask of the held-out real scans"}
+
     first = samples[0].provenance
     carried = {k: first[k] for k in _prov.CARRIED_FIELDS if k in first and k not in ("seed", "condition", "created", "source")}
     prov = _prov.extend({**carried, "notice": SYNTHETIC_NOTICE, "synthetic": True, "history": list(first.get("history", []))},
@@ -808,6 +813,16 @@ def _first_stage_text(res: dict) -> list[str]:
     return [text, ""]
 
 
+def _pose_rows(res: dict) -> list[str]:
+    if "pose" not in res:  # reports written before the twelfth session of 2026-12-01
+        return []
+    s, r = res["pose"]["samples"], res["pose"]["heldout_real"]
+    sd = lambda p: " / ".join(f"{v:.2f}" for v in p["centre_sd_mm"])  # noqa: E731
+    return [f"| pose: SD of the brains' centres x / y / z (mm); Dice with the held-out majority mask, mean (min) | "
+            f"{sd(s)} mm; {s['dice_mean']:.3f} ({s['dice_min']:.3f}) | {sd(r)} mm; {r['dice_mean']:.3f} ({r['dice_min']:.3f}) "
+            "(held-out real) | a check: registered scans barely move; larger = brains drawn off the template |"]
+
+
 def _markdown(res: dict) -> str:
     g, d, c, a, dv, pv, tx = (res["generator"], res["distances"], res["c2st"], res["brain_age"], res["diversity"],
                               res["privacy"], res["texture"])
@@ -860,7 +875,8 @@ def _markdown(res: dict) -> str:
           f"{tx['intensity_distance_real_to_real']:.3f} (real to real) | not evidence of realism on its own |",
           *([f"| isolated dots: share of brain voxels more than 0.2 from their 3x3x3 median | {100 * tx['speckle_samples']:.3f} % | "
              f"{100 * tx['speckle_real']:.3f} % (held-out real) | an artefact check (adversarial networks draw such dots) |"]
-            if "speckle_samples" in tx else []), "",
+            if "speckle_samples" in tx else []),
+          *_pose_rows(res), "",
           "## Real beside generated", "", "![side by side](side_by_side.png)", "",
           "Held-out real subjects (left, IXI dataset, CC BY-SA 3.0) beside generated brains of the same age and sex "
           "(right), at the same axial, coronal and sagittal slices.", "",

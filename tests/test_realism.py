@@ -362,6 +362,11 @@ def test_evaluate_cli_end_to_end(prepared, features_dir, tiny_model_dir, tiny_se
     # the artefact check: phantoms with 5 % noise have isolated dots, the random-weight model's smooth samples fewer
     assert res["texture"]["speckle_real"] > 0 and 0 <= res["texture"]["speckle_samples"] <= 1
     assert "| isolated dots: share of brain voxels more than 0.2 from their 3x3x3 median |" in md
+    # the pose check: phantoms and samples placed, each against the held-out majority mask
+    for who in ("samples", "heldout_real"):
+        pose = res["pose"][who]
+        assert len(pose["centre_sd_mm"]) == 3 and 0 < pose["dice_min"] <= pose["dice_mean"] <= 1 and pose["n"] == 10
+    assert "| pose: SD of the brains' centres x / y / z (mm)" in md
     assert res["figures"]["realism"]["data"]["texture_fd"]["samples"] == pytest.approx(tex["samples"]["fid"])
     assert set(res["volumes"]["samples"]) == {"lateral_ventricles", "hippocampus", "brain"}
     # the segmenter on the reconstructions of the held-out scans: the volumes' first-stage ceiling
@@ -565,6 +570,29 @@ def test_speckle_fraction_counts_isolated_dots_not_edges():
     frac = speckle_fraction(dotted)
     assert 0 < frac <= 20 / (brain > 0).sum() * 1.5
     assert speckle_fraction(np.zeros((8, 8, 8), np.float32)) == 0
+
+
+def test_pose_spread_sees_moved_brains():
+    """Brains on the template have no centre spread and overlap the reference fully; shifted copies spread by
+    their shifts (in mm) and overlap less; a shape mismatch or an empty image is refused."""
+    from synth.realism import pose_spread
+
+    g = np.stack(np.meshgrid(*[np.linspace(-1, 1, 32)] * 3, indexing="ij"))
+    brain = ((g ** 2).sum(0) < 0.5).astype(np.float32) * 0.8
+    still = pose_spread([brain] * 4, brain > 0)
+    assert still["centre_sd_mm"] == pytest.approx([0, 0, 0]) and still["dice_mean"] == pytest.approx(1.0)
+    moved = [np.roll(brain, s, axis=1) for s in (-2, 0, 0, 2)]  # +-2 voxels along y
+    res = pose_spread(moved, brain > 0, voxel_mm=2.0)
+    assert res["centre_sd_mm"][0] == pytest.approx(0) and res["centre_sd_mm"][2] == pytest.approx(0)
+    assert res["centre_sd_mm"][1] == pytest.approx(np.std([-4, 0, 0, 4]))  # mm
+    assert res["centre_max_offset_mm"] == pytest.approx(4.0)
+    assert res["dice_min"] < res["dice_mean"] < 1.0
+    with pytest.raises(ValueError, match="reference mask's shape"):
+        pose_spread([brain, brain[:-1]], brain > 0)
+    with pytest.raises(ValueError, match="no voxel above"):
+        pose_spread([brain, np.zeros_like(brain)], brain > 0)
+    with pytest.raises(ValueError, match="at least 2 images"):
+        pose_spread([brain], brain > 0)
 
 
 def test_latent_bands_script(prepared, tiny_model_dir, tmp_path, capsys):
