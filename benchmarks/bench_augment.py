@@ -8,6 +8,11 @@ Scans: a smooth synthetic head on the 80 x 96 x 80 grid (the cost of ``augment_s
 not the content; no IXI data needed). Prints the CPU line, the median seconds of one ``augment_scan``,
 then ``--copies`` copies of ``--scans`` scans made serially (the baseline) and with ``--workers`` spawned
 processes (which pay for starting Python and sending the scans). Both give the same copies (tested).
+
+Measured 2026-12-01 on the 2-core Intel Xeon (avx512_bf16, no AMX), nothing else running, defaults: one scan
+0.325 s; 4 copies of 16 scans 20.8 s serially, 13.0 s with 2 workers (1.60x). With PyTorch held to its AVX2
+kernels (``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2``, as on a CPU without native bf16): 0.319 s,
+20.7 s and 13.0 s (1.59x); the work is SciPy's spline interpolation, which does not use those kernels.
 """
 
 from __future__ import annotations
