@@ -100,7 +100,8 @@ def augment_copies(volumes: np.ndarray, copies: int, seed: int = 0, workers: int
     in order, so the copies are the same whatever ``workers`` is. ``workers > 1`` makes that many copies at
     once in spawned processes (spawned, not forked, so torch's threads in the caller cannot hang them). One
     2 mm scan takes about 0.32 s; two workers make copies 1.6x as fast as one on a 2-core Xeon
-    (``benchmarks/bench_augment.py``, 2026-12-01, the same with PyTorch's AVX2 or native kernels). Each worker is sent the scans, so memory grows by about ``workers`` times their size.
+    (``benchmarks/bench_augment.py``, 2026-12-01, the same with PyTorch's AVX2 or native kernels). Each
+    worker is sent the scans, so memory grows by about ``workers`` times their size.
     """
     volumes = np.asarray(volumes, np.float32)
     if volumes.ndim != 5 or volumes.shape[1] != 1:
