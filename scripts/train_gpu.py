@@ -10,9 +10,9 @@ A lent GPU comes for minutes, not hours, and without the prepared data folder (1
 
    - ``ldm4``: AutoencoderKL (same layout as 0.3.x, so decoding costs the same on a CPU), 4 latent
      channels, adversarial patch loss; then the conditional diffusion UNet on its latents, and with
-     ``--augment K`` also on those of K augmented copies of every scan (default 0: on the CPU, augmented
-     fine-tunes of the shipped UNet narrowed its over-fitting but drew worse brains, LDM card "The prior is
-     over-fitted"). The copies are made on the CPU cores while the chains calibrate, so they cost the budget
+     ``--augment K`` also on those of K warped copies of every scan (default 0: on the CPU, no augmented
+     fine-tune of the shipped UNet drew clearly better brains, LDM card "The prior is over-fitted"; from
+     scratch it is untested, so train with and without it). The copies are made on the CPU cores while the chains calibrate, so they cost the budget
      nothing;
    - ``ldm8``: the same with 8 latent channels (measures whether a richer latent beats a simpler prior);
    - ``vq``: the VQ-VAE (initialised from the shipped LDM first stage, codebook by k-means, trained

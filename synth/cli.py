@@ -383,8 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="start from this model folder's (or diffusion run's) UNet, keeping its conditioning "
                                 "(when RUN has no checkpoint)")
             t.add_argument("--augment", type=_nonnegative_int, default=0,
-                           help="also train on this many augmented copies of each scan (small rotation, scale and smooth "
-                                "warp, gamma; each mirrored), encoded once and cached in RUN: against over-fitting few subjects")
+                           help="also train on this many augmented copies of each scan (a smooth warp of up to 1.5 voxels; no "
+                                "rotation, scale, shift or gamma, which drew brains off the template; each mirrored), "
+                                "encoded once and cached in RUN: against over-fitting few subjects")
         else:
             t.add_argument("--init-from", default=None,
                            help="start from this run's EMA weights or a model folder's autoencoder (when RUN has no checkpoint)")

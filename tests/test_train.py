@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from synth.train.autoencoder import AETrainConfig, train_autoencoder
-from synth.train.diffusion import LDMTrainConfig, train_diffusion
+from synth.train.diffusion import LDMTrainConfig, augmented_cache_name, train_diffusion
 
 TINY_AE = {
     "spatial_dims": 3, "in_channels": 1, "out_channels": 1, "latent_channels": 2, "channels": [8, 8],
@@ -419,6 +419,17 @@ def test_augment_scan_is_mild_deterministic_and_keeps_the_outside_empty():
     plain = augment_scan(ball, np.random.default_rng(3), AugmentConfig(max_log_gamma=0.0))
     assert abs(plain.sum() / ball.sum() - 1) < 0.12
     assert (plain[g.__abs__().max(0) > 0.85] == 0).all()  # far outside stays empty
+    # the defaults warp only: the intensities deep inside are untouched (no gamma) and the ball stays where it
+    # was (no rotation, scale or shift; registered scans hardly vary in pose), while the old settings move it
+    assert np.median(a[(g ** 2).sum(0) < 0.3 ** 2]) == pytest.approx(0.8, abs=1e-3)
+    old = AugmentConfig(max_rotation_deg=3, max_scale=0.03, max_shift=1, max_log_gamma=0.1)
+
+    def centre(x):
+        return (np.argwhere(x > 0.4) * 1.0).mean(0)
+
+    shifts = [np.abs(centre(augment_scan(ball, np.random.default_rng(k), c)) - centre(ball)).max()
+              for c in (AugmentConfig(), old) for k in range(4)]
+    assert max(shifts[:4]) < 0.5 * max(shifts[4:])
     off = AugmentConfig(max_rotation_deg=0, max_scale=0, max_shift=0, max_warp=0, max_log_gamma=0)
     np.testing.assert_allclose(augment_scan(ball, np.random.default_rng(0), off), ball, atol=1e-5)  # the identity
     with pytest.raises(ValueError, match=r"expects an \(X, Y, Z\) volume, got shape \(1, 32, 32, 32\)"):
@@ -451,7 +462,7 @@ def test_diffusion_training_takes_copies_made_beforehand(tmp_path):
         cfg = LDMTrainConfig(data_dir="", ae_run=str(tmp_path / "ae"), run_dir=str(tmp_path / name), steps=1,
                              batch_size=2, bf16=False, unet=dict(TINY_UNET), augment=2, seed=1)
         train_diffusion(cfg, rows=rows, volumes=vols, progress=False, **kw)
-        return np.load(tmp_path / name / "latents_aug2_seed1.npz")["latents"]
+        return np.load(tmp_path / name / augmented_cache_name(cfg))["latents"]
 
     made = np.concatenate(list(augment_copies(vols, 2, seed=1)))
     made_latents = run("given", augmented=made)
@@ -461,9 +472,12 @@ def test_diffusion_training_takes_copies_made_beforehand(tmp_path):
     # other augmentation settings: other copies, cached under their own name (a run never mixes them up)
     cfg = LDMTrainConfig(data_dir="", ae_run=str(tmp_path / "ae"), run_dir=str(tmp_path / "given"), steps=2,
                          batch_size=2, bf16=False, unet=dict(TINY_UNET), augment=2, seed=1,
-                         augment_options={"max_log_gamma": 0.0})
+                         augment_options={"max_log_gamma": 0.1})
     train_diffusion(cfg, rows=rows, volumes=vols, progress=False)
-    plain = np.load(tmp_path / "given" / "latents_aug2_seed1_max_log_gamma0.npz")["latents"]
+    gamma_name = augmented_cache_name(cfg)
+    assert gamma_name != augmented_cache_name(LDMTrainConfig("", "", "", augment=2, seed=1))
+    assert gamma_name == augmented_cache_name(LDMTrainConfig("", "", "", augment=2, seed=1, augment_options={"max_log_gamma": 0.1}))
+    plain = np.load(tmp_path / "given" / gamma_name)["latents"]
     assert plain.shape == made_latents.shape and not np.allclose(plain, made_latents)
     cfg.augment_options = {"max_gamma": 0.0}
     cfg.run_dir = str(tmp_path / "typo")
@@ -480,7 +494,7 @@ def test_diffusion_training_with_augmented_copies_caches_them_and_resumes(tmp_pa
                          batch_size=2, bf16=False, unet=dict(TINY_UNET), augment=2)
     first = train_diffusion(cfg, rows=rows, volumes=vols, progress=False)
     base = np.load(tmp_path / "ldm" / "latents.npz")["latents"]
-    aug = np.load(tmp_path / "ldm" / "latents_aug2_seed0.npz")["latents"]
+    aug = np.load(tmp_path / "ldm" / augmented_cache_name(cfg))["latents"]
     assert base.shape[0] == 16 and aug.shape == (32, *base.shape[1:])  # 2 copies x 8 scans x (scan, mirror)
     assert not np.allclose(aug[:16], base)  # the copies are new latents, not the scans again
     assert first["config"]["augment"] == 2
@@ -490,9 +504,10 @@ def test_diffusion_training_with_augmented_copies_caches_them_and_resumes(tmp_pa
                             rows=rows, volumes=vols, progress=False)
     assert first["model_config"]["latent_scale"] == pytest.approx(plain["model_config"]["latent_scale"])
     cfg.steps = 4  # resumes on the cached copies (volumes not needed again)
-    stamp = (tmp_path / "ldm" / "latents_aug2_seed0.npz").stat().st_mtime_ns
+    cache = tmp_path / "ldm" / augmented_cache_name(cfg)
+    stamp = cache.stat().st_mtime_ns
     assert train_diffusion(cfg, rows=rows, volumes=vols, progress=False)["step"] == 4
-    assert (tmp_path / "ldm" / "latents_aug2_seed0.npz").stat().st_mtime_ns == stamp
+    assert cache.stat().st_mtime_ns == stamp
 
 
 def test_gpu_script_refuses_a_negative_number_of_copies(tmp_path, capsys):

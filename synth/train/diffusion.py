@@ -25,7 +25,7 @@ from ..normative import NormativeModel
 from .common import (EMA, Checkpointer, LossLog, StepClock, autocast, is_model_folder, model_folder_weights,
                      resume_state, rng_state, setup_distributed, training_bf16)
 
-__all__ = ["LDMTrainConfig", "train_diffusion", "DEFAULT_UNET", "DEFAULT_COVARIATES", "encode_dataset", "covariate_matrix"]
+__all__ = ["LDMTrainConfig", "train_diffusion", "augmented_cache_name", "DEFAULT_UNET", "DEFAULT_COVARIATES", "encode_dataset", "covariate_matrix"]
 
 DEFAULT_COVARIATES = ["age", "sex", "brain", "lateral_ventricles", "hippocampus"]
 DEFAULT_UNET: dict[str, Any] = {
@@ -72,7 +72,7 @@ class LDMTrainConfig:
     augment: int = 0
     # processes that make the augmented copies (synth.train.augment.augment_copies; the same copies for any number)
     augment_workers: int = 1
-    # AugmentConfig fields that differ from its defaults, e.g. {"max_log_gamma": 0.0} for no gamma change
+    # AugmentConfig fields that differ from its defaults (which warp only), e.g. {"max_log_gamma": 0.1} for a gamma change
     augment_options: dict[str, float] = field(default_factory=dict)
     # A packaged model folder (or a diffusion run folder) whose UNet (EMA weights) starts a fresh run; its
     # UNet layout, covariates, their ranges and its latent scale are kept, so the model trains on as it was.
@@ -297,6 +297,19 @@ def train_diffusion(cfg: LDMTrainConfig, *, progress: bool = True, rows: list[di
     return final
 
 
+def augmented_cache_name(cfg: LDMTrainConfig) -> str:
+    """The file in the run folder that caches ``cfg``'s encoded augmented copies: named by the number of
+    copies, the seed and a hash of every augmentation setting as resolved (defaults included), so copies made
+    under other settings, or under other defaults, are never taken for these."""
+    import hashlib
+    import json
+
+    from .augment import AugmentConfig
+
+    settings = json.dumps(asdict(AugmentConfig(**cfg.augment_options)), sort_keys=True)
+    return f"latents_aug{cfg.augment}_seed{cfg.seed}_{hashlib.sha256(settings.encode()).hexdigest()[:10]}.npz"
+
+
 def _augmented_latents(cfg: LDMTrainConfig, run: Path, ae, rows: list[dict], volumes: np.ndarray | None,
                        augmented: np.ndarray | None, data, ctx, progress: bool) -> np.ndarray:
     """``cfg.augment`` augmented copies of every scan and their mirrors, encoded: (2 N augment, C, ...), in
@@ -305,8 +318,7 @@ def _augmented_latents(cfg: LDMTrainConfig, run: Path, ae, rows: list[dict], vol
     from .augment import AugmentConfig, augment_copies
 
     options = AugmentConfig(**cfg.augment_options)  # a TypeError names an unknown field
-    tag = "".join(f"_{k}{v:g}" for k, v in sorted(cfg.augment_options.items()))
-    cache = run / f"latents_aug{cfg.augment}_seed{cfg.seed}{tag}.npz"
+    cache = run / augmented_cache_name(cfg)
     if cache.is_file():
         aug = np.load(cache)["latents"]
         if len(aug) == 2 * len(rows) * cfg.augment:
