@@ -38,7 +38,6 @@ from .io import SYNTHETIC_NOTICE, atomic_path, read_json, sha256_file, verify_we
 
 __all__ = [
     "FEATURES_MODEL",
-    "pose_spread",
     "FeatureNet",
     "FeatureModel",
     "FeatureTrainConfig",
@@ -52,6 +51,7 @@ __all__ = [
     "c2st_logistic",
     "random_conv_features",
     "speckle_fraction",
+    "pose_spread",
     "brain_age",
     "ms_ssim_pairs",
     "nearest_training",

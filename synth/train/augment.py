@@ -15,8 +15,9 @@ than brains. :func:`augment_scan` makes new, plausible scans of the same person 
 Why the warp alone: the scans are registered to MNI, so their pose hardly varies (brain centres within
 0.2-0.4 mm SD). Fine-tunes of the default's UNet on copies that were also rotated (3 degrees), scaled (3 %) and
 shifted (1 voxel) drew brains 2-3x as spread in position, more varied than real ones and with ventricles
-19 % smaller than asked; the same fine-tune on warped copies alone drew brains placed as the scans are and
-measured better (LDM card, "The prior is over-fitted", twelfth session). Gamma made no difference.
+19 % smaller than asked; the same fine-tune on warped copies alone drew brains placed as the scans are, with
+the plain fine-tune's diversity and ventricles (LDM card, "The prior is over-fitted", twelfth session). Gamma
+made no difference.
 
 Resampled with cubic B-splines (linear interpolation would blur every copy), the background kept exactly 0.
 
