@@ -498,6 +498,14 @@ def test_diffusion_training_with_augmented_copies_caches_them_and_resumes(tmp_pa
     assert base.shape[0] == 16 and aug.shape == (32, *base.shape[1:])  # 2 copies x 8 scans x (scan, mirror)
     assert not np.allclose(aug[:16], base)  # the copies are new latents, not the scans again
     assert first["config"]["augment"] == 2
+    # the settings as resolved go with the run, and with a model packaged from it
+    assert first["model_config"]["augmentation"] == {"copies": 2, "max_rotation_deg": 0.0, "max_scale": 0.0, "max_shift": 0.0,
+                                                     "max_warp": 1.5, "warp_spacing": 16, "max_log_gamma": 0.0}
+    from synth.models.config import ModelConfig
+    from synth.train.package import package_model
+
+    folder = package_model(tmp_path / "ae", tmp_path / "ldm", tmp_path / "model", name="t", version="0")
+    assert "UNet 2 steps with 2 augmented copies a scan (max_warp 1.5, warp_spacing 16)" in ModelConfig.load(folder).reference
     # the latent scale is the scans' own, whatever the augmentation
     plain = train_diffusion(LDMTrainConfig(data_dir="", ae_run=str(tmp_path / "ae"), run_dir=str(tmp_path / "ldm0"),
                                            steps=1, batch_size=2, bf16=False, unet=dict(TINY_UNET)),

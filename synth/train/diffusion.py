@@ -256,6 +256,10 @@ def train_diffusion(cfg: LDMTrainConfig, *, progress: bool = True, rows: list[di
         "init_from": init.get("from"),
         **({"sampling": init["sampling"]} if init.get("sampling") else {}),
     }
+    if cfg.augment:  # the settings as resolved: the defaults changed once (2026-12-01), the record should not
+        from .augment import AugmentConfig
+
+        model_config["augmentation"] = {"copies": cfg.augment, **asdict(AugmentConfig(**cfg.augment_options))}
     log = LossLog(run / "losses.csv", ["loss", "lr"], resume_step=start) if ctx.is_main else None
     z_all = torch.from_numpy(latents * latent_scale)
     c_all = torch.from_numpy(cond)

@@ -68,6 +68,10 @@ def package_model(ae_run: str | Path, ldm_run: str | Path, out: str | Path, *, n
         if mc.get("sampling"):  # a run started from a packaged model keeps that model's sampling settings
             sampling = dict(mc["sampling"])
         unet_history = f"UNet {ldm_state['step']} steps" + (f" from {mc['init_from']}" if mc.get("init_from") else "")
+        if mc.get("augmentation"):
+            aug = mc["augmentation"]
+            unet_history += (f" with {aug['copies']} augmented copies a scan ("
+                             + ", ".join(f"{k} {v:g}" for k, v in aug.items() if k != "copies" and v) + ")")
     if steps is not None:
         sampling["steps"] = steps
     if guidance_scale is not None:
