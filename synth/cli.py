@@ -247,7 +247,8 @@ def _cmd_train_diffusion(args: argparse.Namespace) -> int:
 
     cfg = LDMTrainConfig(data_dir=args.data, ae_run=args.ae_run, run_dir=args.run, steps=args.steps,
                          batch_size=args.batch_size, lr=args.lr, bf16=not args.no_bf16, seed=args.seed,
-                         max_minutes=args.max_minutes, init_from=args.init_from, augment=args.augment)
+                         max_minutes=args.max_minutes, init_from=args.init_from, augment=args.augment,
+                         snap_every=args.snap_every)
     state = train_diffusion(cfg, progress=not args.quiet)
     print(f"diffusion UNet at step {state['step']} in {args.run}/last.pt")
     return 0
@@ -294,6 +295,14 @@ def _cmd_package_refiner(args: argparse.Namespace) -> int:
 
 
 def _cmd_package(args: argparse.Namespace) -> int:
+    from .train.defaults import is_model_folder  # light: no torch
+
+    if not (is_model_folder(args.ae_run) or (Path(args.ae_run) / "last.pt").is_file()):
+        raise UsageError(f"--ae-run expects an autoencoder run folder holding last.pt or a model folder, got {args.ae_run}")
+    ldm = Path(args.ldm_run)
+    if not (is_model_folder(ldm) or (ldm / "last.pt").is_file() or (ldm.suffix == ".pt" and ldm.is_file())):
+        raise UsageError(f"--ldm-run expects a diffusion run folder holding last.pt, one of its snapshots (.pt) or a "
+                         f"model folder, got {args.ldm_run}")
     from .train.package import package_model
 
     folder = package_model(args.ae_run, args.ldm_run, args.out, name=args.name, version=args.version,
@@ -386,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="also train on this many augmented copies of each scan (a smooth warp of up to 1.5 voxels; no "
                                 "rotation, scale, shift or gamma, which drew brains off the template; each mirrored), "
                                 "encoded once and cached in RUN: against over-fitting few subjects")
+            t.add_argument("--snap-every", type=_positive_int, default=None,
+                           help="keep the EMA weights every N steps in RUN/snaps/ (choose checkpoints by measuring "
+                                "samples; `synthbrain package --ldm-run RUN/snaps/step_N.pt` packages one)")
         else:
             t.add_argument("--init-from", default=None,
                            help="start from this run's EMA weights or a model folder's autoencoder (when RUN has no checkpoint)")
@@ -421,7 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("package", help="write a model folder (safetensors fp16 + config.json) from training runs")
     k.add_argument("--ae-run", required=True)
-    k.add_argument("--ldm-run", required=True)
+    k.add_argument("--ldm-run", required=True,
+                   help="diffusion run folder (its last.pt), one of its snapshots (RUN/snaps/step_N.pt) or a model folder")
     k.add_argument("--out", required=True)
     k.add_argument("--name", default=DEFAULT_MODEL)
     k.add_argument("--version", default="0.1.0")

@@ -108,6 +108,7 @@ def test_bad_arguments_one_line_exit_2_nothing_written(tiny_model_dir, tmp_path,
         (["diffusion", "--ae-run", "nope"], "--ae-run expects a training run folder holding last.pt or a model folder "
                                             "(config.json + autoencoder.safetensors), got nope"),
         (["diffusion", "--ae-run", "nope", "--augment", "-1"], "argument --augment: expected"),
+        (["diffusion", "--ae-run", "nope", "--snap-every", "0"], "argument --snap-every: expected a positive integer, got '0'"),
     ],
 )
 def test_bad_training_arguments_exit_2_before_any_run_folder(tmp_path, capsys, argv, message):
@@ -118,6 +119,24 @@ def test_bad_training_arguments_exit_2_before_any_run_folder(tmp_path, capsys, a
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("which", ["ae", "ldm", "snapshot"])
+def test_package_refuses_what_is_not_a_run_or_model_with_exit_2(tmp_path, capsys, which):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "last.pt").write_bytes(b"")
+    ae, ldm = str(tmp_path / "run"), str(tmp_path / "run")
+    if which == "ae":
+        ae = str(tmp_path / "nope")
+    elif which == "ldm":
+        ldm = str(tmp_path / "nope")
+    else:
+        ldm = str(tmp_path / "run" / "snaps" / "step_000100.pt")  # a snapshot that was never kept
+    code = main(["package", "--ae-run", ae, "--ldm-run", ldm, "--out", str(tmp_path / "model")])
+    err = capsys.readouterr().err
+    flag = "--ae-run" if which == "ae" else "--ldm-run"
+    assert code == 2 and err.count("\n") == 1 and f"{flag} expects" in err and err.rstrip().endswith(ae if which == "ae" else ldm)
+    assert not (tmp_path / "model").exists()
 
 
 def test_train_autoencoder_architecture_and_adversarial_flags_reach_the_run(tmp_path):

@@ -113,10 +113,26 @@ def test_packaged_model_generates(tmp_path):
     ae = dict(TINY_AE, channels=[4, 4, 4], attention_levels=[False] * 3)
     train_autoencoder(AETrainConfig(data_dir="", run_dir=str(tmp_path / "ae"), steps=2, bf16=False,
                                     autoencoder=ae), volumes=vols, progress=False)
-    train_diffusion(LDMTrainConfig(data_dir="", ae_run=str(tmp_path / "ae"), run_dir=str(tmp_path / "ldm"),
-                                   steps=2, batch_size=2, bf16=False, unet=dict(TINY_UNET)),
-                    rows=rows, volumes=vols, progress=False)
+    final = train_diffusion(LDMTrainConfig(data_dir="", ae_run=str(tmp_path / "ae"), run_dir=str(tmp_path / "ldm"),
+                                           steps=2, batch_size=2, bf16=False, unet=dict(TINY_UNET), snap_every=1),
+                            rows=rows, volumes=vols, progress=False)
     folder = package_model(tmp_path / "ae", tmp_path / "ldm", tmp_path / "model", name="t", version="0", steps=2)
+    # every snap_every steps the EMA weights are kept, and a snapshot packages like the run's last.pt
+    assert sorted(p.name for p in (tmp_path / "ldm" / "snaps").iterdir()) == ["step_000001.pt", "step_000002.pt"]
+    last_snap = torch.load(tmp_path / "ldm" / "snaps" / "step_000002.pt", weights_only=False)
+    assert last_snap["step"] == 2 and "optimizer" not in last_snap
+    assert all(torch.equal(last_snap["ema_state_dict"][k], v) for k, v in final["ema_state_dict"].items())
+    early = package_model(tmp_path / "ae", tmp_path / "ldm" / "snaps" / "step_000001.pt", tmp_path / "early",
+                          name="t", version="0", steps=2)
+    from synth.io import read_json
+    from safetensors.torch import load_file
+
+    assert ", UNet 1 steps" in read_json(early / "config.json")["reference"]
+    assert ", UNet 2 steps" in read_json(folder / "config.json")["reference"]
+    first_snap = torch.load(tmp_path / "ldm" / "snaps" / "step_000001.pt", weights_only=False)
+    packed = load_file(str(early / "unet.safetensors"))
+    assert all(torch.equal(packed[k], v.to(packed[k].dtype)) for k, v in first_snap["ema_state_dict"].items())
+    assert any(not torch.equal(first_snap["ema_state_dict"][k], v) for k, v in last_snap["ema_state_dict"].items())
     gen = synth.load_generator(folder, device="cpu")
     brain = gen.generate(synth.Condition(age=50, sex="F"), seed=0, bf16=False)
     assert brain.image.shape == (80, 96, 80)
@@ -276,6 +292,8 @@ def test_decoder_adversarial_fine_tune_on_crops_and_sampled_latents(tmp_path):
     AETrainConfig(data_dir="", run_dir="", disc_crop=16, discriminator=dict(TINY_DISC))  # 2 layers: 16 is enough
     with pytest.raises(ValueError, match="`snap_every` must be at least 1"):
         AETrainConfig(data_dir="", run_dir="", snap_every=0)
+    with pytest.raises(ValueError, match="`snap_every` must be at least 1"):
+        LDMTrainConfig(data_dir="", ae_run="", run_dir="", snap_every=0)
 
 
 def test_adversarial_settings_are_checked():

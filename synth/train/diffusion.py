@@ -62,6 +62,8 @@ class LDMTrainConfig:
     seed: int = 0
     ckpt_every: int = 100
     max_minutes: float | None = None
+    # keep the EMA weights every N steps in snaps/step_NNNNNN.pt (choose checkpoints by measuring samples)
+    snap_every: int | None = None
     # Multiplies the latent scale 1/std (Rombach et al. 2022's scale factor): 1 trains on unit-variance
     # latents; other values change the signal-to-noise ratio of every noise level (a tuning knob).
     latent_scale_factor: float = 1.0
@@ -80,6 +82,10 @@ class LDMTrainConfig:
     covariates: list[str] = field(default_factory=lambda: list(DEFAULT_COVARIATES))
     unet: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_UNET))
     scheduler: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_SCHEDULER))
+
+    def __post_init__(self):
+        if self.snap_every is not None and self.snap_every < 1:
+            raise ValueError(f"`snap_every` must be at least 1, got {self.snap_every}")
 
 
 def covariate_matrix(rows: list[dict], covariates: list[str], ranges: dict[str, list[float]]) -> np.ndarray:
@@ -292,6 +298,12 @@ def train_diffusion(cfg: LDMTrainConfig, *, progress: bool = True, rows: list[di
         save, out_of_time = clock.after(step)
         if ctx.is_main and save:
             ckpt.save({**_state(unet, ema, opt, step + 1, cfg, model_config), "rng": rng_state(rng)})
+        if ctx.is_main and cfg.snap_every and (step + 1) % cfg.snap_every == 0:
+            from ..io import atomic_path
+
+            with atomic_path(run / "snaps" / f"step_{step + 1:06d}.pt") as tmp:
+                torch.save({"ema_state_dict": ema.model.state_dict(), "step": step + 1, "config": asdict(cfg),
+                            "model_config": model_config}, tmp)
         if out_of_time:
             break
     if log:

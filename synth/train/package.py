@@ -45,7 +45,8 @@ def package_model(ae_run: str | Path, ldm_run: str | Path, out: str | Path, *, n
     """Write ``out/{config.json, autoencoder.safetensors, unet.safetensors}`` from the EMA weights.
 
     ``ae_run`` and ``ldm_run`` are training run folders or packaged model folders (a decoder fine-tune
-    packaged with a shipped UNet, say). Sampling settings: ``steps`` and ``guidance_scale`` where
+    packaged with a shipped UNet, say); ``ldm_run`` may also be a snapshot ``.pt`` that
+    ``train-diffusion --snap-every`` kept. Sampling settings: ``steps`` and ``guidance_scale`` where
     given, else those of a packaged ``ldm_run`` or of the packaged model a run was started from
     (``--init-from``; presets too), else 20 steps and guidance 1.0.
     """
@@ -62,8 +63,9 @@ def package_model(ae_run: str | Path, ldm_run: str | Path, out: str | Path, *, n
         ldm_state = {"ema_state_dict": weights, "model_config": mc}
         sampling = dict(config.sampling)
         unet_history = f"UNet of {config.name} {config.version}"
-    else:
-        ldm_state = torch.load(Path(ldm_run) / "last.pt", map_location="cpu", weights_only=False)
+    else:  # a run folder (its last.pt) or one of its snapshots (snaps/step_NNNNNN.pt)
+        path = Path(ldm_run) if Path(ldm_run).suffix == ".pt" else Path(ldm_run) / "last.pt"
+        ldm_state = torch.load(path, map_location="cpu", weights_only=False)
         mc = ldm_state["model_config"]
         if mc.get("sampling"):  # a run started from a packaged model keeps that model's sampling settings
             sampling = dict(mc["sampling"])
