@@ -203,3 +203,41 @@ def test_segmenter_follows_the_same_precision_helper(monkeypatch):
     assert make(bf16=True).precision == "bf16" and make(bf16=True).bf16 is True
     monkeypatch.setenv("SYNTHBRAIN_PRECISION", "fp32")
     assert make().bf16 is False
+
+
+_KEEP_CODE = """
+import hashlib, sys
+import numpy as np
+import synth
+from synth.runtime import keep_freed_memory
+
+def rss_mb():
+    return int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20
+
+gen = synth.load_generator(sys.argv[1], device='cpu')  # the generators call keep_freed_memory()
+kept = keep_freed_memory()
+before = rss_mb()
+block = np.ones(64 * 2**20 // 8)  # 64 MB, every page touched
+del block
+after = rss_mb()
+brain = gen.generate(synth.Condition(age=60, sex='F'), seed=5, threads=1)
+print(kept, round(after - before), hashlib.sha256(brain.image.tobytes()).hexdigest())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings: Linux only")
+def test_freed_memory_is_kept_for_reuse_unless_switched_off_and_brains_are_the_same(tiny_model_dir):
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("not glibc")
+    runs = {}
+    for setting in ("1", "0"):
+        env = {**os.environ, "SYNTHBRAIN_KEEP_MEMORY": setting}
+        out = subprocess.run([sys.executable, "-c", _KEEP_CODE, str(tiny_model_dir)], env=env, capture_output=True,
+                             text=True, check=True).stdout.split()
+        runs[setting] = (out[0], int(out[1]), out[2])
+    assert runs["1"][0] == "True" and runs["0"][0] == "False"
+    assert runs["1"][1] >= 60  # a freed 64 MB block stays in the process, ready for the next activation
+    assert runs["0"][1] <= 8  # glibc's default: unmapped at once
+    assert runs["1"][2] == runs["0"][2]  # the same brain, bit for bit

@@ -158,8 +158,9 @@ class Segmenter:
         self.device = _parse_device(device)
         self.network = network.to(self.device).eval()  # no_grad at inference; weights stay trainable
         self.flip_tta = bool(flip_tta)
-        from ..runtime import resolve_precision
+        from ..runtime import keep_freed_memory, resolve_precision
 
+        keep_freed_memory()  # activations reused, not refaulted
         if bf16 is not None and precision is None:
             precision = "bf16" if bf16 else "fp32"
         self.precision = resolve_precision(precision, self.device)

@@ -36,8 +36,12 @@ class DistContext:
 def setup_distributed(device: str = "auto") -> DistContext:
     """Initialise DDP when launched by ``torchrun`` (``WORLD_SIZE`` > 1), else a single process.
 
-    One process per GPU on CUDA (NCCL); gloo on CPU.
+    One process per GPU on CUDA (NCCL); gloo on CPU. Freed activations stay in the process for the
+    next step (:func:`synth.runtime.keep_freed_memory`).
     """
+    from ..runtime import keep_freed_memory
+
+    keep_freed_memory()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))

@@ -15,6 +15,7 @@ from ..generators import ProgressFn, encode_covariates, pick_device
 from ..grid import Grid
 from ..io import SYNTHETIC_NOTICE
 from ..normative import NormativeModel, target_volumes
+from ..runtime import keep_freed_memory
 from ..version import __version__
 from ..models.refiner import Refiner, RefinerMixin, load_refiner
 from .config import VQModelConfig
@@ -84,6 +85,7 @@ class VQBrainGenerator(RefinerMixin):
                  source: str = "", refiner: Refiner | None = None):
         self.config = config
         self.device = pick_device(device)
+        keep_freed_memory()  # activations reused, not refaulted (synth.runtime)
         self.vqvae = vqvae.to(self.device).eval().requires_grad_(False)
         self.transformer = transformer.to(self.device).eval().requires_grad_(False)
         self.source = source
