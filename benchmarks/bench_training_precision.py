@@ -13,6 +13,11 @@ do them, with random data of the shipped shapes:
   unet          the shipped ``DiffusionModelUNet``, a batch of 8 latents 20 x 24 x 20 with the condition
                 as context (epsilon MSE), AdamW
 
+Memory: the trainers keep freed memory in the process (:func:`synth.runtime.keep_freed_memory`, from
+2026-12-01). The float32 steps are also timed in a child process with ``SYNTHBRAIN_KEEP_MEMORY=0``
+(glibc's default, which unmaps every freed block over 32 MB: the baseline for that setting), in the
+same run.
+
 bf16 runs only where it is native (emulated bf16 is about a hundred times slower and is skipped, said
 so). Prints the CPU, its kernels, native bf16 and AMX, then the median of ``--repeats`` steps after one
 warm-up step for each path, and float32's speed-up over bf16.
@@ -35,17 +40,31 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--model", default=str(ROOT / "assets" / "models" / "synthbrain-ldm-2mm"))
+    p.add_argument("--fp32-only", action="store_true", help=argparse.SUPPRESS)  # the child: float32 times as JSON
     args = p.parse_args(argv)
+
+    import json
+    import os
+    import subprocess
 
     import torch
 
     from synth.models.config import ModelConfig
     from synth.models.networks import build_autoencoder, build_unet, latent_mean
-    from synth.runtime import cpu_description, native_bf16, resolve_precision
+    from synth.runtime import cpu_description, keep_freed_memory, native_bf16, resolve_precision
 
     torch.set_num_threads(args.threads)
+    kept = keep_freed_memory()  # as the trainers do (setup_distributed); a no-op with SYNTHBRAIN_KEEP_MEMORY=0
+    returned = None
+    if not args.fp32_only:
+        child = [sys.executable, __file__, "--fp32-only", "--threads", str(args.threads), "--repeats", str(args.repeats),
+                 "--model", args.model]
+        out = subprocess.run(child, capture_output=True, text=True, check=True,
+                             env={**os.environ, "SYNTHBRAIN_KEEP_MEMORY": "0"}).stdout.strip().splitlines()[-1]
+        returned = json.loads(out)
     cpu = cpu_description()
-    print(f"machine: {cpu['cpu']}, {cpu['cores']} cores; PyTorch {cpu['torch']} kernels {cpu['capability']}; "
+    if not args.fp32_only:
+        print(f"machine: {cpu['cpu']}, {cpu['cores']} cores; PyTorch {cpu['torch']} kernels {cpu['capability']}; "
           f"native bf16 {'yes' if cpu['native_bf16'] else 'no'}; AMX {'yes' if cpu['amx'] else 'no'}; "
           f"auto now trains in {resolve_precision('auto', 'cpu')}; {args.threads} threads; date {time.strftime('%Y-%m-%d')}")
     cfg = ModelConfig.load(args.model)
@@ -102,17 +121,21 @@ def main(argv=None) -> int:
             times.append(time.perf_counter() - t0)
         return statistics.median(times)
 
+    steps = (("autoencoder", lambda: autoencoder_step(False)), ("decoder-only", lambda: autoencoder_step(True)),
+             ("unet", unet_step))
+    if args.fp32_only:
+        print(json.dumps({name: timed(make(), False) for name, make in steps}))
+        return 0
     paths = [False, True] if native_bf16("cpu") else [False]
     if not native_bf16("cpu"):
         print("bf16 is emulated on this CPU (about a hundred times slower): float32 only")
-    print(f"{'step':14s} {'float32':>9s} {'bf16 (baseline)':>16s} {'float32 speed-up':>17s}")
-    for name, make in (("autoencoder", lambda: autoencoder_step(False)), ("decoder-only", lambda: autoencoder_step(True)),
-                       ("unet", unet_step)):
+    print(f"freed memory kept in the process: {'yes' if kept else 'no (SYNTHBRAIN_KEEP_MEMORY=0 or not glibc)'}")
+    print(f"{'step':14s} {'float32':>9s} {'bf16 (baseline)':>16s} {'float32 speed-up':>17s} "
+          f"{'float32, memory returned':>25s} {'keeping it':>11s}")
+    for name, make in steps:
         s = {bf16: timed(make(), bf16) for bf16 in paths}
-        if True in s:
-            print(f"{name:14s} {s[False]:8.2f}s {s[True]:15.2f}s {s[True] / s[False]:16.2f}x", flush=True)
-        else:
-            print(f"{name:14s} {s[False]:8.2f}s {'skipped':>16s}", flush=True)
+        bf = f"{s[True]:15.2f}s {s[True] / s[False]:16.2f}x" if True in s else f"{'skipped':>16s} {'':>17s}"
+        print(f"{name:14s} {s[False]:8.2f}s {bf} {returned[name]:24.2f}s {returned[name] / s[False]:10.2f}x", flush=True)
     return 0
 
 
