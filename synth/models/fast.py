@@ -13,8 +13,8 @@ upsampling convolutions are 57 % of its work at 2 mm, and the decoder takes a th
 formulas are one transposed convolution with stride 2, padding 1 and the 4 taps ``w[1]``,
 ``w[0] + w[1]``, ``w[-1] + w[0]``, ``w[-1]``, which is how it runs: oneDNN writes the interleaved output
 in one pass. (Until 2026-12-01 it ran as eight 2x2x2 convolutions, one per output parity, written by
-strided copies; on 2 AVX2 cores the 32-channel upsampling to 80 x 96 x 80 took 0.135 s that way against
-0.102 s as one transposed convolution.)
+strided copies; on 2 AVX2 cores the 32-channel upsampling to 80 x 96 x 80 took 0.109 s that way against
+0.075 s as one transposed convolution: ``benchmarks/bench_convs.py``.)
 
 :class:`OneDNNConv3d` sends a float32 CPU 3D convolution to oneDNN whatever its size. PyTorch's own
 choice (``ConvParams::use_mkldnn``) keeps a batch of one with a 3x3x3 kernel on its slow reference
