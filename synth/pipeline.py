@@ -76,7 +76,7 @@ class BrainGenerator(RefinerMixin):
     def __init__(self, config: ModelConfig, autoencoder, unet, *, device="auto", source: str = "", refiner=None):
         self.config = config
         self.device = pick_device(device)
-        keep_freed_memory()  # activations reused, not refaulted: the decoder 1.7x faster on 2 AVX2 cores
+        keep_freed_memory()  # activations reused, not refaulted (synth.runtime)
         self.autoencoder = autoencoder.to(self.device).eval().requires_grad_(False)
         self.unet = unet.to(self.device).eval().requires_grad_(False)
         _use_fused_attention(self.unet)

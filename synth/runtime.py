@@ -116,10 +116,10 @@ def keep_freed_memory() -> bool:
     decoder makes a dozen such activations a brain (32 channels at 80 x 96 x 80 is 78 MB), and the faults
     cost more than the arithmetic: on a 2-core AMD EPYC (Zen 3, AVX2) a SiLU over one of them took 51 ms
     against 12 ms in place, and a fast-preset brain 2.65 s against 2.13 s with this setting
-    (``benchmarks/bench_generate.py``; training steps: ``benchmarks/bench_training_precision.py``). This serves large blocks from the heap
-    (``M_MMAP_MAX`` 0) and keeps up to 1 GiB of freed memory there (``M_TRIM_THRESHOLD``), so it is reused
-    without faults. The numbers computed are the same, bit for bit; the process holds its peak memory a
-    little longer.
+    (``benchmarks/bench_generate.py``; training steps: ``benchmarks/bench_training_precision.py``). This
+    serves large blocks from the heap (``M_MMAP_MAX`` 0) and keeps up to 1 GiB of freed memory there
+    (``M_TRIM_THRESHOLD``), so it is reused without faults. The numbers computed are the same, bit for
+    bit; the process holds its peak memory a little longer.
 
     Process-wide and idempotent; done by the generators, the segmenter and the training entry points.
     Nothing happens outside Linux with glibc, or with ``SYNTHBRAIN_KEEP_MEMORY=0`` in the environment.
