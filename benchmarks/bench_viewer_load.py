@@ -286,12 +286,20 @@ def soak(model: str | Path | None, n: int = 200, every: int = 20, segmenter: str
     }
 
 
-def _tiny_models() -> tuple[Path, dict]:
+def _tiny_models(seconds_per_brain: float | None = None) -> tuple[Path, dict]:
+    """A models folder with a tiny generator (and a tiny segmenter when the anatomy extra is installed).
+
+    With ``seconds_per_brain``, the generator's default step count is raised, measured on this
+    machine, until one brain takes about that long: a tiny brain otherwise takes milliseconds, and
+    a second session's click would then arrive after the first brain is done, with no queue to see.
+    """
     from synth import Grid
     from synth.testing import make_tiny_model
 
     root = Path(tempfile.mkdtemp(prefix="synthbrain-load-models-"))
     make_tiny_model(root / "tiny-test-model")
+    if seconds_per_brain:
+        _slow_down(root / "tiny-test-model", seconds_per_brain)
     env = {}
     try:
         from synth.anatomy.testing import make_tiny_segmenter
@@ -301,6 +309,24 @@ def _tiny_models() -> tuple[Path, dict]:
         make_tiny_segmenter(root / "tiny-test-segmenter", Grid((32, 32, 32), 2.0, (-31.0, -31.0, -31.0)), steps=5)
         env["SYNTHBRAIN_SEGMENTER"] = "tiny-test-segmenter"
     return root, env
+
+
+def _slow_down(folder: Path, seconds: float, probe_steps: int = 20) -> int:
+    """Set ``folder``'s default sampling steps so that one brain takes about ``seconds`` here; returns them."""
+    import synth
+
+    gen = synth.load_generator(folder, device="cpu")
+    condition = synth.Condition(50, "F", "CN")
+    gen.generate(condition, seed=0, steps=probe_steps)  # warm-up
+    t = time.perf_counter()
+    gen.generate(condition, seed=1, steps=probe_steps)
+    per_step = (time.perf_counter() - t) / probe_steps
+    steps = int(min(5000, max(probe_steps, seconds / max(per_step, 1e-4))))
+    cfg_path = folder / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["sampling"]["steps"] = steps
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    return steps
 
 
 def main() -> int:
@@ -319,7 +345,7 @@ def main() -> int:
     report = {"cpu": cpu, "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "load_average_at_start": os.getloadavg()}
     models, env = (args.models, {})
     if args.tiny:
-        models, env = _tiny_models()
+        models, env = _tiny_models(seconds_per_brain=4.0 if args.sessions else None)
     if args.sessions:
         report["load"] = load_test(models, args.sessions, env)
         print(json.dumps(report["load"], indent=2))

@@ -28,7 +28,7 @@ def _bench():
 
 def test_concurrent_sessions_each_get_their_own_brain_and_their_place_in_the_queue():
     bench = _bench()
-    models, env = bench._tiny_models()
+    models, env = bench._tiny_models(seconds_per_brain=4.0)  # long enough for the second click to queue
     out = bench.load_test(models, sessions=2, env=env, timeout_s=240)
     assert out["finished"] == 2, out["errors"]
     assert out["own_seed_everywhere"] and out["distinct_images"], out
