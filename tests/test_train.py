@@ -491,11 +491,21 @@ def test_diffusion_training_takes_copies_made_beforehand(tmp_path):
     cfg = LDMTrainConfig(data_dir="", ae_run=str(tmp_path / "ae"), run_dir=str(tmp_path / "given"), steps=2,
                          batch_size=2, bf16=False, unet=dict(TINY_UNET), augment=2, seed=1,
                          augment_options={"max_log_gamma": 0.1})
-    train_diffusion(cfg, rows=rows, volumes=vols, progress=False)
     gamma_name = augmented_cache_name(cfg)
     assert gamma_name != augmented_cache_name(LDMTrainConfig("", "", "", augment=2, seed=1))
     assert gamma_name == augmented_cache_name(LDMTrainConfig("", "", "", augment=2, seed=1, augment_options={"max_log_gamma": 0.1}))
-    plain = np.load(tmp_path / "given" / gamma_name)["latents"]
+    # ... and a run trained on one kind of copies does not resume on another, nor on none
+    with pytest.raises(ValueError, match=r"trained with augment=2 with \{.*'max_log_gamma': 0.0.*resuming it with augment=2 "
+                                         r"with \{.*'max_log_gamma': 0.1"):
+        train_diffusion(cfg, rows=rows, volumes=vols, progress=False)
+    assert not (tmp_path / "given" / gamma_name).exists()  # refused before any copy was made or encoded
+    with pytest.raises(ValueError, match="resuming it with no augmentation"):
+        train_diffusion(LDMTrainConfig(data_dir="", ae_run=str(tmp_path / "ae"), run_dir=str(tmp_path / "given"), steps=2,
+                                       batch_size=2, bf16=False, unet=dict(TINY_UNET), seed=1), rows=rows, volumes=vols,
+                        progress=False)
+    cfg.run_dir = str(tmp_path / "gamma")
+    train_diffusion(cfg, rows=rows, volumes=vols, progress=False)
+    plain = np.load(tmp_path / "gamma" / gamma_name)["latents"]
     assert plain.shape == made_latents.shape and not np.allclose(plain, made_latents)
     cfg.augment_options = {"max_gamma": 0.0}
     cfg.run_dir = str(tmp_path / "typo")
@@ -534,6 +544,13 @@ def test_diffusion_training_with_augmented_copies_caches_them_and_resumes(tmp_pa
     stamp = cache.stat().st_mtime_ns
     assert train_diffusion(cfg, rows=rows, volumes=vols, progress=False)["step"] == 4
     assert cache.stat().st_mtime_ns == stamp
+    # a checkpoint from before the settings were recorded resumes, with a warning that says it is unchecked
+    state = torch.load(tmp_path / "ldm" / "last.pt", weights_only=False)
+    del state["model_config"]["augmentation"]
+    torch.save(state, tmp_path / "ldm" / "last.pt")
+    cfg.steps = 5
+    with pytest.warns(UserWarning, match="predates the record of its augmentation settings"):
+        assert train_diffusion(cfg, rows=rows, volumes=vols, progress=False)["step"] == 5
 
 
 def test_gpu_script_refuses_a_negative_number_of_copies(tmp_path, capsys):

@@ -199,6 +199,10 @@ def train_diffusion(cfg: LDMTrainConfig, *, progress: bool = True, rows: list[di
     rng = np.random.default_rng(cfg.seed + ctx.rank)
     run = Path(cfg.run_dir)
     run.mkdir(parents=True, exist_ok=True)
+    ckpt = Checkpointer(run)
+    state = ckpt.resume()
+    if state is not None:  # before minutes of encoding: a resumed run must train on the copies it started on
+        _check_same_augmentation(state, cfg, run)
     ae, ae_kwargs = load_autoencoder_run(cfg.ae_run, ctx.device)
 
     data = None
@@ -244,9 +248,7 @@ def train_diffusion(cfg: LDMTrainConfig, *, progress: bool = True, rows: list[di
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = DDPMScheduler(**{k: v for k, v in cfg.scheduler.items()})
     alphas = sched.alphas_cumprod.to(ctx.device)
-    ckpt = Checkpointer(run)
     start = 0
-    state = ckpt.resume()
     if state is not None:
         start, rng = resume_state(state, {"state_dict": unet, "ema_state_dict": ema.model, "optimizer": opt}, rng,
                                   cfg.seed + ctx.rank, ctx.world_size)
@@ -263,9 +265,7 @@ def train_diffusion(cfg: LDMTrainConfig, *, progress: bool = True, rows: list[di
         **({"sampling": init["sampling"]} if init.get("sampling") else {}),
     }
     if cfg.augment:  # the settings as resolved: the defaults changed once (2026-12-01), the record should not
-        from .augment import AugmentConfig
-
-        model_config["augmentation"] = {"copies": cfg.augment, **asdict(AugmentConfig(**cfg.augment_options))}
+        model_config["augmentation"] = _resolved_augmentation(cfg)
     log = LossLog(run / "losses.csv", ["loss", "lr"], resume_step=start) if ctx.is_main else None
     z_all = torch.from_numpy(latents * latent_scale)
     c_all = torch.from_numpy(cond)
@@ -313,6 +313,35 @@ def train_diffusion(cfg: LDMTrainConfig, *, progress: bool = True, rows: list[di
     return final
 
 
+def _resolved_augmentation(cfg: LDMTrainConfig) -> dict[str, Any] | None:
+    """The augmentation ``cfg`` trains with, every setting as resolved (defaults included); ``None`` without."""
+    from .augment import AugmentConfig
+
+    return {"copies": cfg.augment, **asdict(AugmentConfig(**cfg.augment_options))} if cfg.augment else None
+
+
+def _check_same_augmentation(state: dict, cfg: LDMTrainConfig, run: Path) -> None:
+    """Refuse to resume ``state`` under other augmentation than it was trained with (its weights would go
+    on learning from different copies, silently). Checkpoints from before the resolved settings were
+    recorded (2026-12-01) carry only what was asked; their copies are not checked, with a warning."""
+    import warnings
+
+    recorded = (state.get("model_config") or {}).get("augmentation")
+    asked = _resolved_augmentation(cfg)
+    saved = state.get("config") or {}
+    if recorded is None and saved.get("augment", 0):
+        warnings.warn(f"{run / 'last.pt'} predates the record of its augmentation settings (augment="
+                      f"{saved['augment']}, options {saved.get('augment_options') or 'the defaults of its time'}); "
+                      "resuming it with the settings given now, unchecked", stacklevel=3)
+        return
+    if recorded != asked:
+        def words(a):
+            return "no augmentation" if not a else f"augment={a['copies']} with {dict((k, v) for k, v in a.items() if k != 'copies')}"
+
+        raise ValueError(f"{run} was trained with {words(recorded)}; resuming it with {words(asked)} would change its "
+                         "data midway: give the run's own settings, or a new --run-dir")
+
+
 def augmented_cache_name(cfg: LDMTrainConfig) -> str:
     """The file in the run folder that caches ``cfg``'s encoded augmented copies: named by the number of
     copies, the seed and a hash of every augmentation setting as resolved (defaults included), so copies made
@@ -320,9 +349,7 @@ def augmented_cache_name(cfg: LDMTrainConfig) -> str:
     import hashlib
     import json
 
-    from .augment import AugmentConfig
-
-    settings = json.dumps(asdict(AugmentConfig(**cfg.augment_options)), sort_keys=True)
+    settings = json.dumps({k: v for k, v in _resolved_augmentation(cfg).items() if k != "copies"}, sort_keys=True)
     return f"latents_aug{cfg.augment}_seed{cfg.seed}_{hashlib.sha256(settings.encode()).hexdigest()[:10]}.npz"
 
 
@@ -333,7 +360,6 @@ def _augmented_latents(cfg: LDMTrainConfig, run: Path, ae, rows: list[dict], vol
     from ..io import atomic_path
     from .augment import AugmentConfig, augment_copies
 
-    options = AugmentConfig(**cfg.augment_options)  # a TypeError names an unknown field
     cache = run / augmented_cache_name(cfg)
     if cache.is_file():
         aug = np.load(cache)["latents"]
@@ -347,7 +373,8 @@ def _augmented_latents(cfg: LDMTrainConfig, run: Path, ae, rows: list[dict], vol
     else:
         if volumes is None:
             volumes = np.stack([data.t1(r)[None] for r in rows]).astype(np.float32)
-        copies = augment_copies(volumes, cfg.augment, cfg.seed, workers=cfg.augment_workers, cfg=options)
+        copies = augment_copies(volumes, cfg.augment, cfg.seed, workers=cfg.augment_workers,
+                                cfg=AugmentConfig(**cfg.augment_options))
     parts, t0 = [], time.time()
     for k, copy in enumerate(copies):
         parts.append(encode_dataset(ae, np.array(copy, np.float32), ctx.device, cfg.bf16))  # writable: copies may be memory-mapped
