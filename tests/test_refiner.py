@@ -337,6 +337,39 @@ def test_viewer_refiner_switch(trained, tiny_model_dir, tmp_path, monkeypatch):
         service.parse_request(model="plain", refine="yes", **ask)
 
 
+def test_viewer_page_applies_the_refiner_box(trained, tiny_model_dir, tmp_path, monkeypatch):
+    """The sidebar's Refiner box reaches the generator: off, on and auto (the model's default: on) each give
+    the brain its provenance says, and the page's caption says which."""
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("streamlit")
+    from streamlit.testing.v1 import AppTest
+
+    from synth.train.refiner import package_refiner
+
+    root, _, _ = trained
+    models = tmp_path / "models"
+    package_refiner(root / "whole", tiny_model_dir, models / "with-refiner")
+    monkeypatch.setenv("SYNTHBRAIN_MODELS", str(models))
+    monkeypatch.setenv("SYNTHBRAIN_SEGMENTER", "none-here")  # labels are not the point: the page notes their absence
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "viewer" / "app.py"), default_timeout=180)
+    at.run()
+    images = {}
+    for choice in ("off", "on", "auto"):
+        next(w for w in at.selectbox if w.key == "refine").set_value(choice)
+        at.sidebar.button(key="generate").click()
+        at.run()
+        assert not at.exception, [e.value for e in at.exception]
+        brain = at.session_state["result"].brain
+        applied = brain.provenance["refiner"]["applied"]
+        assert applied is (choice != "off"), (choice, brain.provenance["refiner"])
+        assert any(("· refined" if applied else "· refiner off") in m.value for m in at.markdown)
+        images[choice] = brain.image
+    assert not np.array_equal(images["off"], images["on"])
+    np.testing.assert_array_equal(images["on"], images["auto"])
+
+
 def test_refiner_error_paths(trained, tiny_model_dir, tmp_path, capsys):
     import synth
     from synth.cli import main

@@ -83,14 +83,14 @@ def settle_once(stage: str) -> int:
 @st.cache_data(max_entries=MAX_BRAINS, show_spinner=False)
 def generate_cached(
     root: str, model: str, age: float, sex: str, diagnosis: str, volumes: tuple, seed: int, steps, guidance,
-    precision: str | None = None, speed: str = "standard", _progress=None,
+    precision: str | None = None, speed: str = "standard", refine: bool | None = None, _progress=None,
 ) -> service.Generated:
     """The brain for one request, without labels (:func:`labels_cached` adds them); cached by model,
-    condition, seed and sampling options."""
+    condition, seed and sampling options (the refiner's switch included)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # parse_request already showed them
         request = service.Request(model, synth.Condition(age, sex, diagnosis, dict(volumes)), seed, steps, guidance,
-                                  precision=precision, speed=speed)
+                                  precision=precision, speed=speed, refine=refine)
     generator = get_generator(root, model)
     queue, where = device_queue(), str(generator.device)
     on_wait = None if _progress is None else _progress.queued
@@ -194,7 +194,7 @@ def generate(request: service.Request, bar=None, label: str = "Sampling", *, lab
     progress = _Progress(bar, label) if bar is not None else None
     result = generate_cached(
         models_root(), request.model, c.age, c.sex, c.diagnosis, tuple(sorted(c.volumes.items())), request.seed,
-        request.steps, request.guidance, request.precision, request.speed, _progress=progress,
+        request.steps, request.guidance, request.precision, request.speed, request.refine, _progress=progress,
     )
     return with_labels(result, request.match_volumes) if labels else result
 
