@@ -132,16 +132,14 @@ def _cached(gen, c: Condition, seed: int, opts: dict, cache: Path | None):
     outside the repository). The file name holds the model, version, options, condition and seed.
 
     The cache holds brains before the refiner: a refined brain is its cached unrefined brain through
-    ``gen.refine`` (the generator's last step, on the float32 image the NIfTI keeps exactly), so a model
+    ``gen.refine_brain`` (the generator's last step, on the float32 image the NIfTI keeps exactly), so a model
     whose refiner changed needs no new samples."""
     from .brain import SyntheticBrain, sidecar_path
 
     if cache is None:
         return gen.generate(c, seed=int(seed), progress=None, **opts)
     if _refines(gen, opts):
-        b = _cached(gen, c, seed, {**opts, "refine": False}, cache)
-        return SyntheticBrain(gen.refine(b.image), b.affine, b.condition, b.seed, b.targets,
-                              {**b.provenance, "refiner": gen.refiner_provenance(True)})
+        return gen.refine_brain(_cached(gen, c, seed, {**opts, "refine": False}, cache))
     cfg = getattr(gen, "config", None)
     tag = "_".join(f"{k}-{v}" for k, v in sorted(opts.items()))
     key = _cache_key(gen, opts)

@@ -171,6 +171,24 @@ def test_package_generate_and_provenance(trained, tiny_model_dir, tmp_path):
     np.testing.assert_allclose(plain.image, base.generate(c, seed=2).image, atol=1e-6)  # switched off: the model as it was
     assert not np.allclose(refined.image, plain.image)
     np.testing.assert_allclose(refined.image, gen.refine(plain.image), atol=1e-6)
+    # a brain shown at once and refined a moment later is the refined brain, provenance included
+    later = gen.refine_brain(plain)
+    np.testing.assert_allclose(later.image, refined.image, atol=1e-6)
+    assert later.provenance["refiner"] == refined.provenance["refiner"] and plain.provenance["refiner"]["applied"] is False
+    assert {k: v for k, v in later.provenance.items() if k != "refiner"} == \
+        {k: v for k, v in plain.provenance.items() if k != "refiner"}
+    with pytest.raises(ValueError, match="refined already"):
+        gen.refine_brain(refined)
+    with pytest.raises(ValueError, match="made by tiny-test-model 0.0.0-test, not by tiny-test-model 0.0.1-test"):
+        gen.refine_brain(base.generate(c, seed=2))
+    import dataclasses
+
+    from synth import provenance as _provenance
+
+    edited = dataclasses.replace(plain, provenance={**plain.provenance, "history": [
+        *plain.provenance["history"], _provenance.step("match_volumes")]})
+    with pytest.raises(ValueError, match=r"edited after sampling \(match_volumes\)"):
+        gen.refine_brain(edited)
     assert refined.provenance["refiner"]["applied"] is True and refined.provenance["refiner"]["steps"] == 6
     assert plain.provenance["refiner"]["applied"] is False
     assert base.generate(c, seed=2).provenance["refiner"] == "none"
