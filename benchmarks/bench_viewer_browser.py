@@ -11,6 +11,8 @@ install``), sets age 70, clicks Generate and polls the page every ``--poll`` sec
 - ``first brain shown``: NiiVue's picture shows something besides its background (an element
   screenshot, taken only once the canvas exists; the time is taken after the screenshot that saw
   it), or the three server-drawn planes of the "Server PNG" layout have loaded;
+- ``refined shown``: the "Refining the 2 mm texture" line is gone (Fast preview of a model with a
+  refiner, Refiner on auto: the refined brain, which follows the brain, is on the page);
 - ``labels shown``: the "Labelling the structures" line is gone (the segmentation, which follows the
   brain, is on the page).
 
@@ -45,6 +47,7 @@ PAGE_STATE = """(caption) => ({
   running: !!document.querySelector('[data-testid="stStatusWidget"]')
            && document.querySelector('[data-testid="stStatusWidget"]').innerText.toLowerCase().includes('running'),
   labelling: document.body.innerText.includes('Labelling the structures'),
+  refining: document.body.innerText.includes('Refining the 2 mm texture'),
   frame: !!document.querySelector('iframe[title="niivue_component.niivue_viewer"]'),
 })"""
 
@@ -108,6 +111,10 @@ def first_brain(url: str, *, settle: float = 5.0, age_clicks: int = 5, poll: flo
                     print(f"  the page's own timing: {stages.split(' · ')[-1]}", flush=True)
                 if s["caption"] and not s["running"]:
                     out.setdefault("run finished", now)
+                if s["caption"] and s["refining"]:
+                    out.setdefault("refining", now)
+                if "refining" in out and not s["refining"]:
+                    out.setdefault("refined shown", now)
                 if s["caption"] and s["labelling"]:
                     out.setdefault("labelling", now)
                 if "labelling" in out and not s["labelling"]:
@@ -161,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                 stop_server(proc)
             rows.setdefault(layout, []).append(r)
             print(f"{layout}: " + ", ".join(f"{k} {v:.2f} s" for k, v in r.items()), flush=True)
-    keys = ["server done", "viewer frame", "canvas", "first brain shown", "labels shown"]
+    keys = ["server done", "viewer frame", "canvas", "first brain shown", "refined shown", "labels shown"]
     print("\nmedian seconds after the Generate click")
     print("layout".ljust(22) + "".join(k.rjust(19) for k in keys))
     for layout, rs in rows.items():

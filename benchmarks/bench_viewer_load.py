@@ -161,9 +161,11 @@ async def _session(browser, url: str, seed: int, go: asyncio.Event, ready: list,
         # The slices: NiiVue, or (a browser whose WebGL runs in software, as headless chromium) the server-drawn planes.
         await page.locator('iframe[title="niivue_component.niivue_viewer"], iframe[title="st.iframe"]').first.wait_for()
         out["seconds"] = time.perf_counter() - t
-        # The labels follow the brain (a second rerun of the page): download once they are on it.
-        await page.get_by_text(re.compile("Labelling the structures|Matching the requested volumes")).first.wait_for(
-            state="detached", timeout=max(1.0, deadline - time.monotonic()) * 1000)
+        # The refined texture (Fast preview of a model with a refiner) and the labels follow the brain (reruns
+        # of the page): download once they are on it.
+        await page.wait_for_function(
+            "() => !/Refining the 2 mm texture|Labelling the structures|Matching the requested volumes/.test(document.body.innerText)",
+            timeout=max(1.0, deadline - time.monotonic()) * 1000)
         out["labels_seconds"] = time.perf_counter() - t
         await page.get_by_role("tab", name="Downloads", exact=True).click()
         async with page.expect_download() as dl:

@@ -258,7 +258,9 @@ def test_viewer_end_to_end(page, server, tmp_path):
     page.get_by_text(re.compile("Your browser draws WebGL in software")).first.wait_for()
 
     # Server PNG layout: hover over a plane and read the intensity and the structure under the mouse.
-    page.get_by_text("Labelling the structures").first.wait_for(state="detached", timeout=60_000)  # labels follow the brain
+    # the refined texture (a model with a refiner, Fast preview) and the labels follow the brain
+    page.wait_for_function("() => !/Refining the 2 mm texture|Labelling the structures/.test(document.body.innerText)",
+                           timeout=60_000)
     hover = page.frame_locator('iframe[title="st.iframe"], iframe[srcdoc]').first
     axial = hover.locator("img#axial")
     axial.wait_for(timeout=60_000)

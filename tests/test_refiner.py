@@ -357,35 +357,50 @@ def test_viewer_refiner_switch(trained, tiny_model_dir, tmp_path, monkeypatch):
 
 def test_viewer_page_applies_the_refiner_box(trained, tiny_model_dir, tmp_path, monkeypatch):
     """The sidebar's Refiner box reaches the generator: off, on and auto (the model's default: on) each give
-    the brain its provenance says, and the page's caption says which."""
+    the brain its provenance says, and the page's caption says which. With Fast preview and auto the page
+    shows the brain at once and swaps in its refined texture after: the brain ``refine=True`` gives."""
     import sys
     from pathlib import Path
 
     pytest.importorskip("streamlit")
     from streamlit.testing.v1 import AppTest
 
+    import synth
     from synth.train.refiner import package_refiner
 
     root, _, _ = trained
     models = tmp_path / "models"
-    package_refiner(root / "whole", tiny_model_dir, models / "with-refiner")
+    folder = package_refiner(root / "whole", tiny_model_dir, models / "with-refiner")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["sampling"]["fast"] = {"sampler": "dpm++2m", "steps": 2}  # a fast preset, as the shipped model has
+    (folder / "config.json").write_text(json.dumps(cfg))
     monkeypatch.setenv("SYNTHBRAIN_MODELS", str(models))
     monkeypatch.setenv("SYNTHBRAIN_SEGMENTER", "none-here")  # labels are not the point: the page notes their absence
+    monkeypatch.setenv("SYNTHBRAIN_THREADS", "2")  # the same threads for every brain, however busy the machine is
     at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "viewer" / "app.py"), default_timeout=180)
     at.run()
-    images = {}
-    for choice in ("off", "on", "auto"):
-        next(w for w in at.selectbox if w.key == "refine").set_value(choice)
-        at.sidebar.button(key="generate").click()
-        at.run()
-        assert not at.exception, [e.value for e in at.exception]
-        brain = at.session_state["result"].brain
-        applied = brain.provenance["refiner"]["applied"]
-        assert applied is (choice != "off"), (choice, brain.provenance["refiner"])
-        assert any(("· refined" if applied else "· refiner off") in m.value for m in at.markdown)
-        images[choice] = brain.image
-    assert not np.array_equal(images["off"], images["on"])
-    np.testing.assert_array_equal(images["on"], images["auto"])
+    gen = synth.load_generator(folder, device="cpu")
+    condition = synth.Condition(at.session_state["age"], at.session_state["sex"], at.session_state["diagnosis"])
+    for speed in ("standard", "fast"):
+        next(w for w in at.radio if w.key == "speed").set_value(speed)
+        images = {}
+        for choice in ("off", "on", "auto"):
+            next(w for w in at.selectbox if w.key == "refine").set_value(choice)
+            at.sidebar.button(key="generate").click()
+            at.run()
+            assert not at.exception, [e.value for e in at.exception]
+            result = at.session_state["result"]
+            applied = result.brain.provenance["refiner"]["applied"]
+            assert applied is (choice != "off"), (speed, choice, result.brain.provenance["refiner"])
+            assert result.brain.provenance["sampling_preset"] == speed
+            assert any(("· refined" if applied else "· refiner off") in m.value for m in at.markdown)
+            assert not at.session_state["refine_pending"]
+            images[choice] = result.brain.image
+        assert not np.array_equal(images["off"], images["on"])
+        np.testing.assert_allclose(images["auto"], images["on"], atol=1e-6)
+        library = gen.generate(condition, seed=at.session_state["seed"], fast=speed == "fast", refine=True)
+        np.testing.assert_allclose(images["auto"], library.image, atol=1e-6)
+    assert "refine" in at.session_state["result"].seconds  # fast + auto: refined after it was shown
 
 
 def test_refiner_error_paths(trained, tiny_model_dir, tmp_path, capsys):

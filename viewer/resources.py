@@ -132,6 +132,27 @@ def matched_cached(digest: str, root: str, segmenter: str | None, _result: servi
                              _result.note)
 
 
+@st.cache_data(max_entries=MAX_BRAINS, show_spinner=False)
+def refined_cached(digest: str, root: str, model: str, _result: service.Generated) -> service.Generated:
+    """The brain whose pixels hash to ``digest`` through ``model``'s refiner (:func:`service.refine_result`)."""
+    generator = get_generator(root, model)
+    with device_queue().slot(str(generator.device)):
+        return service.refine_result(generator, _result)
+
+
+def with_refinement(result: service.Generated, request: service.Request) -> service.Generated:
+    """``result`` refined when the page shows ``request``'s brain first and refines it after
+    (:func:`service.refines_after_showing`: the Fast preview, Refiner on auto); else unchanged."""
+    import hashlib
+
+    generator = get_generator(models_root(), request.model)
+    provenance = result.brain.provenance.get("refiner")
+    if not service.refines_after_showing(generator, request) or (isinstance(provenance, dict) and provenance.get("applied")):
+        return result
+    digest = hashlib.sha1(result.brain.image.tobytes()).hexdigest()
+    return refined_cached(digest, models_root(), request.model, _result=result)
+
+
 def with_labels(result: service.Generated, match_volumes: bool = False) -> service.Generated:
     """``result`` with its segmentation (cached by the brain's pixels), after warping it to its requested
     volumes when ``match_volumes``; unchanged without anatomy."""
@@ -188,15 +209,16 @@ class _Progress:
 
 
 def generate(request: service.Request, bar=None, label: str = "Sampling", *, labels: bool = True) -> service.Generated:
-    """Cached generation with a progress bar (``bar``: an ``st.progress`` element or ``None``); with its
-    segmentation unless ``labels`` is false (then :func:`with_labels` adds it later)."""
+    """Cached generation with a progress bar (``bar``: an ``st.progress`` element or ``None``); refined
+    (:func:`with_refinement`) and segmented unless ``labels`` is false (then the page shows the brain first
+    and :func:`with_refinement` and :func:`with_labels` follow)."""
     c = request.condition
     progress = _Progress(bar, label) if bar is not None else None
     result = generate_cached(
         models_root(), request.model, c.age, c.sex, c.diagnosis, tuple(sorted(c.volumes.items())), request.seed,
         request.steps, request.guidance, request.precision, request.speed, request.refine, _progress=progress,
     )
-    return with_labels(result, request.match_volumes) if labels else result
+    return with_labels(with_refinement(result, request), request.match_volumes) if labels else result
 
 
 def guarded(panel):
