@@ -11,9 +11,10 @@ install``), sets age 70, clicks Generate and polls the page every ``--poll`` sec
 - ``first brain shown``: NiiVue's picture shows something besides its background (an element
   screenshot, taken only once the canvas exists; the time is taken after the screenshot that saw
   it), or the three server-drawn planes of the "Server PNG" layout have loaded;
-- ``refined shown``: the "Refining the 2 mm texture" line is gone (Fast preview of a model with a
-  refiner, Refiner on auto: the refined brain, which follows the brain, is on the page);
-- ``labels shown``: the "Labelling the structures" line is gone (the segmentation, which follows the
+- ``refined shown``: the page run after "Refining the 2 mm texture" has begun (its "Labelling the
+  structures" line is up) or that line is gone (Fast preview of a model with a refiner, Refiner on
+  auto: the refined brain, which follows the brain, is being drawn);
+- ``labels shown``: the "labelling the structures" line is gone (the segmentation, which follows the
   brain, is on the page).
 
 Each layout named in ``--layouts`` gets a fresh server and a fresh browser, so nothing is cached
@@ -46,7 +47,7 @@ PAGE_STATE = """(caption) => ({
   caption: document.body.innerText.includes(caption),
   running: !!document.querySelector('[data-testid="stStatusWidget"]')
            && document.querySelector('[data-testid="stStatusWidget"]').innerText.toLowerCase().includes('running'),
-  labelling: document.body.innerText.includes('Labelling the structures'),
+  labelling: /labelling the structures/i.test(document.body.innerText),
   refining: document.body.innerText.includes('Refining the 2 mm texture'),
   frame: !!document.querySelector('iframe[title="niivue_component.niivue_viewer"]'),
 })"""
@@ -113,7 +114,7 @@ def first_brain(url: str, *, settle: float = 5.0, age_clicks: int = 5, poll: flo
                     out.setdefault("run finished", now)
                 if s["caption"] and s["refining"]:
                     out.setdefault("refining", now)
-                if "refining" in out and not s["refining"]:
+                if "refining" in out and (s["labelling"] or not s["refining"]):  # the run after the refinement
                     out.setdefault("refined shown", now)
                 if s["caption"] and s["labelling"]:
                     out.setdefault("labelling", now)

@@ -258,6 +258,15 @@ def stale_ui(values: dict, request: service.Request, models: list[str]) -> bool:
 
 
 # -- page -------------------------------------------------------------------------------------
+def follow_up_caption(refining: bool, labelling: bool, match_volumes: bool) -> str:
+    """What follows the brain on the page: its refined texture (Fast preview, Refiner on auto), then its labels."""
+    if refining:
+        return ("Refining the 2 mm texture (about 1.5 s on 2 CPU cores): the refined brain follows"
+                + (", then its labels." if labelling else "."))
+    return ("Matching the requested volumes and labelling the structures (about 5 s): the warped brain follows."
+            if match_volumes else "Labelling the structures (about a second): the overlay, surfaces and volumes follow.")
+
+
 def warm_up() -> None:
     """Load the chosen model (and segmenter) while the user sets the condition; errors wait for Generate."""
     try:
@@ -306,12 +315,8 @@ def main() -> None:
         st.caption(f"Note: {result.note}")
     refining = st.session_state.get("refine_pending", False)
     pending = st.session_state.get("labels_pending", False)
-    if refining:
-        st.caption("Refining the 2 mm texture (about a second on 2 CPU cores): the refined brain follows, then its labels.")
-    elif pending:
-        st.caption("Matching the requested volumes and labelling the structures (about 5 s): the warped brain follows."
-                   if request.match_volumes else
-                   "Labelling the structures (about a second): the overlay, surfaces and volumes follow.")
+    if refining or pending:
+        st.caption(follow_up_caption(refining, pending, request.match_volumes))
     tabs = st.tabs(TABS, key="tab", on_change="rerun")
     for tab, panel in zip(tabs, PANELS):
         if tab.open is False:
@@ -319,13 +324,14 @@ def main() -> None:
         with tab:
             guarded(panel)()
     if refining:
-        # The Fast preview's brain is on the page; its refined texture follows (Refiner on auto), then the labels.
+        # The Fast preview's brain is on the page (Streamlit sends each element as it is drawn); its refined
+        # texture follows (Refiner on auto), drawn at once, and the labels after it (below, next run).
         st.session_state.result = with_refinement(result, request)
         st.session_state.refine_pending = False
         st.rerun()
     if pending:
-        # The brain is on the page already (Streamlit sends each element as it is drawn); segment it
-        # now and draw the page again with the labels. A rerun that interrupts this picks it up again.
+        # The brain is on the page already; segment it now and draw the page again with the labels. A
+        # rerun that interrupts this picks it up again.
         st.session_state.result = with_labels(result, request.match_volumes)
         st.session_state.labels_pending = False
         if st.session_state.result.labels is not None:
