@@ -401,6 +401,20 @@ def test_viewer_page_applies_the_refiner_box(trained, tiny_model_dir, tmp_path, 
         library = gen.generate(condition, seed=at.session_state["seed"], fast=speed == "fast", refine=True)
         np.testing.assert_allclose(images["auto"], library.image, atol=1e-6)
     assert "refine" in at.session_state["result"].seconds  # fast + auto: refined after it was shown
+    # a refiner that fails after the brain is shown leaves that brain on the page, saying why
+    from synth.models.refiner import RefinerMixin
+
+    def broken(self, brain):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(RefinerMixin, "refine_brain", broken)
+    next(w for w in at.number_input if w.key == "seed").set_value(at.session_state["seed"] + 1)
+    at.sidebar.button(key="generate").click()
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    result = at.session_state["result"]
+    assert result.brain.provenance["refiner"]["applied"] is False and "refining failed (RuntimeError: out of memory)" in result.note
+    assert any("refining failed" in c.value for c in at.caption)
 
 
 def test_refiner_error_paths(trained, tiny_model_dir, tmp_path, capsys):

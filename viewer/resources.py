@@ -150,7 +150,12 @@ def with_refinement(result: service.Generated, request: service.Request) -> serv
     if not service.refines_after_showing(generator, request) or (isinstance(provenance, dict) and provenance.get("applied")):
         return result
     digest = hashlib.sha1(result.brain.image.tobytes()).hexdigest()
-    return refined_cached(digest, models_root(), request.model, _result=result)
+    try:
+        return refined_cached(digest, models_root(), request.model, _result=result)
+    except Exception as exc:  # noqa: BLE001 - the brain as sampled is still worth showing
+        log.warning("refining failed: %s", exc)
+        return service.Generated(result.brain, result.labels, dict(result.seconds),
+                                 f"refining failed ({type(exc).__name__}: {exc}); showing the brain as sampled")
 
 
 def with_labels(result: service.Generated, match_volumes: bool = False) -> service.Generated:
