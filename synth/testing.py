@@ -10,7 +10,7 @@ from .models.config import ModelConfig
 from .models.networks import build_autoencoder, build_unet
 from .normative import NormativeModel
 
-__all__ = ["tiny_config", "make_tiny_model", "toy_normative"]
+__all__ = ["tiny_config", "make_tiny_model", "add_tiny_refiner", "toy_normative"]
 
 
 def toy_normative() -> NormativeModel:
@@ -77,5 +77,29 @@ def make_tiny_model(folder: str | Path, seed: int = 0, shape=(32, 32, 32)) -> Pa
     from .io import sha256_file
 
     cfg.weights_sha256 = {f: sha256_file(folder / f) for f in ("autoencoder.safetensors", "unet.safetensors")}
+    cfg.save(folder)
+    return folder
+
+
+def add_tiny_refiner(folder: str | Path, seed: int = 0) -> Path:
+    """Give a tiny model folder a random-weight refiner (width 4, 2 layers), set up as the shipped model's is
+    (applied by default to the standard sampling, left out of the fast preset), and a fast sampling preset
+    (DPM-Solver++(2M), 2 steps); returns the folder."""
+    from .io import sha256_file
+    from .models.refiner import build_refiner
+    from .train.package import save_weights
+
+    folder = Path(folder)
+    cfg = ModelConfig.load(folder)
+    arch = {"width": 4, "layers": 2, "context": 0}
+    net = build_refiner(arch)
+    torch.manual_seed(seed)
+    with torch.no_grad():  # the last layer starts at zero (the identity): perturb every weight so refining shows
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    save_weights(net.state_dict(), folder / "refiner.safetensors")
+    cfg.refiner = {**arch, "default": True, "fast_default": False, "steps": 0, "trained": "random weights, for tests only"}
+    cfg.sampling = {**cfg.sampling, "fast": {"sampler": "dpm++2m", "steps": 2, "spacing": "logsnr"}}
+    cfg.weights_sha256 = {**cfg.weights_sha256, "refiner.safetensors": sha256_file(folder / "refiner.safetensors")}
     cfg.save(folder)
     return folder
