@@ -56,7 +56,7 @@ MATCH_HELP = (
 REFINER_HELP = (
     "on: a small network after the decoder sharpens the decoder's smooth image into 2 mm texture (trained "
     "adversarially against real scans; what it gains and where it falls short is in the model card). It adds about "
-    "1.4 s a brain on 2 CPU cores without native bf16. off: the decoder's image as it is. auto: the model's choice "
+    "1.3 s a brain on 2 CPU cores without native bf16. off: the decoder's image as it is. auto: the model's choice "
     "(the shipped default: on; with Standard speed before the brain is shown, with Fast preview after it: the "
     "brain at once, its refined texture a moment later). The brain's provenance records which."
 )

@@ -416,8 +416,8 @@ def _generate_options(generator, request: Request) -> dict[str, Any]:
 def refines_after_showing(generator, request: Request) -> bool:
     """Whether the page shows ``request``'s brain at once and its refined texture a moment later: the Fast
     preview with the Refiner on auto, for a model that refines its standard sampling but leaves the refiner
-    out of its fast preset (the shipped default: it would add about 1.4 s to a 2 s brain on 2 CPU cores
-    without native bf16)."""
+    out of its fast preset (the shipped default: it would add about 1.3 s to a 2 s brain on 2 CPU cores
+    without native bf16, benchmarks/bench_generate.py)."""
     return (request.refine is None and request.speed == "fast" and getattr(generator, "refiner", None) is not None
             and generator.refines_by_default_for(fast=False) and not generator.refines_by_default_for(fast=True))
 

@@ -263,7 +263,8 @@ class RefinerMixin:
         if isinstance(prov.get("refiner"), dict) and prov["refiner"].get("applied"):
             raise ValueError("this brain is refined already")
         edits = [h.get("command") for h in prov.get("history", []) if isinstance(h, dict)][1:]
-        edits += ["match_volumes"] if "volume_matching" in prov and "match_volumes" not in edits else []
+        if "volume_matching" in prov and "match_volumes" not in edits:
+            edits.append("match_volumes")
         if edits:
             raise ValueError(f"this brain was edited after sampling ({', '.join(map(str, edits))}): refine it "
                              "before editing, or generate it again with the refiner")
