@@ -10,7 +10,7 @@ from .models.config import ModelConfig
 from .models.networks import build_autoencoder, build_unet
 from .normative import NormativeModel
 
-__all__ = ["tiny_config", "make_tiny_model", "add_tiny_refiner", "toy_normative"]
+__all__ = ["tiny_config", "make_tiny_model", "add_fast_preset", "add_tiny_refiner", "toy_normative"]
 
 
 def toy_normative() -> NormativeModel:
@@ -81,10 +81,21 @@ def make_tiny_model(folder: str | Path, seed: int = 0, shape=(32, 32, 32)) -> Pa
     return folder
 
 
+def add_fast_preset(folder: str | Path, steps: int = 2) -> Path:
+    """Give a tiny model folder a ``fast`` sampling preset of the shipped model's kind (DPM-Solver++(2M) on
+    log-SNR spacing, guidance on t = 300-999, ``steps`` steps); returns the folder."""
+    folder = Path(folder)
+    cfg = ModelConfig.load(folder)
+    cfg.sampling = {**cfg.sampling, "fast": {"sampler": "dpm++2m", "steps": steps, "spacing": "logsnr",
+                                             "guidance_interval": [300, 999]}}
+    cfg.save(folder)
+    return folder
+
+
 def add_tiny_refiner(folder: str | Path, seed: int = 0) -> Path:
     """Give a tiny model folder a random-weight refiner (width 4, 2 layers), set up as the shipped model's is
     (applied by default to the standard sampling, left out of the fast preset), and a fast sampling preset
-    (DPM-Solver++(2M), 2 steps); returns the folder."""
+    (:func:`add_fast_preset`); returns the folder."""
     from .io import sha256_file
     from .models.refiner import build_refiner
     from .train.package import save_weights
@@ -99,7 +110,6 @@ def add_tiny_refiner(folder: str | Path, seed: int = 0) -> Path:
             p.add_(torch.randn_like(p) * 0.05)
     save_weights(net.state_dict(), folder / "refiner.safetensors")
     cfg.refiner = {**arch, "default": True, "fast_default": False, "steps": 0, "trained": "random weights, for tests only"}
-    cfg.sampling = {**cfg.sampling, "fast": {"sampler": "dpm++2m", "steps": 2, "spacing": "logsnr"}}
     cfg.weights_sha256 = {**cfg.weights_sha256, "refiner.safetensors": sha256_file(folder / "refiner.safetensors")}
     cfg.save(folder)
-    return folder
+    return add_fast_preset(folder)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from synth.testing import add_fast_preset
 from tests.conftest import write_prepared
 
 TINY_DISC = {"spatial_dims": 3, "in_channels": 1, "out_channels": 1, "channels": 4, "num_layers_d": 2, "norm": "INSTANCE"}
@@ -161,8 +162,7 @@ def test_package_generate_and_provenance(trained, tiny_model_dir, tmp_path):
     assert set(cfg["weights_sha256"]) == {"autoencoder.safetensors", "unet.safetensors", "refiner.safetensors"}
     assert "6 steps of train-refiner" in cfg["refiner"]["trained"]
 
-    cfg["sampling"]["fast"] = {"sampler": "dpm++2m", "steps": 2}  # a fast preset, as the shipped model has
-    (out / "config.json").write_text(json.dumps(cfg))
+    add_fast_preset(out)  # as the shipped model has
     gen = synth.load_generator(out, device="cpu")
     base = synth.load_generator(tiny_model_dir, device="cpu")
     c = Condition(age=60, sex="F")
@@ -371,9 +371,7 @@ def test_viewer_page_applies_the_refiner_box(trained, tiny_model_dir, tmp_path, 
     root, _, _ = trained
     models = tmp_path / "models"
     folder = package_refiner(root / "whole", tiny_model_dir, models / "with-refiner")
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg["sampling"]["fast"] = {"sampler": "dpm++2m", "steps": 2}  # a fast preset, as the shipped model has
-    (folder / "config.json").write_text(json.dumps(cfg))
+    add_fast_preset(folder)  # as the shipped model has
     monkeypatch.setenv("SYNTHBRAIN_MODELS", str(models))
     monkeypatch.setenv("SYNTHBRAIN_SEGMENTER", "none-here")  # labels are not the point: the page notes their absence
     monkeypatch.setenv("SYNTHBRAIN_THREADS", "2")  # the same threads for every brain, however busy the machine is

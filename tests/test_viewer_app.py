@@ -16,7 +16,7 @@ pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from synth import Grid  # noqa: E402
-from synth.testing import make_tiny_model  # noqa: E402
+from synth.testing import add_fast_preset, make_tiny_model  # noqa: E402
 
 APP = str(ROOT / "viewer" / "app.py")
 TIMEOUT = 180
@@ -25,22 +25,12 @@ TIMEOUT = 180
 TINY_GRID = Grid((32, 32, 32), 2.0, (-31.0, -31.0, -31.0))  # synth.testing.tiny_config's grid
 
 
-def _add_fast_preset(folder: Path) -> Path:
-    """Give the tiny model a ``fast`` sampling preset like the shipped model's (DPM-Solver++, fewer steps)."""
-    import json
-
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg["sampling"]["fast"] = {"sampler": "dpm++2m", "steps": 2, "spacing": "logsnr", "guidance_interval": [300, 999]}
-    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
-    return folder
-
-
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory):
     from synth.vq.testing import make_tiny_vq_model
 
     root = tmp_path_factory.mktemp("models")
-    _add_fast_preset(make_tiny_model(root / "tiny-test-model"))  # the default model: DDIM 3 steps, fast DPM 2
+    add_fast_preset(make_tiny_model(root / "tiny-test-model"))  # the default model: DDIM 3 steps, fast DPM 2
     make_tiny_vq_model(root / "tiny-vq-model", shape=tuple(TINY_GRID.shape))  # the second backend, on the segmenter's grid
     anatomy = pytest.importorskip("synth.anatomy.testing")
     anatomy.make_tiny_segmenter(root / "tiny-test-segmenter", TINY_GRID, steps=5)

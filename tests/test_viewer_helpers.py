@@ -18,7 +18,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import synth  # noqa: E402
-from synth.testing import make_tiny_model  # noqa: E402
+from synth.testing import add_fast_preset, make_tiny_model  # noqa: E402
 from viewer import render, service  # noqa: E402
 
 
@@ -234,16 +234,6 @@ def test_generator_models_skip_non_generators(models, monkeypatch, tmp_path):
     (models / "some-segmenter").mkdir(exist_ok=True)
     (models / "some-segmenter" / "config.json").write_text("{}")
     assert service.generator_models() == ["tiny-test-model"]
-
-
-def add_fast_preset(folder: Path, steps: int = 2) -> Path:
-    """Give a tiny model the shipped model's kind of ``fast`` sampling preset (its config only)."""
-    import json
-
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg["sampling"]["fast"] = {"sampler": "dpm++2m", "steps": steps, "spacing": "logsnr", "guidance_interval": [300, 999]}
-    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
-    return folder
 
 
 @pytest.fixture(scope="module")
