@@ -354,8 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=_steps, default=None, help="sampling steps (default: the model's)")
     g.add_argument("--sampler", choices=("dpm++2m", "ddim"), default=None, help="sampler (default: the model's)")
     g.add_argument("--fast", action="store_true",
-                   help="the model's fast sampling preset (shipped model: DPM-Solver++ 8 steps, ~2.3x faster; "
-                        "its trade-offs are in the model card)")
+                   help="the model's fast sampling preset (shipped model: DPM-Solver++ 8 steps, about 2.8x faster, "
+                        "without the refiner; add --refiner for the viewer's picture, about as realistic as the default "
+                        "in about 60%% of its time; trade-offs in the model card)")
     g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
                    help="numeric path: auto = bf16 only where it is faster (CUDA with bf16, CPUs with AMX), else fp32 (default: "
                         "$SYNTHBRAIN_PRECISION or auto)")
