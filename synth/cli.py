@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "decoder that adds 2 mm texture (default: as the model ships it; the provenance says either way)")
     g.add_argument("--match-volumes", action="store_true",
                    help="warp each brain slightly so the segmenter measures the requested ventricle and hippocampus "
-                        "volumes (an edit after sampling, recorded in the provenance; about 5 s per brain on 2 CPU cores)")
+                        "volumes (an edit after sampling, recorded in the provenance; about 5-8 s per brain on 2 CPU cores)")
     g.add_argument("--segmenter", default="synthbrain-seg-2mm", help="segmenter that --match-volumes steers by")
     g.add_argument("--force", action="store_true", help="overwrite existing files")
     g.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -51,7 +51,7 @@ MATCH_HELP = (
     "The model draws the ventricles and hippocampus only roughly at the requested size (hippocampus r 0.2-0.4 on the "
     "held-out evaluation). On: after sampling, the brain is warped slightly (under a voxel or two, smooth, nothing "
     "folds) until the segmenter measures the requested volumes, e.g. to show an AD brain's smaller hippocampus. "
-    "An edit, not the model: the brain's provenance records it (volume_matching). About 5 s per brain on 2 CPU cores, 4 s more than labelling alone."
+    "An edit, not the model: the brain's provenance records it (volume_matching). About 5-8 s per brain on 2 CPU cores, 4-6 s more than labelling alone."
 )
 REFINER_HELP = (
     "on: a small network after the decoder sharpens the decoder's smooth image into 2 mm texture (trained "
@@ -265,7 +265,7 @@ def follow_up_caption(refining: bool, labelling: bool, match_volumes: bool) -> s
     if refining:
         return ("Refining the 2 mm texture (about 1.5 s on 2 CPU cores): the refined brain follows"
                 + (", then its labels." if labelling else "."))
-    return ("Matching the requested volumes and labelling the structures (about 5 s): the warped brain follows."
+    return ("Matching the requested volumes and labelling the structures (about 5-8 s): the warped brain follows."
             if match_volumes else "Labelling the structures (about a second): the overlay, surfaces and volumes follow.")
 
 
