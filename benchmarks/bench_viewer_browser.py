@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_viewer_load import CHROMIUM, start_server, stop_server  # noqa: E402
+from bench_viewer_load import CHROMIUM, PAGE_IDLE_JS, start_server, stop_server  # noqa: E402
 
 NIIVUE = 'iframe[title="niivue_component.niivue_viewer"]'
 
@@ -95,8 +95,7 @@ def first_brain(url: str, *, settle: float = 5.0, age_clicks: int = 5, poll: flo
                 age.press("ArrowRight")
             page.wait_for_function("() => document.querySelector('input[aria-label=\"Age (years)\"]').value === '70'")
             time.sleep(settle)  # a user takes a few seconds over the sliders; the app loads the model meanwhile
-            page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')"
-                                   " || !document.querySelector('[data-testid=\"stStatusWidget\"]').innerText.toLowerCase().includes('running')")
+            page.wait_for_function(PAGE_IDLE_JS)
             caption = "age 70, F, CN, seed 0"
             t = time.perf_counter()
             page.get_by_role("button", name="Generate").click()

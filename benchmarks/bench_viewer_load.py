@@ -40,6 +40,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 CHROMIUM = "/usr/bin/chromium"
+# true once the page's current script run is over (Streamlit's status widget no longer says "running")
+PAGE_IDLE_JS = ("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')"
+                " || !document.querySelector('[data-testid=\"stStatusWidget\"]').innerText.toLowerCase().includes('running')")
 
 
 # -- memory -------------------------------------------------------------------------------------

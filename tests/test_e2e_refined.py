@@ -60,9 +60,7 @@ def test_fast_preview_swaps_in_the_refined_brain(tmp_path):
                 page.get_by_text("Set the condition in the sidebar").first.wait_for()
                 # as a user would: click once the first run is over (a click while the page's first run and its
                 # WebGL probe's rerun overlap can be lost; seen here twice in a row)
-                page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')"
-                                       " || !document.querySelector('[data-testid=\"stStatusWidget\"]').innerText"
-                                       ".toLowerCase().includes('running')")
+                page.wait_for_function(bench.PAGE_IDLE_JS)
                 page.wait_for_timeout(1000)
                 page.get_by_role("button", name="Generate").click()
                 # the page ends on the refined brain (its caption says so), with its labels after it

@@ -263,7 +263,7 @@ def stale_ui(values: dict, request: service.Request, models: list[str]) -> bool:
 def follow_up_caption(refining: bool, labelling: bool, match_volumes: bool) -> str:
     """What follows the brain on the page: its refined texture (Fast preview, Refiner on auto), then its labels."""
     if refining:
-        return ("Refining the 2 mm texture (about 1.5 s on 2 CPU cores): the refined brain follows"
+        return ("Refining the 2 mm texture (about 1.3 s on 2 CPU cores): the refined brain follows"
                 + (", then its labels." if labelling else "."))
     return ("Matching the requested volumes and labelling the structures (about 5-8 s): the warped brain follows."
             if match_volumes else "Labelling the structures (about a second): the overlay, surfaces and volumes follow.")
