@@ -58,8 +58,8 @@ def test_fast_preview_swaps_in_the_refined_brain(tmp_path):
                 page.set_default_timeout(90_000)
                 page.goto(url)
                 page.get_by_text("Set the condition in the sidebar").first.wait_for()
-                # as a user would: click once the first run is over (a click while the page's first run and its
-                # WebGL probe's rerun overlap can be lost; seen here twice in a row)
+                # as a user would: click once the first run is over (a click the probe's rerun interrupted was
+                # lost here twice in a row before the viewer kept it pending: test_e2e_interrupted)
                 page.wait_for_function(bench.PAGE_IDLE_JS)
                 page.wait_for_timeout(1000)
                 page.get_by_role("button", name="Generate").click()

@@ -90,6 +90,13 @@ def new_seed() -> None:
     st.session_state.seed = random.randrange(0, 2**31)
 
 
+def request_generation() -> None:
+    """The Generate button's callback. The request stays pending until :func:`on_generate` has run to the
+    end: a rerun that interrupts the generation (a control moved, or the WebGL probe answering just after
+    the click) starts it again with the controls as they are, instead of losing the click."""
+    st.session_state.generate_pending = True
+
+
 def fill_targets() -> None:
     """Copy the condition's implied volumes into the explicit-target inputs."""
     try:
@@ -199,7 +206,7 @@ def controls_ui(choices: dict[str, service.ModelChoice]) -> dict:
         st.toggle("Match the requested volumes (warp)", key="match_volumes", disabled=no_anatomy,
                   help=service.anatomy_error() if no_anatomy else MATCH_HELP)
         st.caption(f"Device: `{device_setting()}` → {synth.pick_device(device_setting())}")
-    clicked = sb.button("Generate", type="primary", key="generate", width="stretch")
+    clicked = sb.button("Generate", type="primary", key="generate", width="stretch", on_click=request_generation)
     with sb:
         browser.webgl_info()  # once per session: a browser drawing WebGL in software starts on server-drawn slices
     return {
@@ -297,8 +304,9 @@ def main() -> None:
     settle_once("imports")
     init_state(models)
     values = controls_ui(choices)
-    if values["clicked"]:
-        on_generate(values, models)
+    if values["clicked"] or st.session_state.get("generate_pending"):
+        on_generate(values, models)  # an interrupting rerun leaves the request pending: it runs again then
+        st.session_state.generate_pending = False
     if "result" not in st.session_state:
         st.info("Set the condition in the sidebar and press **Generate**.")
         warm_up()
