@@ -23,6 +23,19 @@ def pytest_runtest_makereport(item, call):
 
 
 @pytest.fixture(scope="session")
+def viewer_bench():
+    """``benchmarks/bench_viewer_load.py`` as a module: the server, browser and page helpers the viewer's
+    end-to-end tests share with its benchmarks."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_viewer_load.py"
+    spec = importlib.util.spec_from_file_location("bench_viewer_load", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     from synth.testing import make_tiny_model
 

@@ -8,14 +8,12 @@ probe's answer is held back until the generation is under way, then given, and t
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.e2e
 
 if not Path("/usr/bin/chromium").exists():
@@ -26,17 +24,10 @@ PROBE_POST = 'post("streamlit:setComponentValue", {value: probe(), dataType: "js
 STEPS = 150  # a tiny model's brain then takes seconds, so the probe's answer lands while it is sampled
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_viewer_load", ROOT / "benchmarks" / "bench_viewer_load.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_generate_survives_a_rerun_during_its_generation(tmp_path):
+def test_generate_survives_a_rerun_during_its_generation(tmp_path, viewer_bench):
     from synth.testing import make_tiny_model
 
-    bench = _bench()
+    bench = viewer_bench
     folder = make_tiny_model(tmp_path / "models" / "tiny-slow")
     config = json.loads((folder / "config.json").read_text())
     config["sampling"]["steps"] = STEPS

@@ -6,12 +6,10 @@ benchmark itself; this test runs the same code with 2 sessions so that CI stays 
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.e2e
 
 if not Path("/usr/bin/chromium").exists():
@@ -19,15 +17,8 @@ if not Path("/usr/bin/chromium").exists():
 pytest.importorskip("playwright.async_api", reason="pip install playwright (never `playwright install`)")
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_viewer_load", ROOT / "benchmarks" / "bench_viewer_load.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_concurrent_sessions_each_get_their_own_brain_and_their_place_in_the_queue():
-    bench = _bench()
+def test_concurrent_sessions_each_get_their_own_brain_and_their_place_in_the_queue(viewer_bench):
+    bench = viewer_bench
     models, env = bench._tiny_models(seconds_per_brain=4.0)  # long enough for the second click to queue
     out = bench.load_test(models, sessions=2, env=env, timeout_s=240)
     assert out["finished"] == 2, out["errors"]
@@ -37,8 +28,8 @@ def test_concurrent_sessions_each_get_their_own_brain_and_their_place_in_the_que
     assert 0 < out["rss_peak_mb"] < 4000
 
 
-def test_soak_memory_is_measured_and_does_not_grow():
-    bench = _bench()
+def test_soak_memory_is_measured_and_does_not_grow(viewer_bench):
+    bench = viewer_bench
     models, env = bench._tiny_models()
     out = bench.soak(models / "tiny-test-model", n=6, every=2, segmenter=str(models / env["SYNTHBRAIN_SEGMENTER"]) if env else None)
     assert [i for i, _ in out["rss_mb"]] == [0, 2, 4, 6]

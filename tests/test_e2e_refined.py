@@ -9,7 +9,6 @@ labels, and what the browser downloads must be the brain the library gives with 
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -17,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.e2e
 
 if not Path("/usr/bin/chromium").exists():
@@ -25,20 +23,13 @@ if not Path("/usr/bin/chromium").exists():
 playwright_sync = pytest.importorskip("playwright.sync_api", reason="pip install playwright (never `playwright install`)")
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_viewer_load", ROOT / "benchmarks" / "bench_viewer_load.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_fast_preview_swaps_in_the_refined_brain(tmp_path):
+def test_fast_preview_swaps_in_the_refined_brain(tmp_path, viewer_bench):
     import nibabel as nib
 
     import synth
     from synth.testing import add_tiny_refiner, make_tiny_model
 
-    bench = _bench()
+    bench = viewer_bench
     models = tmp_path / "models"
     folder = add_tiny_refiner(make_tiny_model(models / "tiny-refined"))
     env = {"SYNTHBRAIN_THREADS": "2"}  # the library's brain below uses the same threads
