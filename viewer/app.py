@@ -305,8 +305,12 @@ def main() -> None:
     init_state(models)
     values = controls_ui(choices)
     if values["clicked"] or st.session_state.get("generate_pending"):
-        on_generate(values, models)  # an interrupting rerun leaves the request pending: it runs again then
-        st.session_state.generate_pending = False
+        try:
+            on_generate(values, models)
+        except Exception:
+            st.session_state.generate_pending = False  # failed for good: not again on every rerun
+            raise
+        st.session_state.generate_pending = False  # a rerun that interrupts it (no Exception) leaves it pending
     if "result" not in st.session_state:
         st.info("Set the condition in the sidebar and press **Generate**.")
         warm_up()
