@@ -206,7 +206,7 @@ def controls_ui(choices: dict[str, service.ModelChoice]) -> dict:
         st.toggle("Match the requested volumes (warp)", key="match_volumes", disabled=no_anatomy,
                   help=service.anatomy_error() if no_anatomy else MATCH_HELP)
         st.caption(f"Device: `{device_setting()}` → {synth.pick_device(device_setting())}")
-    clicked = sb.button("Generate", type="primary", key="generate", width="stretch", on_click=request_generation)
+    sb.button("Generate", type="primary", key="generate", width="stretch", on_click=request_generation)
     with sb:
         browser.webgl_info()  # once per session: a browser drawing WebGL in software starts on server-drawn slices
     return {
@@ -216,13 +216,12 @@ def controls_ui(choices: dict[str, service.ModelChoice]) -> dict:
         "precision": st.session_state.precision if has_precision else None, "speed": speed,
         "match_volumes": bool(st.session_state.match_volumes) and service.anatomy() is not None,
         "refine": service.REFINER_CHOICES[st.session_state.refine] if choice.has_refiner else None,
-        "clicked": clicked,
     }
 
 
 def on_generate(values: dict, models: list[str]) -> None:
     try:
-        request = service.parse_request(models=models, **{k: v for k, v in values.items() if k != "clicked"})
+        request = service.parse_request(models=models, **values)
     except USER_ERRORS as exc:
         st.error(f"Cannot generate: {exc}")
         return
@@ -254,7 +253,7 @@ def on_generate(values: dict, models: list[str]) -> None:
 def stale_ui(values: dict, request: service.Request, models: list[str]) -> bool:
     """Say so, until Generate is pressed, when the controls no longer match the brain on screen."""
     try:
-        wanted = service.parse_request(models=models, **{k: v for k, v in values.items() if k != "clicked"})
+        wanted = service.parse_request(models=models, **values)
         same = wanted.key() == request.key()
     except USER_ERRORS:
         same = False
@@ -304,7 +303,7 @@ def main() -> None:
     settle_once("imports")
     init_state(models)
     values = controls_ui(choices)
-    if values["clicked"] or st.session_state.get("generate_pending"):
+    if st.session_state.get("generate_pending"):  # set by the Generate button's callback
         try:
             on_generate(values, models)
         except Exception:
