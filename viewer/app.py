@@ -56,7 +56,7 @@ MATCH_HELP = (
 REFINER_HELP = (
     "on: a small network after the decoder sharpens the decoder's smooth image into 2 mm texture (trained "
     "adversarially against real scans; what it gains and where it falls short is in the model card). It adds about "
-    "1.3 s a brain on 2 CPU cores without native bf16. off: the decoder's image as it is. auto: the model's choice "
+    "1.3 s a brain on 2 CPU cores without native bf16 (about 2 s in the app beside a browser). off: the decoder's image as it is. auto: the model's choice "
     "(the shipped default: on; with Standard speed before the brain is shown, with Fast preview after it: the "
     "brain at once, its refined texture a moment later). The brain's provenance records which."
 )
@@ -269,7 +269,7 @@ def stale_ui(values: dict, request: service.Request, models: list[str]) -> bool:
 def follow_up_caption(refining: bool, labelling: bool, match_volumes: bool) -> str:
     """What follows the brain on the page: its refined texture (Fast preview, Refiner on auto), then its labels."""
     if refining:
-        return ("Refining the 2 mm texture (about 1.3 s on 2 CPU cores): the refined brain follows"
+        return ("Refining the 2 mm texture (about 2 s on 2 CPU cores): the refined brain follows"
                 + (", then its labels." if labelling else "."))
     return ("Matching the requested volumes and labelling the structures (about 5-8 s): the warped brain follows."
             if match_volumes else "Labelling the structures (about a second): the overlay, surfaces and volumes follow.")
