@@ -13,7 +13,8 @@ A lent GPU comes for minutes, not hours, and without the prepared data folder (1
      ``--augment K`` also on those of K warped copies of every scan (default 0: on the CPU, no augmented
      fine-tune of the shipped UNet drew clearly better brains, LDM card "The prior is over-fitted"; from
      scratch it is untested, so train with and without it). The copies are made on the CPU cores while the chains calibrate, so they cost the budget
-     nothing;
+     nothing. Every 5 % of the UNet's steps its denoising error on the val subjects against training
+     subjects goes to ``ldm/gap.csv`` (exported with the logs): the over-fitting curve of each arm;
    - ``ldm8``: the same with 8 latent channels (measures whether a richer latent beats a simpler prior);
    - ``vq``: the VQ-VAE (initialised from the shipped LDM first stage, codebook by k-means, trained
      whole with dead-code restarts); then the code transformer (torch engine: same weights as
@@ -168,8 +169,10 @@ def run_chain(name: str, data: Path, work: Path, s1: float, s2: float, calibrate
             print(f"[{name}] no augmented copies in {data}: the UNet trains on the scans alone", flush=True)
         ldm = LDMTrainConfig(data_dir="", ae_run=str(base / "ae"), run_dir=str(base / "ldm"), steps=steps, batch_size=2 if SMOKE else 64,
                              lr=4e-4, lr_min=4e-5, ckpt_every=max(100, steps // 6), max_minutes=None if calibrate else s2 / 60,
-                             augment=0 if copies is None else augment)
-        out = train_diffusion(ldm, rows=lab_rows, volumes=lab_vols, progress=False, augmented=copies)
+                             augment=0 if copies is None else augment, gap_every=None if calibrate else max(10 if SMOKE else 50, steps // 20))
+        held = [i for i, r in enumerate(rows["val"]) if r["age"] is not None and r["sex"]]  # gap.csv: the over-fitting curve
+        out = train_diffusion(ldm, rows=lab_rows, volumes=lab_vols, progress=False, augmented=copies,
+                              heldout_rows=[rows["val"][i] for i in held], heldout_volumes=val[0][held])
         timing["stage2"] = _step_seconds(base / "ldm")
         print(f"[{name}] diffusion: {out['step']} steps, {timing['stage2']:.3f} s/step", flush=True)
     else:

@@ -248,7 +248,7 @@ def _cmd_train_diffusion(args: argparse.Namespace) -> int:
     cfg = LDMTrainConfig(data_dir=args.data, ae_run=args.ae_run, run_dir=args.run, steps=args.steps,
                          batch_size=args.batch_size, lr=args.lr, bf16=not args.no_bf16, seed=args.seed,
                          max_minutes=args.max_minutes, init_from=args.init_from, augment=args.augment,
-                         snap_every=args.snap_every)
+                         snap_every=args.snap_every, gap_every=args.gap_every)
     state = train_diffusion(cfg, progress=not args.quiet)
     print(f"diffusion UNet at step {state['step']} in {args.run}/last.pt")
     return 0
@@ -399,6 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
             t.add_argument("--snap-every", type=_positive_int, default=None,
                            help="keep the EMA weights every N steps in RUN/snaps/ (choose checkpoints by measuring "
                                 "samples; `synthbrain package --ldm-run RUN/snaps/step_N.pt` packages one)")
+            t.add_argument("--gap-every", type=_positive_int, default=None,
+                           help="every N steps, measure the averaged UNet's denoising error on the val subjects against "
+                                "training subjects (fixed noise; about half a minute on 2 CPU cores) into RUN/gap.csv: "
+                                "a held-out / training ratio well above 1 means it is learning its training brains by heart")
         else:
             t.add_argument("--init-from", default=None,
                            help="start from this run's EMA weights or a model folder's autoencoder (when RUN has no checkpoint)")

@@ -109,6 +109,7 @@ def test_bad_arguments_one_line_exit_2_nothing_written(tiny_model_dir, tmp_path,
                                             "(config.json + autoencoder.safetensors), got nope"),
         (["diffusion", "--ae-run", "nope", "--augment", "-1"], "argument --augment: expected"),
         (["diffusion", "--ae-run", "nope", "--snap-every", "0"], "argument --snap-every: expected a positive integer, got '0'"),
+        (["diffusion", "--ae-run", "nope", "--gap-every", "0"], "argument --gap-every: expected a positive integer, got '0'"),
     ],
 )
 def test_bad_training_arguments_exit_2_before_any_run_folder(tmp_path, capsys, argv, message):

@@ -568,3 +568,41 @@ def test_gpu_script_refuses_a_negative_number_of_copies(tmp_path, capsys):
         assert exc.value.code == 2
         assert word in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
+
+
+def test_diffusion_gap_probe_logs_heldout_against_training_error_without_changing_training(tmp_path):
+    """``gap_every``: the EMA UNet's denoising error on held-out against training latents goes to gap.csv
+    every N steps, once per step across a resume, and the training itself is the same as without it."""
+    vols, rows = phantoms(n=8)
+    held_vols, held_rows = phantoms(n=3, seed=5)
+    train_autoencoder(AETrainConfig(data_dir="", run_dir=str(tmp_path / "ae"), steps=2, bf16=False,
+                                    autoencoder=dict(TINY_AE)), volumes=vols, progress=False)
+
+    def cfg(name, steps, **kw):
+        return LDMTrainConfig(data_dir="", ae_run=str(tmp_path / "ae"), run_dir=str(tmp_path / name), steps=steps,
+                              batch_size=2, bf16=False, unet=dict(TINY_UNET), ckpt_every=1, **kw)
+
+    plain = train_diffusion(cfg("plain", 4), rows=rows, volumes=vols, progress=False)
+    probed = train_diffusion(cfg("probed", 3, gap_every=2), rows=rows, volumes=vols, progress=False,
+                             heldout_rows=held_rows, heldout_volumes=held_vols)
+    probed = train_diffusion(cfg("probed", 4, gap_every=2), rows=rows, volumes=vols, progress=False,
+                             heldout_rows=held_rows, heldout_volumes=held_vols)
+    assert all(torch.equal(plain["state_dict"][k], v) for k, v in probed["state_dict"].items())
+    with open(tmp_path / "probed" / "gap.csv", newline="") as f:
+        logged = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in logged] == [2, 4]
+    for r in logged:
+        for t in (50, 200):
+            train, held = float(r[f"train_t{t}"]), float(r[f"heldout_t{t}"])
+            assert train > 0 and held > 0 and float(r[f"ratio_t{t}"]) == pytest.approx(held / train, rel=1e-4)
+    # the training subjects as their own "held-out" set: the same latents, conditions and noise, ratio 1
+    same = train_diffusion(cfg("same", 2, gap_every=2), rows=rows, volumes=vols, progress=False,
+                           heldout_rows=rows, heldout_volumes=vols)
+    with open(tmp_path / "same" / "gap.csv", newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert same["step"] == 2 and float(row["ratio_t50"]) == pytest.approx(1.0) and float(row["ratio_t200"]) == pytest.approx(1.0)
+    assert float(logged[0]["ratio_t50"]) != pytest.approx(1.0)  # new brains are not the training ones
+    with pytest.raises(ValueError, match="`gap_every` needs held-out subjects"):
+        train_diffusion(cfg("none", 2, gap_every=1), rows=rows, volumes=vols, progress=False)
+    with pytest.raises(ValueError, match="`gap_every` must be at least 1"):
+        cfg("zero", 2, gap_every=0)

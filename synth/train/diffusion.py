@@ -64,6 +64,10 @@ class LDMTrainConfig:
     max_minutes: float | None = None
     # keep the EMA weights every N steps in snaps/step_NNNNNN.pt (choose checkpoints by measuring samples)
     snap_every: int | None = None
+    # every N steps, the EMA UNet's denoising error on held-out (val) subjects against training subjects, with
+    # fixed noise, into gap.csv: the over-fitting alarm (scripts/denoising_gap.py's measure, on fewer subjects,
+    # timesteps and draws; about half a minute on 2 CPU cores). None: off
+    gap_every: int | None = None
     # Multiplies the latent scale 1/std (Rombach et al. 2022's scale factor): 1 trains on unit-variance
     # latents; other values change the signal-to-noise ratio of every noise level (a tuning knob).
     latent_scale_factor: float = 1.0
@@ -84,8 +88,9 @@ class LDMTrainConfig:
     scheduler: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_SCHEDULER))
 
     def __post_init__(self):
-        if self.snap_every is not None and self.snap_every < 1:
-            raise ValueError(f"`snap_every` must be at least 1, got {self.snap_every}")
+        for name in ("snap_every", "gap_every"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}")
 
 
 def covariate_matrix(rows: list[dict], covariates: list[str], ranges: dict[str, list[float]]) -> np.ndarray:
@@ -175,7 +180,8 @@ def _diffusion_init(init_from: str | Path) -> tuple[dict[str, torch.Tensor], dic
 
 
 def train_diffusion(cfg: LDMTrainConfig, *, progress: bool = True, rows: list[dict] | None = None,
-                    volumes: np.ndarray | None = None, augmented: np.ndarray | None = None) -> dict:
+                    volumes: np.ndarray | None = None, augmented: np.ndarray | None = None,
+                    heldout_rows: list[dict] | None = None, heldout_volumes: np.ndarray | None = None) -> dict:
     """Train (or resume) the latent diffusion UNet; returns its final state (with model config).
 
     Args:
@@ -186,6 +192,8 @@ def train_diffusion(cfg: LDMTrainConfig, *, progress: bool = True, rows: list[di
             :func:`synth.train.augment.augment_copies` makes them for ``cfg.seed`` and
             ``cfg.augment_options``, stacked:
             (augment N, 1, X, Y, Z). Used when the run folder has not cached their latents yet.
+        heldout_rows, heldout_volumes: With ``cfg.gap_every`` and ``rows``, the held-out subjects the gap is
+            measured on (by default the prepared data's val split).
     """
     from monai.networks.schedulers import DDPMScheduler
     from tqdm.auto import tqdm
@@ -210,6 +218,12 @@ def train_diffusion(cfg: LDMTrainConfig, *, progress: bool = True, rows: list[di
         data = PreparedData.load(cfg.data_dir)
         rows = data.subset("train", labelled=True)
         volumes = None
+        if cfg.gap_every:
+            heldout_rows = data.subset("val", labelled=True)
+            heldout_volumes = np.stack([data.t1(r)[None] for r in heldout_rows]).astype(np.float32) if heldout_rows else None
+    if cfg.gap_every and (not heldout_rows or heldout_volumes is None or len(heldout_volumes) != len(heldout_rows)):
+        raise ValueError("`gap_every` needs held-out subjects: the prepared data's val split, or heldout_rows with "
+                         "one volume each in heldout_volumes")
     cache = run / "latents.npz"
     if cache.is_file():
         latents = np.load(cache)["latents"]
@@ -223,6 +237,7 @@ def train_diffusion(cfg: LDMTrainConfig, *, progress: bool = True, rows: list[di
             with atomic_path(cache) as tmp:
                 np.savez(tmp, latents=latents)
     aug = _augmented_latents(cfg, run, ae, rows, volumes, augmented, data, ctx, progress) if cfg.augment else None
+    heldout_latents = encode_dataset(ae, heldout_volumes, ctx.device, cfg.bf16)[:len(heldout_rows)] if cfg.gap_every else None
     del ae
     init_weights, init = _diffusion_init(cfg.init_from) if cfg.init_from else (None, {})
     if init:
@@ -269,6 +284,11 @@ def train_diffusion(cfg: LDMTrainConfig, *, progress: bool = True, rows: list[di
     log = LossLog(run / "losses.csv", ["loss", "lr"], resume_step=start) if ctx.is_main else None
     z_all = torch.from_numpy(latents * latent_scale)
     c_all = torch.from_numpy(cond)
+    probe = None
+    if cfg.gap_every and ctx.is_main:
+        probe = GapProbe(z_all[:len(rows)], c_all[:len(rows)], torch.from_numpy(heldout_latents * latent_scale),
+                         torch.from_numpy(covariate_matrix(heldout_rows, cfg.covariates, ranges)), sched.alphas_cumprod,
+                         LossLog(run / "gap.csv", GapProbe.fields(), resume_step=start))
     clock = StepClock(cfg.steps, cfg.lr, cfg.lr_min, cfg.ckpt_every, cfg.max_minutes)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="diffusion", disable=not (progress and ctx.is_main))
     step = start
@@ -304,13 +324,60 @@ def train_diffusion(cfg: LDMTrainConfig, *, progress: bool = True, rows: list[di
             with atomic_path(run / "snaps" / f"step_{step + 1:06d}.pt") as tmp:
                 torch.save({"ema_state_dict": ema.model.state_dict(), "step": step + 1, "config": asdict(cfg),
                             "model_config": model_config}, tmp)
+        if probe is not None and (step + 1) % cfg.gap_every == 0:
+            gap = probe.measure(ema.model, step + 1, ctx.device, cfg.bf16)
+            if progress:
+                bar.write(f"step {step + 1}: denoising error held-out / training " +
+                          ", ".join(f"t {t}: {gap[f'ratio_t{t}']:.2f}" for t in GapProbe.timesteps))
         if out_of_time:
             break
     if log:
         log.close()
+    if probe is not None:
+        probe.log.close()
     final = _state(unet, ema, opt, step + 1 if cfg.steps > start else start, cfg, model_config)
     final["params"] = count_parameters(unet)
     return final
+
+
+class GapProbe:
+    """The EMA UNet's noise-prediction error on training and held-out latents (originals, no mirrors or copies),
+    with fixed noise (:func:`synth.evaluate.denoising_error`), logged to ``gap.csv`` every ``gap_every`` steps.
+
+    The training subjects are an evenly spaced subset, at most ``max_train`` of them; the held-out / training
+    ratio rising above 1 where the noise is moderate (t 50-200) is the UNet learning its training latents.
+    """
+
+    timesteps = (50, 200)
+    draws = 2
+    max_train = 48
+
+    def __init__(self, z_train, c_train, z_heldout, c_heldout, alphas_cumprod, log: LossLog):
+        keep = torch.from_numpy(np.unique(np.linspace(0, len(z_train) - 1, min(len(z_train), self.max_train)).round().astype(int)))
+        self.sets = {"train": (z_train[keep], c_train[keep]), "heldout": (z_heldout, c_heldout)}
+        self.alphas = torch.as_tensor(alphas_cumprod).cpu()
+        self.log = log
+
+    @classmethod
+    def fields(cls) -> list[str]:
+        return [f"{k}_t{t}" for t in cls.timesteps for k in ("train", "heldout", "ratio")]
+
+    def measure(self, unet: torch.nn.Module, step: int, device: torch.device, bf16: bool) -> dict[str, float]:
+        from ..evaluate import denoising_error
+
+        def predict(zt, t, c):
+            x = torch.cat([zt, c[:, :, None, None, None].expand(-1, -1, *zt.shape[2:])], dim=1).to(device)
+            with torch.no_grad(), autocast(device, bf16):
+                return unet(x, timesteps=t.to(device), context=c[:, None, :].to(device)).float().cpu()
+
+        err = {name: denoising_error(predict, z, c, self.alphas, self.timesteps, self.draws)
+               for name, (z, c) in self.sets.items()}
+        out = {}
+        for t in self.timesteps:
+            out |= {f"train_t{t}": err["train"][t], f"heldout_t{t}": err["heldout"][t],
+                    f"ratio_t{t}": err["heldout"][t] / err["train"][t]}
+        self.log.log(step, **out)
+        return out
 
 
 def _resolved_augmentation(cfg: LDMTrainConfig) -> dict[str, Any] | None:
