@@ -401,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "samples; `synthbrain package --ldm-run RUN/snaps/step_N.pt` packages one)")
             t.add_argument("--gap-every", type=_positive_int, default=None,
                            help="every N steps, measure the averaged UNet's denoising error on the val subjects against "
-                                "training subjects (fixed noise; about half a minute on 2 CPU cores) into RUN/gap.csv: "
+                                "training subjects (fixed noise; about 40 s on 2 CPU cores) into RUN/gap.csv: "
                                 "a held-out / training ratio well above 1 means it is learning its training brains by heart")
         else:
             t.add_argument("--init-from", default=None,

@@ -66,7 +66,7 @@ class LDMTrainConfig:
     snap_every: int | None = None
     # every N steps, the EMA UNet's denoising error on held-out (val) subjects against training subjects, with
     # fixed noise, into gap.csv: the over-fitting alarm (scripts/denoising_gap.py's measure, on fewer subjects,
-    # timesteps and draws; about half a minute on 2 CPU cores). None: off
+    # timesteps and draws; about 40 s on 2 CPU cores). None: off
     gap_every: int | None = None
     # Multiplies the latent scale 1/std (Rombach et al. 2022's scale factor): 1 trains on unit-variance
     # latents; other values change the signal-to-noise ratio of every noise level (a tuning knob).
