@@ -167,10 +167,11 @@ def run_chain(name: str, data: Path, work: Path, s1: float, s2: float, calibrate
         copies = None if calibrate or not augment or not (data / "train_aug.npy").is_file() else np.load(data / "train_aug.npy", mmap_mode="r")
         if augment and not calibrate and copies is None:
             print(f"[{name}] no augmented copies in {data}: the UNet trains on the scans alone", flush=True)
+        held = [i for i, r in enumerate(rows["val"]) if r["age"] is not None and r["sex"]]  # gap.csv: the over-fitting curve
         ldm = LDMTrainConfig(data_dir="", ae_run=str(base / "ae"), run_dir=str(base / "ldm"), steps=steps, batch_size=2 if SMOKE else 64,
                              lr=4e-4, lr_min=4e-5, ckpt_every=max(100, steps // 6), max_minutes=None if calibrate else s2 / 60,
-                             augment=0 if copies is None else augment, gap_every=None if calibrate else max(10 if SMOKE else 50, steps // 20))
-        held = [i for i, r in enumerate(rows["val"]) if r["age"] is not None and r["sex"]]  # gap.csv: the over-fitting curve
+                             augment=0 if copies is None else augment,
+                             gap_every=None if calibrate or not held else max(10 if SMOKE else 50, steps // 20))
         out = train_diffusion(ldm, rows=lab_rows, volumes=lab_vols, progress=False, augmented=copies,
                               heldout_rows=[rows["val"][i] for i in held], heldout_volumes=val[0][held])
         timing["stage2"] = _step_seconds(base / "ldm")
