@@ -132,10 +132,12 @@ def covariate_ranges(rows: list[dict], covariates: list[str]) -> dict[str, list[
 
 
 @torch.no_grad()
-def encode_dataset(ae: torch.nn.Module, volumes: np.ndarray, device: torch.device, bf16: bool) -> np.ndarray:
-    """Latent means of (N, 1, X, Y, Z) volumes and of their left-right mirrors: (2N, C, x, y, z)."""
+def encode_dataset(ae: torch.nn.Module, volumes: np.ndarray, device: torch.device, bf16: bool,
+                   mirrors: bool = True) -> np.ndarray:
+    """Latent means of (N, 1, X, Y, Z) volumes and of their left-right mirrors: (2N, C, x, y, z)
+    (``mirrors=False``: the volumes' alone, (N, C, x, y, z))."""
     out = []
-    for flip in (False, True):
+    for flip in (False, True) if mirrors else (False,):
         for v in volumes:
             x = torch.from_numpy(v[None]).to(device)
             if flip:
@@ -237,7 +239,7 @@ def train_diffusion(cfg: LDMTrainConfig, *, progress: bool = True, rows: list[di
             with atomic_path(cache) as tmp:
                 np.savez(tmp, latents=latents)
     aug = _augmented_latents(cfg, run, ae, rows, volumes, augmented, data, ctx, progress) if cfg.augment else None
-    heldout_latents = encode_dataset(ae, heldout_volumes, ctx.device, cfg.bf16)[:len(heldout_rows)] if cfg.gap_every else None
+    heldout_latents = encode_dataset(ae, heldout_volumes, ctx.device, cfg.bf16, mirrors=False) if cfg.gap_every else None
     del ae
     init_weights, init = _diffusion_init(cfg.init_from) if cfg.init_from else (None, {})
     if init:
