@@ -305,7 +305,7 @@ def train_diffusion(cfg: LDMTrainConfig, *, progress: bool = True, rows: list[di
         noise = torch.from_numpy(rng.standard_normal(z0.shape).astype(np.float32)).to(ctx.device)
         a = alphas[t].view(-1, 1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        x = torch.cat([zt, c[:, :, None, None, None].expand(-1, -1, *zt.shape[2:])], dim=1)
+        x = unet_input(zt, c)
         with autocast(ctx.device, cfg.bf16):
             pred = net(x, timesteps=t, context=c[:, None, :])
         loss = F.mse_loss(pred.float(), noise)
@@ -342,6 +342,11 @@ def train_diffusion(cfg: LDMTrainConfig, *, progress: bool = True, rows: list[di
     return final
 
 
+def unet_input(zt: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """The UNet's input as trained: noisy latents (N, C, ...) with the conditions (N, K) as K constant channels."""
+    return torch.cat([zt, c[:, :, None, None, None].expand(-1, -1, *zt.shape[2:])], dim=1)
+
+
 class GapProbe:
     """The EMA UNet's noise-prediction error on training and held-out latents (originals, no mirrors or copies),
     with fixed noise (:func:`synth.evaluate.denoising_error`), logged to ``gap.csv`` every ``gap_every`` steps.
@@ -368,7 +373,7 @@ class GapProbe:
         from ..evaluate import denoising_error
 
         def predict(zt, t, c):
-            x = torch.cat([zt, c[:, :, None, None, None].expand(-1, -1, *zt.shape[2:])], dim=1).to(device)
+            x = unet_input(zt, c).to(device)
             with torch.no_grad(), autocast(device, bf16):
                 return unet(x, timesteps=t.to(device), context=c[:, None, :].to(device)).float().cpu()
 
