@@ -54,6 +54,9 @@ def test_plot_run_draws_the_gap_panel_only_when_there_is_one(tmp_path):
     (tmp_path / "c" / "run" / "losses.csv").write_text("step,time_s,loss\n")
     with pytest.raises(ValueError, match="no logged values yet"):
         plot_run(tmp_path / "c" / "run")
+    with pytest.raises(ValueError, match="smooth must be at least 1 step, got 0"):
+        plot_run(tmp_path / "a" / "run", tmp_path / "zero.png", smooth=0)
+    assert not (tmp_path / "zero.png").exists()
 
 
 @pytest.mark.parametrize("argv, message", [

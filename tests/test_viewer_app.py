@@ -614,3 +614,28 @@ def test_a_failed_volume_match_keeps_the_brain_as_sampled_and_says_why(app, monk
     assert result.labels is not None  # labelled as sampled
     assert "volume matching failed (ValueError: the warp folded)" in result.note
     assert any("volume matching failed" in c.value for c in app.caption)
+
+
+def test_a_generation_that_fails_past_its_handlers_is_not_retried_on_every_rerun(app, monkeypatch):
+    """An error after the brain is made (here: asking whether to refine it) reaches Streamlit's own error
+    box, and the request is dropped: the next rerun (any widget) does not generate and fail again, and it
+    shows the brain that was made."""
+    from viewer import service
+
+    calls = []
+
+    def broken(generator, request):
+        calls.append(request)
+        raise RuntimeError("the refiner's config vanished")
+
+    monkeypatch.setattr(service, "refines_after_showing", broken)
+    _widget(app, "seed").set_value(9)
+    app.sidebar.button(key="generate").click()
+    app.run()
+    assert [e.value for e in app.exception] == ["the refiner's config vanished"]
+    assert app.session_state["generate_pending"] is False and len(calls) == 1
+    app.run()  # a rerun, as a moved slider would cause
+    assert not app.exception and len(calls) == 1
+    # nothing lost: the brain made before the error is the page's brain
+    assert app.session_state["result"].brain.seed == 9
+    assert any("seed 9" in m.value for m in app.markdown)
