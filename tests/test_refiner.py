@@ -150,7 +150,7 @@ def test_train_refiner_learns_resumes_and_snapshots(trained):
     assert samples.shape == (2, 32, 32, 32) and samples.max() > 0  # generated, unrefined brains
 
 
-def test_package_generate_and_provenance(trained, tiny_model_dir, tmp_path, monkeypatch):
+def test_package_generate_and_provenance(trained, tiny_model_dir, tmp_path):  # threads pinned: conftest.py
     import synth
     from synth.condition import Condition
     from synth.train.refiner import package_refiner
@@ -163,9 +163,6 @@ def test_package_generate_and_provenance(trained, tiny_model_dir, tmp_path, monk
     assert "6 steps of train-refiner" in cfg["refiner"]["trained"]
 
     add_fast_preset(out)  # as the shipped model has
-    # the same threads for every brain below: left to adapt, a busy CI machine changed the thread count between
-    # two of them and a float's last bits with it (2.3e-6, seen once on a 2-core runner)
-    monkeypatch.setenv("SYNTHBRAIN_THREADS", "2")
     gen = synth.load_generator(out, device="cpu")
     base = synth.load_generator(tiny_model_dir, device="cpu")
     c = Condition(age=60, sex="F")
