@@ -11,7 +11,8 @@ os.environ.setdefault("SYNTHBRAIN_PRECISION", "fp32")
 # (synth.runtime.AdaptiveThreads), a brain's last float bits follow the thread count, and two brains a test
 # compares could differ by 2e-6 when a busy 2-core runner gave them different counts (seen on CI). The
 # adaptive choice is tested in tests/test_runtime.py, which clears this variable where it needs to.
-os.environ.setdefault("SYNTHBRAIN_THREADS", str(min(2, len(os.sched_getaffinity(0)))))
+_cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)  # macOS: no affinity
+os.environ.setdefault("SYNTHBRAIN_THREADS", str(min(2, _cpus)))
 
 from synth.data.ixi import default_ixi_root
 
