@@ -729,11 +729,9 @@ def _warn_ages(spec: CohortSpec) -> None:
 
 def default_workers() -> int:
     """``--workers auto``: one process per available core, at most 4 (each holds both models)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, 4))
+    from .runtime import usable_cpus
+
+    return max(1, min(usable_cpus(), 4))
 
 
 def make_cohort(spec: CohortSpec, out: str | os.PathLike, *, device: str = "auto", workers: int = 1,

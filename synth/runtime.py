@@ -165,6 +165,14 @@ def idle_cpus(window: float = 0.05) -> float | None:
     return n_all * (idle1 - idle0) / (total1 - total0)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask on Linux; all of them elsewhere)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def pick_threads(threads: int | str | None = None) -> int:
     """The number of CPU threads to compute with.
 
@@ -179,10 +187,7 @@ def pick_threads(threads: int | str | None = None) -> int:
     source = "`threads`"
     if threads is None and os.environ.get("SYNTHBRAIN_THREADS"):
         threads, source = os.environ["SYNTHBRAIN_THREADS"], "SYNTHBRAIN_THREADS"
-    try:
-        available = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        available = os.cpu_count() or 1
+    available = usable_cpus()
     if threads is None:
         idle = idle_cpus()
         if idle is None:
@@ -223,10 +228,7 @@ class AdaptiveThreads:
         self.interval = float(interval)
         self.used = [self.threads]
         self.changes: list[list] = []  # [when, count]: when = what the caller passed to check()
-        try:
-            self.available = len(os.sched_getaffinity(0))
-        except AttributeError:
-            self.available = os.cpu_count() or 1
+        self.available = usable_cpus()
         self._tick = float(os.sysconf("SC_CLK_TCK")) if hasattr(os, "sysconf") else 100.0
         self._last = None
 
@@ -294,7 +296,7 @@ def cpu_description() -> dict[str, object]:
         model = platform.processor() or platform.machine()
     return {
         "cpu": model,
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cores": usable_cpus(),
         "capability": torch.backends.cpu.get_cpu_capability(),
         "native_bf16": native_bf16("cpu"),
         "amx": _amx(),

@@ -7,12 +7,12 @@ import pytest
 # expectations and tolerances hold on both kinds of CI machine. The automatic choice itself is
 # tested in tests/test_runtime.py, which sets or clears this variable where it needs to.
 os.environ.setdefault("SYNTHBRAIN_PRECISION", "fp32")
-# The same CPU threads for every brain, however busy the machine is. Left to adapt to the load
+# Likewise the same CPU threads for every brain, however busy the machine is: left to adapt to the load
 # (synth.runtime.AdaptiveThreads), a brain's last float bits follow the thread count, and two brains a test
-# compares could differ by 2e-6 when a busy 2-core runner gave them different counts (seen on CI). The
-# adaptive choice is tested in tests/test_runtime.py, which clears this variable where it needs to.
-_cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)  # macOS: no affinity
-os.environ.setdefault("SYNTHBRAIN_THREADS", str(min(2, _cpus)))
+# compares differed by 2e-6 when a busy 2-core CI runner gave them different counts.
+from synth.runtime import usable_cpus  # noqa: E402
+
+os.environ.setdefault("SYNTHBRAIN_THREADS", str(min(2, usable_cpus())))
 
 from synth.data.ixi import default_ixi_root
 

@@ -150,7 +150,7 @@ def test_train_refiner_learns_resumes_and_snapshots(trained):
     assert samples.shape == (2, 32, 32, 32) and samples.max() > 0  # generated, unrefined brains
 
 
-def test_package_generate_and_provenance(trained, tiny_model_dir, tmp_path):  # threads pinned: conftest.py
+def test_package_generate_and_provenance(trained, tiny_model_dir, tmp_path):
     import synth
     from synth.condition import Condition
     from synth.train.refiner import package_refiner

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import synth
-from synth.runtime import bf16_faster, cpu_description, native_bf16, pick_threads, resolve_precision
+from synth.runtime import bf16_faster, cpu_description, native_bf16, pick_threads, resolve_precision, usable_cpus
 
 
 def test_auto_precision_follows_the_capability_the_machine_reports(monkeypatch):
@@ -64,6 +64,7 @@ def test_threads_are_checked_and_overridable(monkeypatch):
     monkeypatch.delenv("SYNTHBRAIN_THREADS", raising=False)
     assert pick_threads(3) == 3
     assert 1 <= pick_threads() <= len(os.sched_getaffinity(0))
+    assert usable_cpus() == len(os.sched_getaffinity(0))
     monkeypatch.setenv("SYNTHBRAIN_THREADS", "1")
     assert pick_threads() == 1
     for bad in (0, -2, "two", "1.5", True):

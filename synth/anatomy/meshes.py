@@ -13,7 +13,6 @@ Decimation is the costliest step. The default, ``"pro"`` (``vtkDecimatePro``, Sc
 
 from __future__ import annotations
 
-import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Iterable
@@ -155,7 +154,9 @@ def structure_meshes(
     if int(smooth_iterations) < 0:
         raise ValueError(f"`smooth_iterations` must be >= 0, got {smooth_iterations}")
     if workers is None:
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        from ..runtime import usable_cpus
+
+        workers = usable_cpus()
     elif isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
         raise ValueError(f"`workers` must be a positive integer, got {workers!r}")
     jobs = []
