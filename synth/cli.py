@@ -513,6 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluate_cli import add_parser as add_evaluate_parser  # realism report; light at parse time
 
     add_evaluate_parser(sub)
+    from .compare import add_parser as add_compare_parser  # reports side by side; matplotlib only with --plot
+
+    add_compare_parser(sub)
     from .train.curves import add_parser as add_plot_run_parser  # training curves; matplotlib only when it runs
 
     add_plot_run_parser(sub)
