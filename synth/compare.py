@@ -109,6 +109,9 @@ MEASURES: tuple[Measure, ...] = (
 )
 
 
+VOLUME_MEASURES = tuple(m.label for m in MEASURES if m.label.startswith(("lateral ventricles", "hippocampus", "brain volume")))
+
+
 def load_report(path: str | Path) -> dict:
     """A ``report.json`` written by ``synthbrain evaluate``, or the folder holding one.
 
@@ -164,11 +167,15 @@ def markdown_table(reports: Sequence[dict], names: Sequence[str] | None = None,
                 cells.append("-")
                 continue
             ok = m.met(r) if m.met else None
-            cells.append(m.text(r) + ("" if ok is None else " (met)" if ok else " (**not met**)"))
+            warp = " (*)" if m.label in VOLUME_MEASURES and _get(r, "generator", "volume_matching") else ""
+            cells.append(m.text(r) + warp + ("" if ok is None else " (met)" if ok else " (**not met**)"))
         L.append(f"| {m.label} | {m.target or '-'} | " + " | ".join(cells) + " |")
     met = [sum(v is True for v in verdicts(r).values()) for r in reports]
     judged = [sum(v is not None for v in verdicts(r).values()) for r in reports]
     L.append("| targets met | | " + " | ".join(f"{a} of {b}" for a, b in zip(met, judged)) + " |")
+    if any(_get(r, "generator", "volume_matching") for r in reports):
+        L += ["", "(*) brains warped to their requested volumes (`--match-volumes`), measured by the segmenter the warp "
+                  "steers by: the warp's precision, not the model's."]
     L += ["", "Reports:"]
     for i, r in enumerate(reports):
         g, hw = r["generator"], r.get("hardware", {})
@@ -197,7 +204,11 @@ def plot(reports: Sequence[dict], names: Sequence[str], path: str | Path) -> Pat
         for r, v in zip(reports, vals):
             ok = None if v is None or m.met is None else m.met(r)
             colours.append("#2e8b57" if ok else "#c0504d" if ok is False else "#7f7f7f")
-        ax.bar(x, [float("nan") if v is None else v for v in vals], color=colours)
+        bars = ax.bar(x, [float("nan") if v is None else v for v in vals], color=colours)
+        if m.label in VOLUME_MEASURES:  # volume-matched brains: the warp's precision, not the model's
+            for bar, r in zip(bars, reports):
+                if _get(r, "generator", "volume_matching"):
+                    bar.set_hatch("//")
         for i, v in enumerate(vals):
             if v is None:
                 ax.annotate("not\nmeasured", (i, 0), ha="center", va="bottom", fontsize=6, color="#7f7f7f")
@@ -214,7 +225,8 @@ def plot(reports: Sequence[dict], names: Sequence[str], path: str | Path) -> Pat
         ax.tick_params(axis="y", labelsize=7)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.suptitle("synthbrain evaluate reports side by side (green: target met, red: not met). "
+    fig.suptitle("synthbrain evaluate reports side by side (green: target met, red: not met; hatched: volume-matched "
+                 "brains, the warp's precision). "
                  "Generated brains are synthetic, not for clinical use.", fontsize=9)
     key = [f"{a}: {textwrap.shorten(n, 60, placeholder='…')}" for a, n in zip(letters, names)]
     fig.text(0.01, 0.005, "\n".join("    ".join(key[i:i + 2]) for i in range(0, len(key), 2)), fontsize=8, va="bottom")

@@ -112,3 +112,14 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, argv, messa
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_volume_matched_brains_are_flagged_as_measuring_the_warp():
+    matched = load_report(DOCS / "synthbrain-ldm-2mm-matched")
+    assert matched["generator"]["volume_matching"]
+    table = markdown_table([load_report(DEFAULT), matched], ["default", "matched"])
+    hip = _row(table, "hippocampus: r")
+    assert "(*)" not in hip[2] and "(*)" in hip[3]
+    assert "(*)" not in _row(table, "FID on the feature network")[3]  # only the segmenter's figures
+    assert "the warp's precision, not the model's" in table
+    assert "(*) brains warped" not in markdown_table([load_report(DEFAULT)], ["default"])
