@@ -136,7 +136,8 @@ def load_report(path: str | Path) -> dict:
 def describe(r: dict) -> str:
     """A short column name: model, version and how its brains were made."""
     g = r["generator"]
-    how = [str(g.get("sampler", "")).split(",")[0].split(" (")[0]] + (["fast"] if (_get(r, "options", "generate_options") or {}).get("fast") else [])
+    how = [str(g.get("sampler", "")).split(",")[0].split(" (")[0]]  # "autoregressive, x-slab ...": the first word
+    how += ["fast"] if (_get(r, "options", "generate_options") or {}).get("fast") else []
     how += ["refiner"] if g.get("refiner") else ["no refiner"] if g.get("refiner") is False else []
     how += ["matched"] if g.get("volume_matching") else []
     return f"{g.get('name', '?')} {g.get('version', '?')} ({', '.join(h for h in how if h)})"
@@ -166,9 +167,13 @@ def markdown_table(reports: Sequence[dict], names: Sequence[str] | None = None,
             if m.value(r) is None:
                 cells.append("-")
                 continue
+            try:
+                text = m.text(r)
+            except (KeyError, TypeError, IndexError):  # an older report with the figure but not all its parts
+                text = "(incomplete)"
             ok = m.met(r) if m.met else None
             warp = " (*)" if m.label in VOLUME_MEASURES and _get(r, "generator", "volume_matching") else ""
-            cells.append(m.text(r) + warp + ("" if ok is None else " (met)" if ok else " (**not met**)"))
+            cells.append(text + warp + ("" if ok is None else " (met)" if ok else " (**not met**)"))
         L.append(f"| {m.label} | {m.target or '-'} | " + " | ".join(cells) + " |")
     met = [sum(v is True for v in verdicts(r).values()) for r in reports]
     judged = [sum(v is not None for v in verdicts(r).values()) for r in reports]
