@@ -123,3 +123,10 @@ def test_volume_matched_brains_are_flagged_as_measuring_the_warp():
     assert "(*)" not in _row(table, "FID on the feature network")[3]  # only the segmenter's figures
     assert "the warp's precision, not the model's" in table
     assert "(*) brains warped" not in markdown_table([load_report(DEFAULT)], ["default"])
+
+
+def test_a_figure_missing_some_of_its_parts_reads_incomplete_and_is_still_judged():
+    r = copy.deepcopy(load_report(DEFAULT))
+    del r["c2st"]["cnn"]["ci95"]  # as in a report older than the confidence interval
+    cell = _row(markdown_table([r], ["old"]), "classifier two-sample accuracy, 3D CNN")[2]
+    assert cell == "(incomplete) (**not met**)"
