@@ -70,7 +70,7 @@ MEASURES: tuple[Measure, ...] = (
             lambda r: _get(r, "first_stage", "cnn", "accuracy"), lambda r: _pct(r["first_stage"]["cnn"]["accuracy"])),
     Measure("random-conv texture classifier", lambda r: _get(r, "c2st", "logistic_random_conv", "accuracy"),
             lambda r: _pct(r["c2st"]["logistic_random_conv"]["accuracy"])),
-    Measure("FID on the feature network / yardstick (plotted: the ratio)", lambda r: _get(r, "distances", "fid_ratio"),
+    Measure("FID on the feature network / yardstick", lambda r: _get(r, "distances", "fid_ratio"),
             lambda r: f"{r['distances']['samples']['fid']:.2f} / {r['distances']['yardstick']['fid']:.2f}",
             "≤ 2x the yardstick", lambda r: r["distances"]["fid_ratio"] <= 2, lambda r: 2.0),
     Measure("KID (mean ± s.e.; yardstick)", lambda r: _get(r, "distances", "samples", "kid", "mean"),
@@ -153,12 +153,15 @@ def verdicts(r: dict) -> dict[str, bool | None]:
 
 
 def markdown_table(reports: Sequence[dict], names: Sequence[str] | None = None,
-                   paths: Sequence[str] | None = None) -> str:
-    """The reports' headline figures as one Markdown table, each targeted figure marked met or not."""
+                   paths: Sequence[str] | None = None, notes: bool = True) -> str:
+    """The reports' headline figures as one Markdown table, each targeted figure marked met or not.
+
+    ``notes``: with the synthetic-image notice above and where each report came from below (off inside a
+    report, which has both already)."""
     names = list(names) if names else [describe(r) for r in reports]
     if len(names) != len(reports):
         raise ValueError(f"expected one name a report ({len(reports)}), got {len(names)}")
-    L = [f"> {SYNTHETIC_NOTICE}. Figures of generated brains from `synthbrain evaluate` reports.", "",
+    L = ([f"> {SYNTHETIC_NOTICE}. Figures of generated brains from `synthbrain evaluate` reports.", ""] if notes else []) + [
          "| measure | target | " + " | ".join(n.replace("|", "/") for n in names) + " |",
          "| --- " * (len(reports) + 2) + "|"]
     for m in MEASURES:
@@ -178,9 +181,11 @@ def markdown_table(reports: Sequence[dict], names: Sequence[str] | None = None,
     met = [sum(v is True for v in verdicts(r).values()) for r in reports]
     judged = [sum(v is not None for v in verdicts(r).values()) for r in reports]
     L.append("| targets met | | " + " | ".join(f"{a} of {b}" for a, b in zip(met, judged)) + " |")
-    if any(_get(r, "generator", "volume_matching") for r in reports):
+    if notes and any(_get(r, "generator", "volume_matching") for r in reports):
         L += ["", "(*) brains warped to their requested volumes (`--match-volumes`), measured by the segmenter the warp "
                   "steers by: the warp's precision, not the model's."]
+    if not notes:
+        return "\n".join(L) + "\n"
     L += ["", "Reports:"]
     for i, r in enumerate(reports):
         g, hw = r["generator"], r.get("hardware", {})
@@ -224,7 +229,7 @@ def plot(reports: Sequence[dict], names: Sequence[str], path: str | Path) -> Pat
             ax.axhline(y, ls="--", color="k", lw=1)
             if m.label.startswith("lateral") or m.label.startswith("diversity"):
                 ax.axhline(-y, ls="--", color="k", lw=1)
-        ax.set_title(m.label + (f"\ntarget {m.target}" if m.target else "\ndashed: real yardstick"), fontsize=8)
+        ax.set_title(m.label + (" (bars: the ratio)" if m.label.startswith("FID") else "") + (f"\ntarget {m.target}" if m.target else "\ndashed: real yardstick"), fontsize=8)
         ax.set_xticks(list(x))
         ax.set_xticklabels(letters, fontsize=8)
         ax.tick_params(axis="y", labelsize=7)

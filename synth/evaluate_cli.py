@@ -102,9 +102,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                        first_stage=not args.no_first_stage, generate_options=generate_options)
     results, arrays = run_evaluation(gen, data, load_features(features), opts, log=log)
     path = write_report(results, arrays, out)
-    c, d = results["c2st"]["cnn"], results["distances"]
+    from .compare import verdicts
+
+    c, d, v = results["c2st"]["cnn"], results["distances"], verdicts(results).values()
     print(f"wrote {path} and {out / 'report.json'}: C2ST accuracy {100 * c['accuracy']:.1f} %, FID {d['samples']['fid']:.3g} "
-          f"(real yardstick {d['yardstick']['fid']:.3g}), brain age r {results['brain_age']['samples']['r']:.2f} "
+          f"(real yardstick {d['yardstick']['fid']:.3g}), brain age r {results['brain_age']['samples']['r']:.2f}; "
+          f"targets met {sum(x is True for x in v)} of {sum(x is not None for x in v)} "
           f"(generated brains are synthetic, not for clinical use)")
     return 0
 

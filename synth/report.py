@@ -821,6 +821,17 @@ def _pose_rows(res: dict) -> list[str]:
             "(held-out real) | a check: registered scans barely move; larger = brains drawn off the template |"]
 
 
+def _target_rows(res: dict) -> list[str]:
+    from .compare import markdown_table
+
+    return ["## Against the targets", "",
+            "The project's realism targets (`synthbrain compare-reports` puts several reports side by side the same way):",
+            "", *markdown_table([res], ["this model"], notes=False).splitlines(),
+            *(["", "(*) brains warped to their requested volumes: the segmenter the warp steers by measures them, so "
+                   "these figures are the warp's precision, not the model's."] if res["generator"].get("volume_matching") else []),
+            ""]
+
+
 def _markdown(res: dict) -> str:
     g, d, c, a, dv, pv, tx = (res["generator"], res["distances"], res["c2st"], res["brain_age"], res["diversity"],
                               res["privacy"], res["texture"])
@@ -875,6 +886,7 @@ def _markdown(res: dict) -> str:
              f"{100 * tx['speckle_real']:.3f} % (held-out real) | an artefact check (adversarial networks draw such dots) |"]
             if "speckle_samples" in tx else []),
           *_pose_rows(res), "",
+          *_target_rows(res),
           "## Real beside generated", "", "![side by side](side_by_side.png)", "",
           "Held-out real subjects (left, IXI dataset, CC BY-SA 3.0) beside generated brains of the same age and sex "
           "(right), at the same axial, coronal and sagittal slices.", "",

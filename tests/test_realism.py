@@ -332,6 +332,14 @@ def test_evaluate_cli_end_to_end(prepared, features_dir, tiny_model_dir, tiny_se
         assert len(cnn["repeat_accuracy"]) == 2 and "mean of 2 repeats" in cnn["method"]
         assert cnn["accuracy"] == pytest.approx(sum(cnn["repeat_accuracy"]) / 2)
     assert "3D CNN (2-fold x 2 repeats)" in md and "mean of 2 repeats of the cross-validation" in md
+    from synth.compare import verdicts  # the report marks its figures against the targets, as compare-reports does
+
+    v = verdicts(res).values()
+    assert "## Against the targets" in md and "| measure | target | this model |" in md
+    assert f"| targets met | | {sum(x is True for x in v)} of {sum(x is not None for x in v)} |" in md
+    assert sum(x is not None for x in v) == 9  # every targeted figure measured (first stage included)
+    cnn_row = next(line for line in md.splitlines() if line.startswith("| classifier two-sample accuracy, 3D CNN | ≤ 70 %"))
+    assert cnn_row.endswith("(met) |" if res["c2st"]["cnn"]["accuracy"] <= 0.7 else "(**not met**) |")
     assert set(res["figures"]) == set(FIGURES)
     for name, fig in res["figures"].items():
         png = out / fig["png"]
