@@ -105,7 +105,8 @@ MEASURES: tuple[Measure, ...] = (
     Measure("generation, seconds a brain", lambda r: (None if _get(r, "seconds", "generation") is None
                                                       or not _get(r, "distances", "n_samples")
                                                       else r["seconds"]["generation"] / r["distances"]["n_samples"]),
-            lambda r: f"{r['seconds']['generation'] / r['distances']['n_samples']:.1f} s"),
+            lambda r: f"{r['seconds']['generation'] / r['distances']['n_samples']:.1f} s"
+                      + (" (--cache: some may be loaded, not made)" if _get(r, "options", "cache_dir") else "")),
 )
 
 

@@ -130,3 +130,12 @@ def test_a_figure_missing_some_of_its_parts_reads_incomplete_and_is_still_judged
     del r["c2st"]["cnn"]["ci95"]  # as in a report older than the confidence interval
     cell = _row(markdown_table([r], ["old"]), "classifier two-sample accuracy, 3D CNN")[2]
     assert cell == "(incomplete) (**not met**)"
+
+
+def test_generation_seconds_say_when_a_cache_may_have_supplied_the_brains():
+    r = copy.deepcopy(load_report(DEFAULT))
+    r["options"]["cache_dir"] = "/some/cache"
+    assert _row(markdown_table([r], ["x"]), "generation, seconds a brain")[2].endswith("(--cache: some may be loaded, not made)")
+    r["options"]["cache_dir"] = None
+    assert _row(markdown_table([r], ["x"]), "generation, seconds a brain")[2] == \
+        f"{r['seconds']['generation'] / r['distances']['n_samples']:.1f} s"
