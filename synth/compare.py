@@ -55,6 +55,11 @@ class Measure:
     target: str = ""  # "" : reported, not a target
     met: Callable[[dict], bool | None] | None = None
     line: Callable[[dict], float | None] | None = None  # the target as a value, for the plot
+    symmetric: bool = False  # the target is a band, -line to +line
+    chance: float | None = None  # drawn dotted: the value of brains no one can tell from scans
+    plot_note: str = ""  # added to the plot's title, where the bar is not the cell's first number
+    volume: bool = False  # measured by the segmenter (the warp's own precision on volume-matched brains)
+    plotted: bool = True
 
 
 def _vol(structure: str, key: str) -> Callable[[dict], float | None]:
@@ -65,14 +70,15 @@ MEASURES: tuple[Measure, ...] = (
     Measure("classifier two-sample accuracy, 3D CNN", lambda r: _get(r, "c2st", "cnn", "accuracy"),
             lambda r: f"{_pct(r['c2st']['cnn']['accuracy'])} ({100 * r['c2st']['cnn']['ci95'][0]:.1f}-"
                       f"{_pct(r['c2st']['cnn']['ci95'][1])})",
-            "≤ 70 % (50 % = indistinguishable)", lambda r: r["c2st"]["cnn"]["accuracy"] <= 0.70, lambda r: 0.70),
+            "≤ 70 % (50 % = indistinguishable)", lambda r: r["c2st"]["cnn"]["accuracy"] <= 0.70, lambda r: 0.70, chance=0.5),
     Measure("the same on the first stage's reconstructions (its ceiling)",
-            lambda r: _get(r, "first_stage", "cnn", "accuracy"), lambda r: _pct(r["first_stage"]["cnn"]["accuracy"])),
+            lambda r: _get(r, "first_stage", "cnn", "accuracy"), lambda r: _pct(r["first_stage"]["cnn"]["accuracy"]),
+            plotted=False),
     Measure("random-conv texture classifier", lambda r: _get(r, "c2st", "logistic_random_conv", "accuracy"),
-            lambda r: _pct(r["c2st"]["logistic_random_conv"]["accuracy"])),
+            lambda r: _pct(r["c2st"]["logistic_random_conv"]["accuracy"]), plotted=False),
     Measure("FID on the feature network / yardstick", lambda r: _get(r, "distances", "fid_ratio"),
             lambda r: f"{r['distances']['samples']['fid']:.2f} / {r['distances']['yardstick']['fid']:.2f}",
-            "≤ 2x the yardstick", lambda r: r["distances"]["fid_ratio"] <= 2, lambda r: 2.0),
+            "≤ 2x the yardstick", lambda r: r["distances"]["fid_ratio"] <= 2, lambda r: 2.0, plot_note=" (bars: the ratio)"),
     Measure("KID (mean ± s.e.; yardstick)", lambda r: _get(r, "distances", "samples", "kid", "mean"),
             lambda r: f"{r['distances']['samples']['kid']['mean']:.2f} ± {r['distances']['samples']['kid'].get('sem', 0):.2f}"
                       f"; {r['distances']['yardstick']['kid']:.2f}",
@@ -90,27 +96,26 @@ MEASURES: tuple[Measure, ...] = (
     Measure("lateral ventricles: median signed error (r)", _vol("lateral_ventricles", "median_bias"),
             lambda r: f"{100 * _vol('lateral_ventricles', 'median_bias')(r):+.1f} % "
                       f"({_vol('lateral_ventricles', 'pearson_r')(r):.2f})",
-            "within ±10 %", lambda r: abs(_vol("lateral_ventricles", "median_bias")(r)) <= 0.10, lambda r: 0.10),
+            "within ±10 %", lambda r: abs(_vol("lateral_ventricles", "median_bias")(r)) <= 0.10, lambda r: 0.10,
+            symmetric=True, volume=True),
     Measure("hippocampus: r", _vol("hippocampus", "pearson_r"), lambda r: f"{_vol('hippocampus', 'pearson_r')(r):.2f}",
-            "r ≥ 0.8", lambda r: _vol("hippocampus", "pearson_r")(r) >= 0.8, lambda r: 0.8),
-    Measure("brain volume: r", _vol("brain", "pearson_r"), lambda r: f"{_vol('brain', 'pearson_r')(r):.2f}"),
+            "r ≥ 0.8", lambda r: _vol("hippocampus", "pearson_r")(r) >= 0.8, lambda r: 0.8, volume=True),
+    Measure("brain volume: r", _vol("brain", "pearson_r"), lambda r: f"{_vol('brain', 'pearson_r')(r):.2f}", volume=True,
+            plotted=False),
     Measure("diversity: MS-SSIM within a condition - real", lambda r: _get(r, "diversity", "difference"),
             lambda r: f"{r['diversity']['samples_mean']:.3f} - {r['diversity']['real_mean']:.3f} = "
                       f"{r['diversity']['difference']:+.3f}",
-            "within ±0.05", lambda r: abs(r["diversity"]["difference"]) <= 0.05, lambda r: 0.05),
+            "within ±0.05", lambda r: abs(r["diversity"]["difference"]) <= 0.05, lambda r: 0.05, symmetric=True),
     Measure("privacy rule (samples above every new person)", lambda r: (None if _get(r, "privacy", "pass") is None
                                                                        else float(r["privacy"]["pass"])),
             lambda r: f"{'pass' if r['privacy']['pass'] else 'FAIL'} ({r['privacy']['samples_above_heldout_max']})",
-            "pass", lambda r: bool(r["privacy"]["pass"])),
+            "pass", lambda r: bool(r["privacy"]["pass"]), plotted=False),
     Measure("generation, seconds a brain", lambda r: (None if _get(r, "seconds", "generation") is None
                                                       or not _get(r, "distances", "n_samples")
                                                       else r["seconds"]["generation"] / r["distances"]["n_samples"]),
             lambda r: f"{r['seconds']['generation'] / r['distances']['n_samples']:.1f} s"
-                      + (" (--cache: some may be loaded, not made)" if _get(r, "options", "cache_dir") else "")),
+                      + (" (--cache: some may be loaded, not made)" if _get(r, "options", "cache_dir") else ""), plotted=False),
 )
-
-
-VOLUME_MEASURES = tuple(m.label for m in MEASURES if m.label.startswith(("lateral ventricles", "hippocampus", "brain volume")))
 
 
 def load_report(path: str | Path) -> dict:
@@ -176,7 +181,7 @@ def markdown_table(reports: Sequence[dict], names: Sequence[str] | None = None,
             except (KeyError, TypeError, IndexError):  # an older report with the figure but not all its parts
                 text = "(incomplete)"
             ok = m.met(r) if m.met else None
-            warp = " (*)" if m.label in VOLUME_MEASURES and _get(r, "generator", "volume_matching") else ""
+            warp = " (*)" if m.volume and _get(r, "generator", "volume_matching") else ""
             cells.append(text + warp + ("" if ok is None else " (met)" if ok else " (**not met**)"))
         L.append(f"| {m.label} | {m.target or '-'} | " + " | ".join(cells) + " |")
     met = [sum(v is True for v in verdicts(r).values()) for r in reports]
@@ -202,8 +207,7 @@ def plot(reports: Sequence[dict], names: Sequence[str], path: str | Path) -> Pat
     from .report import _plt, _save
 
     plt = _plt()
-    panels = [m for m in MEASURES if m.line is not None or m.met is not None]
-    panels = [m for m in panels if any(m.value(r) is not None for r in reports) and "privacy" not in m.label]
+    panels = [m for m in MEASURES if m.plotted and any(m.value(r) is not None for r in reports)]
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 2.9 * rows + 0.6 + 0.25 * math.ceil(len(reports) / 2)), squeeze=False)
@@ -216,21 +220,19 @@ def plot(reports: Sequence[dict], names: Sequence[str], path: str | Path) -> Pat
             ok = None if v is None or m.met is None else m.met(r)
             colours.append("#2e8b57" if ok else "#c0504d" if ok is False else "#7f7f7f")
         bars = ax.bar(x, [float("nan") if v is None else v for v in vals], color=colours)
-        if m.label in VOLUME_MEASURES:  # volume-matched brains: the warp's precision, not the model's
+        if m.volume:  # volume-matched brains: the warp's precision, not the model's
             for bar, r in zip(bars, reports):
                 if _get(r, "generator", "volume_matching"):
                     bar.set_hatch("//")
         for i, v in enumerate(vals):
             if v is None:
                 ax.annotate("not\nmeasured", (i, 0), ha="center", va="bottom", fontsize=6, color="#7f7f7f")
-        if m.label.startswith("classifier"):
-            ax.axhline(0.5, ls=":", color="k", lw=1)  # chance: indistinguishable
-        lines = {m.line(r) for r in reports if m.line is not None and m.line(r) is not None}
-        for y in lines:
+        if m.chance is not None:
+            ax.axhline(m.chance, ls=":", color="k", lw=1)
+        lines = {y for y in (m.line(r) for r in reports) if y is not None} if m.line is not None else set()
+        for y in lines | ({-y for y in lines} if m.symmetric else set()):
             ax.axhline(y, ls="--", color="k", lw=1)
-            if m.label.startswith("lateral") or m.label.startswith("diversity"):
-                ax.axhline(-y, ls="--", color="k", lw=1)
-        ax.set_title(m.label + (" (bars: the ratio)" if m.label.startswith("FID") else "") + (f"\ntarget {m.target}" if m.target else "\ndashed: real yardstick"), fontsize=8)
+        ax.set_title(m.label + m.plot_note + (f"\ntarget {m.target}" if m.target else "\ndashed: real yardstick"), fontsize=8)
         ax.set_xticks(list(x))
         ax.set_xticklabels(letters, fontsize=8)
         ax.tick_params(axis="y", labelsize=7)

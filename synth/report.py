@@ -27,6 +27,7 @@ from . import provenance as _prov
 from . import realism as R
 from .runtime import resolve_precision
 from .brain import brain_mask, zero_background
+from .compare import _pct, markdown_table
 from .condition import TRAINING_AGE_RANGE, Condition
 from .io import SYNTHETIC_NOTICE, write_json
 from .metrics import intensity_distance, sharpness
@@ -711,10 +712,6 @@ def _privacy_verdict(pv: dict) -> str:
             f"(chance p = {rule['exceedance_p']:.2g}); shift p = {rule['shift_p']:.2g}")
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f} %"
-
-
 def _texture_note(c: dict) -> str:
     """A sentence when the texture bank tells samples apart but the feature network does not."""
     tex, feat = c["logistic_random_conv"]["accuracy"], c["logistic_features"]["accuracy"]
@@ -822,8 +819,6 @@ def _pose_rows(res: dict) -> list[str]:
 
 
 def _target_rows(res: dict) -> list[str]:
-    from .compare import markdown_table
-
     return ["## Against the targets", "",
             "The project's realism targets (`synthbrain compare-reports` puts several reports side by side the same way):",
             "", *markdown_table([res], ["this model"], notes=False).splitlines(),
